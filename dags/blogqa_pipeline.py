@@ -1,0 +1,102 @@
+"""blogqa_pipeline: URL queue -> crawl -> summarize -> embed -> load -> tables in schema blogqa.
+
+Wiring only: every task calls a function of `blogqa.pipeline`. XCom carries queue ids and
+lease tokens, never page text; intermediate results live in Postgres (blogqa.work_items).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+
+from blogqa import pipeline
+
+DEFAULT_ARGS = {
+    "owner": "blogqa",
+    "retries": 3,
+    "retry_delay": timedelta(seconds=10),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(minutes=20),
+}
+CHUNK_LABEL = "{{ chunk_label }}"
+
+
+def _label(chunk: list[dict]) -> None:
+    """Name the mapped instance in the UI (rendered through map_index_template)."""
+    get_current_context()["chunk_label"] = pipeline.chunk_label(chunk)
+
+
+@dag(
+    dag_id="blogqa_pipeline",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["blogqa"],
+    doc_md=__doc__,
+    params={
+        "urls": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            title="URLs to enqueue",
+            description="Added to the queue before claiming (one per line). May be empty.",
+        ),
+        "max_urls": Param(
+            500,
+            type="integer",
+            minimum=1,
+            maximum=pipeline.MAX_URLS_PER_RUN,
+            title="Most URLs to claim in this run",
+        ),
+        "chunk_size": Param(
+            25, type="integer", minimum=1, maximum=1000, title="URLs per mapped chunk"
+        ),
+    },
+)
+def blogqa_pipeline():
+    @task(execution_timeout=timedelta(minutes=2))
+    def enqueue() -> dict:
+        return pipeline.enqueue_urls(get_current_context()["params"]["urls"])
+
+    @task(execution_timeout=timedelta(minutes=2))
+    def claim(enqueued: dict) -> list[list[dict]]:
+        params = get_current_context()["params"]
+        return pipeline.claim_chunks(params["max_urls"], params["chunk_size"])
+
+    @task_group(group_id="process")
+    def process(chunk: list[dict]):
+        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
+        def crawl(chunk: list[dict]) -> list[dict]:
+            _label(chunk)
+            return pipeline.crawl_chunk(chunk)
+
+        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=30))
+        def summarize(chunk: list[dict]) -> list[dict]:
+            _label(chunk)
+            return pipeline.summarize_chunk(chunk)
+
+        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
+        def embed(chunk: list[dict]) -> list[dict]:
+            _label(chunk)
+            return pipeline.embed_chunk(chunk)
+
+        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
+        def load(chunk: list[dict]) -> list[int]:
+            _label(chunk)
+            return pipeline.load_chunk(chunk)
+
+        return load(embed(summarize(crawl(chunk))))
+
+    @task(execution_timeout=timedelta(minutes=2))
+    def finalize(chunks: list[list[dict]], loaded) -> dict:
+        return pipeline.finalize(chunks)
+
+    chunks = claim(enqueue())
+    finalize(chunks, process.expand(chunk=chunks))
+
+
+blogqa_pipeline()

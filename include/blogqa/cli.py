@@ -1,0 +1,223 @@
+"""The `blogqa` command: init, enqueue, run, stats, demo.
+
+Works on its own (`.venv/bin/blogqa ...`): settings come from the environment, and Airflow's
+home and metadata database are derived from BLOGQA_HOME when not set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from psycopg import sql
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from blogqa import db, queue
+from blogqa.config import Settings, load_settings
+from blogqa.errors import BlogqaError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+OUTPUT_TABLES = ("documents", "summaries", "questions", "chunks", "llm_usage", "url_queue")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
+        force=True,
+    )
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    applied = db.migrate(settings)
+    where = (
+        f"embedded PostgreSQL in {settings.pgdata}" if settings.embedded else "configured server"
+    )
+    out.print(
+        f"schema ready on the {where}; migrations applied now: {', '.join(applied) or 'none'}"
+    )
+    return 0
+
+
+def _read_urls(args: argparse.Namespace) -> list[str]:
+    urls = list(args.urls)
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        urls += [
+            line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+        ]
+    return urls
+
+
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    urls = _read_urls(args)
+    if not urls:
+        err.print(
+            "no URLs given: pass them as arguments or with --file (one per line, - for stdin)"
+        )
+        return 2
+    with db.connect(settings) as conn:
+        result = queue.enqueue(
+            conn, urls, priority=args.priority, force=args.force, max_attempts=settings.max_attempts
+        )
+    if args.json:
+        out.print_json(json.dumps(result.as_dict()))
+    else:
+        summary = result.as_dict()
+        out.print(
+            f"{summary['new']} new, {summary['requeued']} re-queued, "
+            f"{summary['already_queued']} already queued, {summary['already_done']} already "
+            f"processed (use --force to redo), {len(result.rejected)} rejected"
+        )
+        for url, reason in result.rejected:
+            out.print(f"  rejected {url!r}: {reason}")
+    return 1 if result.rejected else 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa import runner
+
+    runner.configure_airflow(settings, log_level=None if args.verbose else "WARNING")
+    tally = runner.run_pipeline(settings, max_urls=args.max_urls, chunk_size=args.chunk_size)
+    out.print(tally.line())
+    return 1 if tally.failed_runs else 0
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    with db.connect(settings) as conn:
+        stats = queue.stats(conn)
+    if args.json:
+        out.print_json(json.dumps(stats))
+        return 0
+    table = Table(title="url_queue")
+    table.add_column("status")
+    table.add_column("count", justify="right")
+    for status, count in stats["counts"].items():
+        table.add_row(status, str(count))
+    out.print(table)
+    age = stats["oldest_queued_age_seconds"]
+    out.print(f"oldest queued: {'-' if age is None else f'{age:.0f} s ago'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa import demo, runner, search
+
+    runner.configure_airflow(settings, log_level=None if args.verbose else "WARNING")
+    with demo.serve_articles(args.port) as base_url:
+        urls = demo.article_urls(base_url)
+        with db.connect(settings) as conn:
+            queue.enqueue(conn, urls, force=True, max_attempts=settings.max_attempts)
+            calls_before = conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone()[0]
+        out.print(f"serving {len(urls)} sample articles at {base_url}; running the pipeline DAG…")
+        tally = runner.run_pipeline(settings, chunk_size=args.chunk_size)
+    out.print(f"[bold]run:[/bold] {tally.line()}")
+    if settings.offline:
+        out.print("[yellow]provider: local (offline, deterministic extractive stand-in; no LLM)")
+    with db.connect(settings) as conn:
+        _print_counts(conn, calls_before)
+        _print_example(conn, urls)
+        vector = search.embed_query(settings, demo.DEMO_QUERY)
+        matches = search.similar_documents(conn, vector, k=3)
+    table = Table(title=f"top matches for {demo.DEMO_QUERY!r}")
+    table.add_column("score", justify="right")
+    table.add_column("title")
+    table.add_column("url")
+    for match in matches:
+        table.add_row(f"{match.score:.3f}", match.title or "", match.url)
+    out.print(table)
+    return 1 if tally.failed_runs else 0
+
+
+def _print_counts(conn, calls_before: int) -> None:
+    table = Table(title="rows per table (schema blogqa)")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name in OUTPUT_TABLES:
+        query = sql.SQL("SELECT count(*) FROM blogqa.{}").format(sql.Identifier(name))
+        count = conn.execute(query).fetchone()[0]
+        table.add_row(name, str(count))
+    out.print(table)
+    calls = conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone()[0] - calls_before
+    out.print(f"model calls in this demo run: {calls} (0 when every page was unchanged)")
+
+
+def _print_example(conn, urls: list[str]) -> None:
+    row = conn.execute(
+        "SELECT title, url, summary, questions FROM blogqa.document_qa WHERE url = ANY(%s)"
+        " ORDER BY url LIMIT 1",
+        ([queue.normalize_url(u) for u in urls],),
+    ).fetchone()
+    if row is None:
+        return
+    title, url, summary, questions = row
+    out.print(f"\n[bold]{title}[/bold]  ({url})\n[italic]summary:[/italic] {summary}")
+    for n, pair in enumerate(questions, 1):
+        out.print(f"  Q{n}. {pair['question']}\n      A: {pair['answer']}")
+    out.print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blogqa", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show INFO logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("init", help="create or upgrade the schema").set_defaults(func=cmd_init)
+
+    p = sub.add_parser("enqueue", help="add URLs to the queue")
+    p.add_argument("urls", nargs="*", metavar="URL")
+    p.add_argument("--file", help="file with one URL per line (- for stdin)")
+    p.add_argument("--priority", type=int, default=0, help="higher is claimed first")
+    p.add_argument("--force", action="store_true", help="re-queue URLs already processed")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("run", help="run the pipeline DAG until the queue is drained")
+    p.add_argument("--max-urls", type=_positive, default=None, help="stop after this many URLs")
+    p.add_argument("--chunk-size", type=_positive, default=25, help="URLs per mapped chunk")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stats", help="queue counts per status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("demo", help="run the pipeline on the bundled sample articles, offline")
+    p.add_argument("--port", type=int, default=None, help="port for the sample site")
+    p.add_argument("--chunk-size", type=_positive, default=5)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "demo":
+            # the sample site is on loopback, which the crawler refuses by default
+            os.environ.setdefault("BLOGQA_CRAWL_ALLOW_PRIVATE", "true")
+        settings = load_settings()
+        return args.func(args, settings)
+    except BlogqaError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Settings read from the environment into one frozen object.
+
+Every component (CLI, DAG tasks, API) reads the same variables, so a value set once in the
+shell, in Airflow's environment or in docker-compose applies everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from blogqa.errors import ConfigError
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false.")
+
+
+def _env_int(name: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer.") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ConfigError(f"{name}={value} must be at least {minimum}{upper}.")
+    return value
+
+
+def _env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number.") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}.")
+    return value
+
+
+def _airflow_connection_url() -> str | None:
+    """The `blogqa_db` Airflow connection given as AIRFLOW_CONN_BLOGQA_DB (URI or JSON form)."""
+    raw = os.environ.get("AIRFLOW_CONN_BLOGQA_DB", "").strip()
+    if not raw:
+        return None
+    if not raw.startswith("{"):
+        return raw.replace("postgres://", "postgresql://", 1)
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"AIRFLOW_CONN_BLOGQA_DB is neither a URI nor valid JSON: {exc}"
+        ) from None
+    user = quote(spec.get("login") or "", safe="")
+    password = quote(spec.get("password") or "", safe="")
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    port = f":{spec['port']}" if spec.get("port") else ""
+    return f"postgresql://{auth}{spec.get('host') or ''}{port}/{spec.get('schema') or ''}"
+
+
+def _normalize_dsn(url: str) -> str:
+    """psycopg wants libpq URLs; accept SQLAlchemy-style `postgresql+psycopg://` too."""
+    for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All tunables; `load_settings()` builds it from the environment."""
+
+    home: Path
+    database_url: str | None
+    llm_provider: str
+    chat_model: str
+    embed_model: str
+    embed_dim: int
+    llm_concurrency: int
+    crawl_concurrency: int
+    crawl_allow_private: bool
+    fetch_timeout: float
+    llm_timeout: float
+    max_page_bytes: int
+    max_redirects: int
+    max_attempts: int
+    retry_base_seconds: float
+    lease_seconds: int
+    input_token_budget: int
+    chunk_tokens: int
+    chunk_overlap_tokens: int
+    embed_batch_size: int
+    user_agent: str
+
+    @property
+    def embedded(self) -> bool:
+        """True when no server is configured and the bundled PostgreSQL is used."""
+        return self.database_url is None
+
+    @property
+    def pgdata(self) -> Path:
+        return self.home / "pgdata"
+
+    @property
+    def offline(self) -> bool:
+        return self.llm_provider == "local"
+
+
+def _llm_provider() -> str:
+    raw = os.environ.get("BLOGQA_LLM_PROVIDER", "").strip().lower()
+    if raw in ("local", "openai"):
+        return raw
+    if raw:
+        raise ConfigError(f"BLOGQA_LLM_PROVIDER={raw!r}: use 'openai' or 'local'.")
+    has_endpoint = os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")
+    return "openai" if has_endpoint else "local"
+
+
+def load_settings() -> Settings:
+    """Read every BLOGQA_* variable (and the OpenAI ones) once, validating as it goes."""
+    home = Path(os.environ.get("BLOGQA_HOME") or ".blogqa").expanduser().resolve()
+    url = _airflow_connection_url() or os.environ.get("BLOGQA_DATABASE_URL", "").strip() or None
+    provider = _llm_provider()
+    default_chat = "local-extractive-v1" if provider == "local" else "gpt-4o-mini"
+    default_embed = "local-hash-v1" if provider == "local" else "text-embedding-3-small"
+    return Settings(
+        home=home,
+        database_url=_normalize_dsn(url) if url else None,
+        llm_provider=provider,
+        chat_model=os.environ.get("BLOGQA_CHAT_MODEL") or default_chat,
+        embed_model=os.environ.get("BLOGQA_EMBED_MODEL") or default_embed,
+        embed_dim=_env_int("BLOGQA_EMBED_DIM", 1536, minimum=8, maximum=2000),
+        llm_concurrency=_env_int("BLOGQA_LLM_CONCURRENCY", 8, maximum=256),
+        crawl_concurrency=_env_int("BLOGQA_CRAWL_CONCURRENCY", 16, maximum=256),
+        crawl_allow_private=_env_bool("BLOGQA_CRAWL_ALLOW_PRIVATE", False),
+        fetch_timeout=_env_float("BLOGQA_FETCH_TIMEOUT_SECONDS", 20.0, minimum=0.1),
+        llm_timeout=_env_float("BLOGQA_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+        max_page_bytes=_env_int("BLOGQA_MAX_PAGE_BYTES", 10 * 1024 * 1024, minimum=1024),
+        max_redirects=_env_int("BLOGQA_MAX_REDIRECTS", 5, minimum=0, maximum=30),
+        max_attempts=_env_int("BLOGQA_MAX_ATTEMPTS", 5, maximum=100),
+        retry_base_seconds=_env_float("BLOGQA_RETRY_BASE_SECONDS", 30.0),
+        lease_seconds=_env_int("BLOGQA_LEASE_SECONDS", 900, minimum=5),
+        input_token_budget=_env_int("BLOGQA_INPUT_TOKEN_BUDGET", 6000, minimum=200),
+        chunk_tokens=_env_int("BLOGQA_CHUNK_TOKENS", 300, minimum=32, maximum=8000),
+        chunk_overlap_tokens=_env_int("BLOGQA_CHUNK_OVERLAP_TOKENS", 40, minimum=0),
+        embed_batch_size=_env_int("BLOGQA_EMBED_BATCH_SIZE", 256, maximum=2048),
+        user_agent=os.environ.get("BLOGQA_USER_AGENT")
+        or "blogqa/0.1 (question/answer dataset builder)",
+    )

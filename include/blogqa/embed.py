@@ -1,0 +1,145 @@
+"""Embeddings of summaries, questions and retrieval chunks: OpenAI-compatible or offline.
+
+Inputs from every document of a chunk are batched into few requests (up to
+BLOGQA_EMBED_BATCH_SIZE inputs each), since per-request latency, not tokens, dominates.
+The offline provider hashes word unigrams and bigrams into the configured dimension: lexical
+similarity only, deterministic, labelled `local-hash` in the stored model name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import re
+import time
+from typing import Protocol
+
+import numpy as np
+
+from blogqa.config import Settings
+from blogqa.llm import STOPWORDS, ModelCall, classify_openai_error, openai_client
+
+log = logging.getLogger(__name__)
+
+STAGE = "embed"
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+class EmbeddingDimensionError(RuntimeError):
+    """The endpoint returned vectors of another size than BLOGQA_EMBED_DIM."""
+
+
+class Embedder(Protocol):
+    provider: str
+    model: str
+    dim: int
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]: ...
+
+
+def _feature(token: str, dim: int) -> tuple[int, float]:
+    digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
+    value = int.from_bytes(digest, "little")
+    return value % dim, 1.0 if (value >> 63) & 1 else -1.0
+
+
+def hashed_embedding(text: str, dim: int) -> np.ndarray:
+    """Signed feature hashing of content-word unigrams and bigrams, log-scaled counts,
+    L2-normalised."""
+    words = [w for w in (t.lower() for t in _TOKEN.findall(text)) if w not in STOPWORDS]
+    features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+    counts: dict[tuple[int, float], int] = {}
+    for feature in features:
+        key = _feature(feature, dim)
+        counts[key] = counts.get(key, 0) + 1
+    vector = np.zeros(dim, dtype=np.float32)
+    for (index, sign), count in counts.items():
+        vector[index] += sign * (1.0 + np.log(count))
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0:
+        vector[0] = 1.0  # an empty text still gets a valid (unit) vector
+        return vector
+    return vector / norm
+
+
+class LocalEmbedder:
+    provider = "local"
+
+    def __init__(self, model: str, dim: int) -> None:
+        self.model = model if model.startswith("local") else f"local-{model}"
+        self.dim = dim
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]:
+        started = time.perf_counter()
+        matrix = np.vstack([hashed_embedding(t, self.dim) for t in texts])
+        latency = int((time.perf_counter() - started) * 1000)
+        tokens = sum(len(t.split()) for t in texts)
+        return matrix, ModelCall(STAGE, self.provider, self.model, tokens, 0, latency, len(texts))
+
+
+class OpenAIEmbedder:
+    provider = "openai"
+
+    def __init__(self, settings: Settings, client=None) -> None:
+        self.model = settings.embed_model
+        self.dim = settings.embed_dim
+        self.client = client or openai_client(settings)
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]:
+        import openai
+
+        kwargs = {}
+        if self.model.startswith("text-embedding-3"):
+            kwargs["dimensions"] = self.dim  # only these models accept a dimension
+        started = time.perf_counter()
+        try:
+            response = await self.client.embeddings.create(
+                model=self.model, input=texts, encoding_format="float", **kwargs
+            )
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc, STAGE) from exc
+        latency = int((time.perf_counter() - started) * 1000)
+        rows = sorted(response.data, key=lambda d: d.index)
+        matrix = np.asarray([row.embedding for row in rows], dtype=np.float32)
+        if matrix.shape != (len(texts), self.dim):
+            raise EmbeddingDimensionError(
+                f"{self.model} returned vectors of shape {matrix.shape[1:]} for {len(texts)} "
+                f"inputs; BLOGQA_EMBED_DIM={self.dim}: set it to the model's dimension "
+                "(on a new database)"
+            )
+        usage = response.usage
+        tokens = usage.prompt_tokens if usage else 0
+        call = ModelCall(STAGE, self.provider, self.model, tokens, 0, latency, len(texts))
+        return matrix, call
+
+
+def embedder(settings: Settings) -> Embedder:
+    if settings.offline:
+        return LocalEmbedder(settings.embed_model, settings.embed_dim)
+    return OpenAIEmbedder(settings)
+
+
+async def embed_many(
+    provider: Embedder, texts: list[str], *, batch_size: int, concurrency: int
+) -> list[tuple[range, np.ndarray | Exception, ModelCall | None]]:
+    """Embed `texts` in batches, concurrently; each batch's result or its per-URL error.
+
+    Returns (index range, matrix or exception, call) per batch so the caller can fail only
+    the documents whose inputs sat in a failed batch.
+    """
+    gate = asyncio.Semaphore(concurrency)
+    spans = [range(i, min(i + batch_size, len(texts))) for i in range(0, len(texts), batch_size)]
+
+    async def one(span: range):
+        async with gate:
+            try:
+                matrix, call = await provider.embed([texts[i] for i in span])
+                return span, matrix, call
+            except EmbeddingDimensionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified by the caller
+                return span, exc, None
+
+    return list(await asyncio.gather(*(one(span) for span in spans)))

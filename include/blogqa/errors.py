@@ -1,0 +1,44 @@
+"""Exception types shared across stages.
+
+A `PageError` is per-URL failure, recorded on the URL's queue row as data; anything else that
+escapes a stage (database down, bug) is infrastructure failure and fails the Airflow task so
+Airflow retries it.
+"""
+
+from __future__ import annotations
+
+
+class BlogqaError(Exception):
+    """Base class for errors raised by blogqa."""
+
+
+class ConfigError(BlogqaError):
+    """A setting is missing or malformed; the message names the variable to fix."""
+
+
+class SchemaMismatchError(BlogqaError):
+    """The database was built for different settings than the current ones."""
+
+
+class PageError(BlogqaError):
+    """One URL could not be processed at one stage.
+
+    `permanent` errors (404, not HTML, nothing extractable, blocked address) go straight to a
+    terminal status; transient ones (timeouts, 5xx, 429) are retried with backoff.
+    `terminal_status` picks `dead` or `skipped` for permanent errors.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str,
+        permanent: bool,
+        terminal_status: str = "dead",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.permanent = permanent
+        self.terminal_status = terminal_status
+        self.retry_after = retry_after

@@ -1,0 +1,377 @@
+"""Summary and question/answer pairs for one page: OpenAI Chat Completions or offline.
+
+Chat Completions with a JSON-schema response format, because every OpenAI-compatible server
+(vLLM, Ollama, LM Studio, Azure) implements it. The offline provider is a deterministic
+extractive stand-in for demos and tests; its model name starts with `local` and it is never
+presented as an LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydantic import BaseModel, Field, ValidationError
+
+from blogqa.config import Settings
+from blogqa.errors import PageError
+from blogqa.tokens import split_sentences, tokenizer_for
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "qa-v1"
+STAGE = "summarize"
+# USD per million tokens (input, output); unknown models are recorded without a cost.
+PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "text-embedding-3-small": (0.02, 0.0),
+    "text-embedding-3-large": (0.13, 0.0),
+}
+
+SYSTEM_PROMPT = """You turn one web article into study material.
+Write a faithful summary of the article in 2-4 sentences, then 3 to 5 question/answer pairs.
+Every answer must be stated in the article text; do not use outside knowledge.
+Questions must make sense on their own (name the subject, not "the article").
+Reply with JSON only, matching the given schema."""
+
+RESPONSE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string"},
+        "qa": {
+            "type": "array",
+            "minItems": 3,
+            "maxItems": 5,
+            "items": {
+                "type": "object",
+                "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+                "required": ["question", "answer"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["summary", "qa"],
+    "additionalProperties": False,
+}
+
+
+class QAPair(BaseModel):
+    question: str = Field(min_length=3)
+    answer: str = Field(min_length=1)
+
+
+class PageQA(BaseModel):
+    summary: str = Field(min_length=10)
+    qa: list[QAPair] = Field(min_length=3, max_length=5)
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One call to a model, as written to the blogqa.llm_usage ledger."""
+
+    stage: str
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    inputs: int = 1
+
+    @property
+    def cost_usd(self) -> float | None:
+        price = PRICES_PER_MTOK.get(self.model)
+        if price is None:
+            return None
+        return (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1e6
+
+
+@dataclass
+class QAResult:
+    summary: str
+    qa: list[tuple[str, str]]
+    model: str
+    prompt_version: str
+    calls: list[ModelCall] = field(default_factory=list)
+    input_truncated: bool = False
+
+    def as_json(self) -> dict:
+        return {
+            "summary": self.summary,
+            "qa": [{"question": q, "answer": a} for q, a in self.qa],
+            "model": self.model,
+            "prompt_version": self.prompt_version,
+            "input_truncated": self.input_truncated,
+        }
+
+
+class ChatProvider(Protocol):
+    provider: str
+    model: str
+
+    async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult: ...
+
+
+def fit_to_budget(text: str, model: str, budget: int) -> tuple[str, bool]:
+    """Cut the article to the input token budget (prompt overhead is outside the budget)."""
+    kept, _, truncated = tokenizer_for(model).truncate(text, budget)
+    return kept, truncated
+
+
+def user_message(title: str | None, text: str) -> str:
+    return f"Title: {title or '(none)'}\n\nArticle:\n{text}"
+
+
+# ---------------------------------------------------------------- offline provider
+
+_STOPWORD_TEXT = """a about above after again against all also am an and any are as at be because been
+    before being below between both but by can could did do does doing down during each few
+    for from further had has have having he her here hers him his how i if in into is it its
+    itself just like more most my no nor not now of off on once only or other our out over own
+    same she should so some such than that the their them then there these they this those
+    through to too under until up very was we were what when where which while who whom why
+    will with would you your yours one two three many much may might must can't don't it's
+    i'm you're we're they're new get got make made use used using way well even still"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
+
+
+def _content_words(sentence: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(sentence) if w.lower() not in STOPWORDS]
+
+
+class LocalChat:
+    """Deterministic extractive summary and Q&A: no network, no model. For demos and tests."""
+
+    provider = "local"
+
+    def __init__(self, model: str = "local-extractive-v1") -> None:
+        self.model = model if model.startswith("local") else f"local-{model}"
+
+    async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult:
+        started = time.perf_counter()
+        sentences = _prose_sentences(text, title)
+        if len(sentences) < 3:
+            raise PageError(
+                "too little article text for a summary and 3 question/answer pairs",
+                stage=STAGE,
+                permanent=True,
+            )
+        freq = Counter(w for s in sentences for w in _content_words(s))
+
+        def weight(i: int) -> float:
+            words = _content_words(sentences[i])
+            lead = 1.0 + 0.5 / (1 + i)  # articles put their point first
+            return lead * sum(freq[w] for w in words) / (len(words) + 4) if words else 0.0
+
+        ranked = sorted(range(len(sentences)), key=lambda i: (-weight(i), i))
+        summary = " ".join(sentences[i] for i in sorted(ranked[:3]))
+        qa = self._pairs(sentences, ranked, freq, title)
+        latency = int((time.perf_counter() - started) * 1000)
+        log.info("url=%s stage=%s offline extractive provider (not an LLM)", url, STAGE)
+        call = ModelCall(STAGE, self.provider, self.model, len(text.split()), 0, latency)
+        return QAResult(summary, qa, self.model, PROMPT_VERSION, [call])
+
+    @staticmethod
+    def _pairs(
+        sentences: list[str], ranked: list[int], freq: Counter, title: str | None
+    ) -> list[tuple[str, str]]:
+        """Up to 5 informative sentences, spread over the text, each with a question naming
+        a salient term not used by an earlier question."""
+        chosen: list[int] = []
+        for i in ranked:
+            if all(abs(i - j) > 1 for j in chosen):
+                chosen.append(i)
+            if len(chosen) == 5:
+                break
+        for i in ranked:  # short texts: relax the spacing rule
+            if len(chosen) >= 3:
+                break
+            if i not in chosen:
+                chosen.append(i)
+        subject = f'"{title}"' if title else "the article"
+        used: set[str] = set()
+        pairs = []
+        for i in sorted(chosen):
+            words = [w for w in _content_words(sentences[i]) if w not in used] or ["this"]
+            term = max(words, key=lambda w: (freq[w], w))
+            used.add(term)
+            if re.search(r"\d", sentences[i]):
+                question = f"According to {subject}, what figures are given about {term}?"
+            else:
+                question = f"What does {subject} say about {term}?"
+            pairs.append((question, sentences[i]))
+        return pairs
+
+
+def _prose_sentences(text: str, title: str | None) -> list[str]:
+    """Sentences of running text: not the title, not list fragments or headings."""
+    found = []
+    for sentence in split_sentences(text):
+        words = sentence.split()
+        if not 6 <= len(words) <= 80 or sentence == title:
+            continue
+        if sentence.startswith(("- ", "* ", "|")) or sentence[-1] not in ".!?\"')":
+            continue
+        found.append(sentence)
+    return found
+
+
+# ---------------------------------------------------------------- OpenAI-compatible provider
+
+
+def openai_client(settings: Settings, *, timeout: float | None = None):  # -> AsyncOpenAI
+    """AsyncOpenAI from the standard OPENAI_* variables; a local server may need no key."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(
+        api_key=os.environ.get("OPENAI_API_KEY") or "not-needed-for-this-server",
+        timeout=timeout or settings.llm_timeout,
+        max_retries=2,
+    )
+
+
+class LLMConfigurationError(RuntimeError):
+    """The endpoint refused our credentials or model: fix the settings, retrying won't help."""
+
+
+def classify_openai_error(exc: Exception, stage: str) -> PageError:
+    """Per-URL error for this exception, or raise LLMConfigurationError for setup problems."""
+    import openai
+
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        raise LLMConfigurationError(
+            f"the model endpoint refused the credentials ({exc}); check OPENAI_API_KEY and "
+            "OPENAI_BASE_URL"
+        ) from exc
+    if isinstance(exc, openai.NotFoundError):
+        raise LLMConfigurationError(
+            f"the model endpoint does not know this model or route ({exc}); check "
+            "BLOGQA_CHAT_MODEL / BLOGQA_EMBED_MODEL and OPENAI_BASE_URL"
+        ) from exc
+    if isinstance(exc, openai.RateLimitError | openai.InternalServerError):
+        retry_after = _retry_after(exc)
+        return PageError(
+            f"model endpoint busy: {exc}", stage=stage, permanent=False, retry_after=retry_after
+        )
+    if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
+        return PageError(f"model endpoint unreachable: {exc}", stage=stage, permanent=False)
+    if isinstance(exc, openai.BadRequestError | openai.UnprocessableEntityError):
+        return PageError(f"model endpoint rejected the request: {exc}", stage=stage, permanent=True)
+    if isinstance(exc, openai.APIStatusError):
+        return PageError(f"model endpoint error: {exc}", stage=stage, permanent=False)
+    raise exc
+
+
+def _retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class OpenAIChat:
+    """One Chat Completions call per page with a strict JSON-schema response format."""
+
+    provider = "openai"
+
+    def __init__(self, settings: Settings, client=None) -> None:
+        self.model = settings.chat_model
+        self.budget = settings.input_token_budget
+        self.client = client or openai_client(settings)
+
+    async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult:
+        import openai
+
+        body, truncated = fit_to_budget(text, self.model, self.budget)
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user_message(title, body)},
+        ]
+        calls: list[ModelCall] = []
+        for attempt in (1, 2):  # the second attempt repairs an invalid reply
+            started = time.perf_counter()
+            try:
+                response = await self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {
+                            "name": "page_qa",
+                            "strict": True,
+                            "schema": RESPONSE_SCHEMA,
+                        },
+                    },
+                    temperature=0.2,
+                )
+            except openai.OpenAIError as exc:
+                raise classify_openai_error(exc, STAGE) from exc
+            latency = int((time.perf_counter() - started) * 1000)
+            usage = response.usage
+            calls.append(
+                ModelCall(
+                    STAGE,
+                    self.provider,
+                    response.model or self.model,
+                    usage.prompt_tokens if usage else 0,
+                    usage.completion_tokens if usage else 0,
+                    latency,
+                )
+            )
+            message = response.choices[0].message if response.choices else None
+            if message is not None and getattr(message, "refusal", None):
+                raise _with_calls(
+                    PageError(f"model refused: {message.refusal}", stage=STAGE, permanent=True),
+                    calls,
+                )
+            content = (message.content if message else None) or ""
+            try:
+                parsed = PageQA.model_validate(json.loads(content))
+            except (json.JSONDecodeError, ValidationError) as exc:
+                problem = str(exc).splitlines()[0][:300]
+                log.warning("url=%s stage=%s invalid model output (%s)", url, STAGE, problem)
+                if attempt == 2:
+                    raise _with_calls(
+                        PageError(
+                            f"model output still invalid after a repair attempt: {problem}",
+                            stage=STAGE,
+                            permanent=True,
+                        ),
+                        calls,
+                    ) from None
+                messages += [
+                    {"role": "assistant", "content": content[:4000]},
+                    {
+                        "role": "user",
+                        "content": f"That reply was not valid ({problem}). "
+                        "Reply again with JSON matching the schema only.",
+                    },
+                ]
+                continue
+            qa = [(p.question.strip(), p.answer.strip()) for p in parsed.qa]
+            return QAResult(
+                parsed.summary.strip(), qa, self.model, PROMPT_VERSION, calls, truncated
+            )
+        raise AssertionError("unreachable")
+
+
+def _with_calls(error: PageError, calls: list[ModelCall]) -> PageError:
+    """Attach the calls already made, so a failed page's token usage still reaches the ledger."""
+    error.calls = calls  # type: ignore[attr-defined]
+    return error
+
+
+def chat_provider(settings: Settings) -> ChatProvider:
+    if settings.offline:
+        return LocalChat(settings.chat_model)
+    return OpenAIChat(settings)

@@ -1,0 +1,322 @@
+"""The DAG's task bodies: enqueue, claim, the four per-chunk stages, finalize.
+
+Each stage takes the chunk's lease refs ({"id", "token"}), renews the leases still held,
+does its work for the rows that need it (so an Airflow retry of the task redoes nothing that
+is already stored), records per-URL failures on the queue, and returns the refs that go on.
+Exceptions other than per-URL `PageError` (database down, bad credentials) fail the task so
+Airflow retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import os
+import socket
+
+from blogqa import db, queue, store
+from blogqa.config import Settings, load_settings
+from blogqa.crawl import Validators, content_hash, extract, fetch, http_client
+from blogqa.embed import embed_many, embedder
+from blogqa.errors import PageError
+from blogqa.llm import PROMPT_VERSION, chat_provider
+from blogqa.queue import Lease
+from blogqa.tokens import chunk_text, tokenizer_for
+
+log = logging.getLogger(__name__)
+
+MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
+MAX_URLS_PER_RUN = 10_000
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def plan_chunks(n: int, chunk_size: int, max_chunks: int = MAX_CHUNKS_PER_RUN) -> int:
+    """Chunk size actually used: grows when `n` would need more than `max_chunks` chunks."""
+    return max(chunk_size, math.ceil(n / max_chunks)) if n else chunk_size
+
+
+def enqueue_urls(urls: list[str], settings: Settings | None = None) -> dict:
+    settings = settings or load_settings()
+    if not urls:
+        return queue.EnqueueResult().as_dict()
+    with db.connect(settings) as conn:
+        result = queue.enqueue(conn, list(urls), max_attempts=settings.max_attempts)
+    for url, reason in result.rejected:
+        log.warning("url=%s stage=enqueue rejected: %s", url, reason)
+    return result.as_dict()
+
+
+def claim_chunks(max_urls: int, chunk_size: int, settings: Settings | None = None) -> list[list]:
+    """Claim up to `max_urls` rows and split them into chunks for the mapped task group."""
+    settings = settings or load_settings()
+    max_urls = max(0, min(int(max_urls), MAX_URLS_PER_RUN))
+    with db.connect(settings) as conn:
+        leases = queue.claim(
+            conn, max_urls, owner=worker_name(), lease_seconds=settings.lease_seconds
+        )
+    size = plan_chunks(len(leases), max(1, int(chunk_size)))
+    chunks = [[lease.ref() for lease in leases[i : i + size]] for i in range(0, len(leases), size)]
+    log.info("stage=claim claimed %d urls in %d chunks of up to %d", len(leases), len(chunks), size)
+    return chunks
+
+
+def chunk_label(refs: list[dict]) -> str:
+    if not refs:
+        return "empty chunk"
+    return f"{len(refs)} urls, queue ids {refs[0]['id']}..{refs[-1]['id']}"
+
+
+def _fail_all(conn, failures: list[tuple[Lease, PageError]], settings: Settings) -> None:
+    for lease, error in failures:
+        queue.fail(
+            conn,
+            lease,
+            error,
+            max_attempts=settings.max_attempts,
+            base=settings.retry_base_seconds,
+        )
+
+
+# ---------------------------------------------------------------- crawl
+
+
+def _page(fetched, article, text_hash: str) -> dict:
+    return {
+        "url": fetched.url,
+        "final_url": fetched.final_url,
+        "canonical_url": article.canonical_url,
+        "title": article.title,
+        "author": article.author,
+        "published": article.published.isoformat() if article.published else None,
+        "site_name": article.site_name,
+        "language": article.language,
+        "text": article.text,
+        "content_hash": text_hash,
+        "etag": fetched.etag,
+        "last_modified": fetched.last_modified,
+    }
+
+
+async def _crawl_one(client, lease: Lease, previous, settings: Settings) -> dict:
+    validators = Validators(previous.etag, previous.last_modified) if previous else None
+    fetched = await fetch(client, lease.url, settings, validators)
+    if fetched.not_modified:
+        if previous is None:
+            raise PageError("HTTP 304 without a stored copy", stage="crawl", permanent=False)
+        log.info("url=%s stage=crawl not modified (conditional GET)", lease.url)
+        return dict(previous.page)
+    article = await asyncio.to_thread(extract, fetched)
+    page = _page(fetched, article, content_hash(article.text))
+    log.info("url=%s stage=crawl extracted %d words", lease.url, len(article.text.split()))
+    return page
+
+
+async def _crawl_all(leases, previous, settings):
+    gate = asyncio.Semaphore(settings.crawl_concurrency)
+    async with http_client(settings) as client:
+
+        async def one(lease):
+            async with gate:
+                try:
+                    return await _crawl_one(client, lease, previous.get(lease.url), settings)
+                except PageError as exc:
+                    return exc
+
+        return await asyncio.gather(*(one(lease) for lease in leases))
+
+
+def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+    settings = settings or load_settings()
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        done = {item.lease.id for item in store.work_items(conn, leases, settings.embed_dim)}
+        todo = [lease for lease in leases if lease.id not in done]
+        previous = store.stored_results(conn, [lease.url for lease in todo])
+        outcomes = asyncio.run(_crawl_all(todo, previous, settings)) if todo else []
+        pages, failures = [], []
+        for lease, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, PageError):
+                failures.append((lease, outcome))
+                continue
+            prev = previous.get(lease.url)
+            unchanged = prev is not None and prev.is_current(
+                outcome["content_hash"], settings.chat_model, PROMPT_VERSION, settings.embed_model
+            )
+            pages.append((lease, outcome, unchanged))
+        store.save_pages(conn, pages)
+        _fail_all(conn, failures, settings)
+    failed = {lease.id for lease, _ in failures}
+    return [lease.ref() for lease in leases if lease.id not in failed]
+
+
+# ---------------------------------------------------------------- summarize
+
+
+async def _summarize_all(items, settings):
+    provider = chat_provider(settings)
+    gate = asyncio.Semaphore(settings.llm_concurrency)
+
+    async def one(item):
+        async with gate:
+            page = item.page
+            try:
+                return await provider.summarize(
+                    url=item.lease.url, title=page.get("title"), text=page["text"]
+                )
+            except PageError as exc:
+                return exc
+
+    return await asyncio.gather(*(one(item) for item in items))
+
+
+def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+    settings = settings or load_settings()
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        items = store.work_items(conn, leases, settings.embed_dim)
+        todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
+        outcomes = asyncio.run(_summarize_all(todo, settings)) if todo else []
+        results, failures, calls = [], [], []
+        for item, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, PageError):
+                failures.append((item.lease, outcome))
+                calls += [(item.lease, c) for c in getattr(outcome, "calls", [])]
+                continue
+            results.append((item.lease, outcome.as_json()))
+            calls += [(item.lease, c) for c in outcome.calls]
+        store.save_llm_results(conn, results)
+        store.record_usage(conn, calls)
+        _fail_all(conn, failures, settings)
+    log.info("stage=summarize %d documents, %d model calls", len(results), len(calls))
+    failed = {lease.id for lease, _ in failures}
+    return [item.lease.ref() for item in items if item.lease.id not in failed]
+
+
+# ---------------------------------------------------------------- embed
+
+
+def embedding_inputs(item: store.WorkItem, settings: Settings) -> tuple[list[str], list[dict]]:
+    """Texts to embed for one document: its summary, its questions, its retrieval chunks."""
+    llm = item.llm_result
+    tokenizer = tokenizer_for(settings.embed_model)
+    chunks = [
+        {"text": text, "tokens": tokens}
+        for text, tokens in chunk_text(
+            item.page["text"],
+            tokenizer,
+            max_tokens=settings.chunk_tokens,
+            overlap_tokens=settings.chunk_overlap_tokens,
+        )
+    ]
+    texts = [llm["summary"]] + [p["question"] for p in llm["qa"]] + [c["text"] for c in chunks]
+    return texts, chunks
+
+
+def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+    settings = settings or load_settings()
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        items = store.work_items(conn, leases, settings.embed_dim)
+        todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
+        texts: list[str] = []
+        spans, chunk_lists = [], []
+        for item in todo:
+            doc_texts, chunks = embedding_inputs(item, settings)
+            spans.append(range(len(texts), len(texts) + len(doc_texts)))
+            texts += doc_texts
+            chunk_lists.append(chunks)
+        provider = embedder(settings)
+        batches = (
+            asyncio.run(
+                embed_many(
+                    provider,
+                    texts,
+                    batch_size=settings.embed_batch_size,
+                    concurrency=settings.llm_concurrency,
+                )
+            )
+            if texts
+            else []
+        )
+        results, failures = _assemble_vectors(todo, spans, chunk_lists, batches, provider.dim)
+        calls = [(todo[0].lease, call) for _, _, call in batches if call is not None]
+        store.save_vectors(conn, results)
+        store.record_usage(conn, calls)
+        _fail_all(conn, failures, settings)
+    log.info("stage=embed %d inputs in %d requests", len(texts), len(batches))
+    failed = {lease.id for lease, _ in failures}
+    return [item.lease.ref() for item in items if item.lease.id not in failed]
+
+
+def _assemble_vectors(todo, spans, chunk_lists, batches, dim):
+    """Per document: its rows of the batch matrices, or the error of a batch it fell into."""
+    import numpy as np
+
+    matrix = np.zeros((sum(len(s) for s in spans), dim), dtype=np.float32)
+    broken: list[tuple[range, PageError]] = []
+    for span, outcome, _ in batches:
+        if isinstance(outcome, Exception):
+            error = outcome if isinstance(outcome, PageError) else _as_page_error(outcome)
+            broken.append((span, error))
+        else:
+            matrix[span.start : span.stop] = outcome
+    results, failures = [], []
+    for item, span, chunks in zip(todo, spans, chunk_lists, strict=True):
+        error = next((e for b, e in broken if b.start < span.stop and span.start < b.stop), None)
+        if error is not None:
+            failures.append((item.lease, error))
+        else:
+            results.append((item.lease, chunks, matrix[span.start : span.stop]))
+    return results, failures
+
+
+def _as_page_error(exc: Exception) -> PageError:
+    """OpenAI errors become per-URL errors (or raise for bad credentials); others are bugs."""
+    import openai
+
+    from blogqa.llm import classify_openai_error
+
+    if isinstance(exc, openai.OpenAIError):
+        return classify_openai_error(exc, "embed")
+    raise exc
+
+
+# ---------------------------------------------------------------- load
+
+
+def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
+    """One transaction per document; returns the queue ids now done."""
+    settings = settings or load_settings()
+    done: list[int] = []
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        now = dt.datetime.now(dt.UTC)
+        for item in store.work_items(conn, leases, settings.embed_dim):
+            try:
+                store.load_document(conn, item, embed_model=settings.embed_model, fetched_at=now)
+            except store.LeaseLostError as exc:
+                log.warning("url=%s stage=load %s", item.lease.url, exc)
+                continue
+            done.append(item.lease.id)
+            log.info("url=%s stage=load done", item.lease.url)
+    return done
+
+
+def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:
+    """Tally what became of this run's URLs (by status)."""
+    settings = settings or load_settings()
+    ids = [int(ref["id"]) for chunk in chunks for ref in chunk]
+    tally = {"claimed": len(ids)}
+    with db.connect(settings) as conn:
+        for status, count in conn.execute(
+            "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
+            (ids,),
+        ):
+            tally[status] = count
+    log.info("stage=finalize %s", tally)
+    return tally

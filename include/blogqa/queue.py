@@ -1,0 +1,369 @@
+"""The URL queue: normalize, enqueue, claim with leases, complete, fail, stats.
+
+The claim is one short transaction (expired leases recovered, then `FOR UPDATE SKIP LOCKED`)
+committed before any network call, so concurrent workers never share a row and a crashed
+worker's rows come back once its lease expires. Every write after the claim is fenced by the
+lease token: a late finisher whose lease was taken over changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+
+from blogqa.errors import PageError
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+ERROR_HISTORY_LIMIT = 20
+MAX_BACKOFF_SECONDS = 6 * 3600
+TRACKING_PARAMS = {
+    "fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "igshid",
+    "mc_cid", "mc_eid", "_ga", "_gl", "mkt_tok", "oly_anon_id", "oly_enc_id", "vero_id",
+}  # fmt: skip
+DEFAULT_PORTS = {"http": 80, "https": 443}
+TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled")
+STATUSES = ("queued", "processing", *TERMINAL_STATUSES)
+
+
+class InvalidURLError(ValueError):
+    """A URL the queue refuses; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed row: what a stage needs to work on it and to write back (fenced)."""
+
+    id: int
+    url: str
+    token: str
+    attempts: int
+
+    def ref(self) -> dict:
+        return {"id": self.id, "token": self.token}
+
+
+@dataclass
+class EnqueueResult:
+    new: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    already_queued: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "new": len(self.new),
+            "requeued": len(self.requeued),
+            "already_queued": len(self.already_queued),
+            "already_done": len(self.already_done),
+            "rejected": [{"url": url, "reason": reason} for url, reason in self.rejected],
+        }
+
+
+def _is_tracking(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.startswith("utm_") or lowered in TRACKING_PARAMS
+
+
+def normalize_url(raw: str) -> str:
+    """Canonical form used as the queue key (and by the API's by-url lookups).
+
+    Lower-cases scheme and host, drops the default port, the fragment and tracking
+    parameters; keeps path and the other parameters as given.
+    """
+    text = (raw or "").strip()
+    if not text:
+        raise InvalidURLError("empty URL")
+    if len(text) > MAX_URL_LENGTH:
+        raise InvalidURLError(f"URL longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() for ch in text) or any(ord(ch) < 32 for ch in text):
+        raise InvalidURLError("URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidURLError(f"malformed URL ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        shown = scheme or "none"
+        raise InvalidURLError(f"scheme {shown!r} is not supported: only http and https")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidURLError("URL contains credentials (user:password@): remove them")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise InvalidURLError("URL has no host")
+    try:
+        host = host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise InvalidURLError(f"host {host!r} is not a valid domain name") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    query = urlencode(
+        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _is_tracking(k)]
+    )
+    return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
+
+
+def enqueue(
+    conn: psycopg.Connection,
+    urls: list[str],
+    *,
+    priority: int = 0,
+    force: bool = False,
+    max_attempts: int = 5,
+) -> EnqueueResult:
+    """Add URLs; a bad one is rejected with its reason and the rest of the batch goes in."""
+    result = EnqueueResult()
+    wanted: list[str] = []
+    for raw in urls:
+        try:
+            url = normalize_url(raw)
+        except InvalidURLError as exc:
+            result.rejected.append((raw, str(exc)))
+            continue
+        if url not in wanted:
+            wanted.append(url)
+    if not wanted:
+        return result
+    with conn.transaction():
+        inserted = conn.execute(
+            "INSERT INTO blogqa.url_queue (url, priority, max_attempts)"
+            " SELECT u, %s, %s FROM unnest(%s::text[]) AS u"
+            " ON CONFLICT (url) DO NOTHING RETURNING url",
+            (priority, max_attempts, wanted),
+        ).fetchall()
+        result.new = [row[0] for row in inserted]
+        rest = [url for url in wanted if url not in set(result.new)]
+        if force and rest:
+            requeued = conn.execute(
+                "UPDATE blogqa.url_queue SET status = 'queued', attempts = 0,"
+                " max_attempts = %s, priority = %s, run_after = now(), lease_owner = NULL,"
+                " lease_token = NULL, lease_until = NULL, last_error = NULL, last_stage = NULL,"
+                " started_at = NULL, finished_at = NULL, processing_ms = NULL,"
+                " enqueued_at = now(), updated_at = now()"
+                " WHERE url = ANY(%s) AND status IN ('done', 'dead', 'skipped', 'cancelled')"
+                " RETURNING url",
+                (max_attempts, priority, rest),
+            ).fetchall()
+            result.requeued = [row[0] for row in requeued]
+        rest = [url for url in rest if url not in set(result.requeued)]
+        if rest:
+            rows = conn.execute(
+                "SELECT url, status FROM blogqa.url_queue WHERE url = ANY(%s)", (rest,)
+            ).fetchall()
+            for url, status in rows:
+                bucket = result.already_queued if status in ("queued", "processing") else None
+                (bucket if bucket is not None else result.already_done).append(url)
+    return result
+
+
+RECOVER_EXPIRED_SQL = """
+UPDATE blogqa.url_queue q
+SET status = CASE WHEN q.attempts >= q.max_attempts THEN 'dead' ELSE 'queued' END,
+    finished_at = CASE WHEN q.attempts >= q.max_attempts THEN now() END,
+    run_after = now(),
+    last_error = 'lease expired: the worker holding it stopped or ran out of time',
+    last_stage = 'lease',
+    error_history = (
+        SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
+        FROM jsonb_array_elements(q.error_history || jsonb_build_object(
+                 'attempt', q.attempts, 'stage', 'lease', 'class', 'transient',
+                 'message', 'lease expired (owner ' || coalesce(q.lease_owner, '?') || ')',
+                 'at', now())) WITH ORDINALITY AS t(e, i)
+        WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
+    ),
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+WHERE q.id IN (
+    SELECT id FROM blogqa.url_queue
+    WHERE status = 'processing' AND lease_until < now()
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING q.id, q.url
+"""
+
+CLAIM_SQL = """
+UPDATE blogqa.url_queue q
+SET status = 'processing',
+    attempts = q.attempts + 1,
+    lease_owner = %(owner)s,
+    lease_token = gen_random_uuid(),
+    lease_until = now() + make_interval(secs => %(lease_seconds)s),
+    started_at = now(),
+    updated_at = now()
+WHERE q.id IN (
+    SELECT id FROM blogqa.url_queue
+    WHERE status = 'queued' AND run_after <= now()
+    ORDER BY priority DESC, run_after, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING q.id, q.url, q.lease_token, q.attempts, q.priority
+"""
+
+
+def claim(conn: psycopg.Connection, limit: int, *, owner: str, lease_seconds: int) -> list[Lease]:
+    """Claim up to `limit` due rows (highest priority, then oldest) in one short transaction."""
+    with conn.transaction():
+        recovered = conn.execute(RECOVER_EXPIRED_SQL, {"keep": ERROR_HISTORY_LIMIT}).fetchall()
+        for row_id, url in recovered:
+            log.warning("url=%s stage=lease queue_id=%s lease expired; row released", url, row_id)
+        rows = conn.execute(
+            CLAIM_SQL, {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
+        ).fetchall()
+    rows.sort(key=lambda r: (-r[4], r[0]))
+    return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
+
+
+def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> list[Lease]:
+    """Extend the leases still held (fenced by token); return those, dropping lost ones."""
+    ids = [int(r["id"]) for r in refs]
+    tokens = [uuid.UUID(str(r["token"])) for r in refs]
+    with conn.transaction():
+        rows = conn.execute(
+            "UPDATE blogqa.url_queue q SET lease_until = now() + make_interval(secs => %s),"
+            " updated_at = now()"
+            " FROM unnest(%s::bigint[], %s::uuid[]) AS r(id, token)"
+            " WHERE q.id = r.id AND q.lease_token = r.token AND q.status = 'processing'"
+            " RETURNING q.id, q.url, q.lease_token, q.attempts",
+            (lease_seconds, ids, tokens),
+        ).fetchall()
+    held = {r[0] for r in rows}
+    for ref in refs:
+        if int(ref["id"]) not in held:
+            log.warning("queue_id=%s lease lost (expired, cancelled or taken over)", ref["id"])
+    order = {rid: i for i, rid in enumerate(ids)}
+    rows.sort(key=lambda r: order[r[0]])
+    return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
+
+
+COMPLETE_SQL = """
+UPDATE blogqa.url_queue
+SET status = 'done', finished_at = now(), last_error = NULL, last_stage = NULL,
+    processing_ms = (extract(epoch FROM now() - started_at) * 1000)::integer,
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+WHERE id = %s AND lease_token = %s AND status = 'processing'
+"""
+
+
+def complete(conn: psycopg.Connection, lease: Lease) -> bool:
+    """Mark done (call inside the load transaction); False when the lease was lost."""
+    cur = conn.execute(COMPLETE_SQL, (lease.id, uuid.UUID(lease.token)))
+    return cur.rowcount == 1
+
+
+def backoff_seconds(
+    attempt: int, base: float, *, retry_after: float | None = None, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.5), never shorter than Retry-After."""
+    jitter = (rng or random).uniform(0.5, 1.5)
+    delay = min(base * (2 ** max(attempt - 1, 0)) * jitter, MAX_BACKOFF_SECONDS)
+    return max(delay, retry_after or 0.0)
+
+
+FAIL_SQL = """
+UPDATE blogqa.url_queue q
+SET status = %(status)s,
+    run_after = now() + make_interval(secs => %(delay)s),
+    finished_at = CASE WHEN %(status)s = 'queued' THEN NULL ELSE now() END,
+    processing_ms = (extract(epoch FROM now() - q.started_at) * 1000)::integer,
+    last_error = %(message)s,
+    last_stage = %(stage)s,
+    error_history = (
+        SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
+        FROM jsonb_array_elements(q.error_history
+                                  || (%(entry)s::jsonb || jsonb_build_object('at', now())))
+             WITH ORDINALITY AS t(e, i)
+        WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
+    ),
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+WHERE q.id = %(id)s AND q.lease_token = %(token)s AND q.status = 'processing'
+RETURNING q.status
+"""
+
+
+def fail(
+    conn: psycopg.Connection, lease: Lease, error: PageError, *, max_attempts: int, base: float
+) -> str | None:
+    """Record a per-URL failure: retry later, or a terminal status. Returns the new status."""
+    if error.permanent:
+        status, delay = error.terminal_status, 0.0
+    else:
+        row = conn.execute(
+            "SELECT max_attempts FROM blogqa.url_queue WHERE id = %s", (lease.id,)
+        ).fetchone()
+        limit = min(row[0], max_attempts) if row else max_attempts
+        if lease.attempts >= limit:
+            status, delay = "dead", 0.0
+        else:
+            status = "queued"
+            delay = backoff_seconds(lease.attempts, base, retry_after=error.retry_after)
+    entry = {
+        "attempt": lease.attempts,
+        "stage": error.stage,
+        "class": "permanent" if error.permanent else "transient",
+        "message": str(error)[:2000],
+    }
+    with conn.transaction():
+        row = conn.execute(
+            FAIL_SQL,
+            {
+                "status": status,
+                "delay": delay,
+                "message": str(error)[:2000],
+                "stage": error.stage,
+                "entry": json.dumps(entry),
+                "keep": ERROR_HISTORY_LIMIT,
+                "id": lease.id,
+                "token": uuid.UUID(lease.token),
+            },
+        ).fetchone()
+    if row is None:
+        log.warning("url=%s stage=%s lease lost; failure not recorded", lease.url, error.stage)
+        return None
+    log.warning(
+        "url=%s stage=%s attempt=%s -> %s: %s",
+        lease.url,
+        error.stage,
+        lease.attempts,
+        status,
+        error,
+    )
+    return row[0]
+
+
+def stats(conn: psycopg.Connection) -> dict:
+    """Counts per status and the age of the oldest queued row."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for status, count in conn.execute(
+        "SELECT status, count(*) FROM blogqa.url_queue GROUP BY status"
+    ):
+        counts[status] = count
+    row = conn.execute(
+        "SELECT extract(epoch FROM now() - min(enqueued_at)),"
+        " count(*) FILTER (WHERE run_after <= now())"
+        " FROM blogqa.url_queue WHERE status = 'queued'"
+    ).fetchone()
+    return {
+        "counts": counts,
+        "total": sum(counts.values()),
+        "oldest_queued_age_seconds": round(float(row[0]), 1) if row[0] is not None else None,
+        "claimable": int(row[1]),
+    }
+
+
+def claimable_count(conn: psycopg.Connection) -> int:
+    """Rows a claim would take now (due queued rows plus expired leases)."""
+    row = conn.execute(
+        "SELECT count(*) FROM blogqa.url_queue WHERE (status = 'queued' AND run_after <= now())"
+        " OR (status = 'processing' AND lease_until < now())"
+    ).fetchone()
+    return int(row[0])
