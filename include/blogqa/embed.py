@@ -38,6 +38,8 @@ class Embedder(Protocol):
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]: ...
 
+    async def aclose(self) -> None: ...
+
 
 def _feature(token: str, dim: int) -> tuple[int, float]:
     digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
@@ -71,6 +73,9 @@ class LocalEmbedder:
         self.model = model if model.startswith("local") else f"local-{model}"
         self.dim = dim
 
+    async def aclose(self) -> None:
+        pass
+
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]:
         started = time.perf_counter()
         matrix = np.vstack([hashed_embedding(t, self.dim) for t in texts])
@@ -86,6 +91,9 @@ class OpenAIEmbedder:
         self.model = settings.embed_model
         self.dim = settings.embed_dim
         self.client = client or openai_client(settings)
+
+    async def aclose(self) -> None:
+        await self.client.close()
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]:
         import openai
@@ -142,4 +150,7 @@ async def embed_many(
             except Exception as exc:  # noqa: BLE001 - classified by the caller
                 return span, exc, None
 
-    return list(await asyncio.gather(*(one(span) for span in spans)))
+    try:
+        return list(await asyncio.gather(*(one(span) for span in spans)))
+    finally:
+        await provider.aclose()

@@ -118,6 +118,8 @@ class ChatProvider(Protocol):
 
     async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult: ...
 
+    async def aclose(self) -> None: ...
+
 
 def fit_to_budget(text: str, model: str, budget: int) -> tuple[str, bool]:
     """Cut the article to the input token budget (prompt overhead is outside the budget)."""
@@ -154,6 +156,9 @@ class LocalChat:
 
     def __init__(self, model: str = "local-extractive-v1") -> None:
         self.model = model if model.startswith("local") else f"local-{model}"
+
+    async def aclose(self) -> None:
+        pass
 
     async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult:
         started = time.perf_counter()
@@ -288,6 +293,10 @@ class OpenAIChat:
         self.model = settings.chat_model
         self.budget = settings.input_token_budget
         self.client = client or openai_client(settings)
+
+    async def aclose(self) -> None:
+        """Close the HTTP pool inside the event loop that opened it."""
+        await self.client.close()
 
     async def summarize(self, *, url: str, title: str | None, text: str) -> QAResult:
         import openai

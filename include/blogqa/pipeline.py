@@ -171,7 +171,10 @@ async def _summarize_all(items, settings):
             except PageError as exc:
                 return exc
 
-    return await asyncio.gather(*(one(item) for item in items))
+    try:
+        return await asyncio.gather(*(one(item) for item in items))
+    finally:
+        await provider.aclose()
 
 
 def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:

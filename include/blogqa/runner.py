@@ -64,7 +64,7 @@ def load_dag():
     if DAG_ID not in bag.dag_ids:
         errors = "; ".join(f"{path}: {err}" for path, err in bag.import_errors.items())
         raise PipelineRunError(f"DAG {DAG_ID} not found in {bag.dag_folder}. {errors}")
-    return bag.get_dag(DAG_ID)
+    return bag.dags[DAG_ID]
 
 
 @dataclass

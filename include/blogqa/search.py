@@ -30,8 +30,16 @@ class Match:
 
 def embed_query(settings: Settings, text: str) -> np.ndarray:
     """The query embedded by the configured provider (same space as the stored vectors)."""
-    matrix, _ = asyncio.run(embedder(settings).embed([text]))
-    return matrix[0]
+
+    async def embed_one() -> np.ndarray:
+        provider = embedder(settings)
+        try:
+            matrix, _ = await provider.embed([text])
+        finally:
+            await provider.aclose()
+        return matrix[0]
+
+    return asyncio.run(embed_one())
 
 
 def similar_documents(conn: psycopg.Connection, vector: np.ndarray, k: int = 5) -> list[Match]:

@@ -1,0 +1,94 @@
+"""Shared fixtures: one embedded PostgreSQL (with pgvector) and one Airflow metadata database
+for the whole session, real HTTP servers on 127.0.0.1, and a clean schema per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports blogqa settings or airflow: a private BLOGQA_HOME, no real model
+# endpoint, loopback crawling allowed (the test servers are on 127.0.0.1).
+_HOME = Path(tempfile.mkdtemp(prefix="blogqa-test-"))
+for _name in list(os.environ):
+    if _name.startswith(("BLOGQA_", "OPENAI_", "AIRFLOW")):
+        del os.environ[_name]
+os.environ.update(
+    {
+        "BLOGQA_HOME": str(_HOME),
+        "BLOGQA_CRAWL_ALLOW_PRIVATE": "true",
+        "BLOGQA_LLM_PROVIDER": "local",
+        "BLOGQA_FETCH_TIMEOUT_SECONDS": "5",
+    }
+)
+
+from blogqa import db, runner
+from blogqa.config import load_settings
+from tests.fakes import start_openai_server, start_page_server
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_TABLES = ("work_items", "llm_usage", "chunks", "questions", "summaries", "documents")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def blogqa_home():
+    settings = load_settings()
+    runner.configure_airflow(settings, log_level="WARNING")
+    yield _HOME
+    for server in list(db._servers.values()):
+        server.cleanup()
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def settings():
+    return load_settings()
+
+
+@pytest.fixture
+def conn(settings):
+    """A connection to a freshly emptied schema."""
+    with db.connect(settings) as connection:
+        tables = ", ".join(f"blogqa.{t}" for t in (*OUTPUT_TABLES, "url_queue"))
+        connection.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def page_server():
+    server = start_page_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def openai_server():
+    server = start_openai_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_env(openai_server, monkeypatch):
+    """Point the real `openai` client at the test server."""
+    openai_server.script.clear()
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{openai_server.base_url}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", openai_server.api_key)
+    monkeypatch.setenv("BLOGQA_LLM_PROVIDER", "openai")
+    monkeypatch.setenv("BLOGQA_CHAT_MODEL", "test-chat-model")
+    monkeypatch.setenv("BLOGQA_EMBED_MODEL", "text-embedding-3-small")
+    return openai_server
+
+
+def table_counts(conn) -> dict[str, int]:
+    from psycopg import sql
+
+    return {
+        t: conn.execute(
+            sql.SQL("SELECT count(*) FROM blogqa.{}").format(sql.Identifier(t))
+        ).fetchone()[0]
+        for t in (*OUTPUT_TABLES, "url_queue")
+    }

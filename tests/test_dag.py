@@ -1,0 +1,160 @@
+"""The DAG parses and runs end to end through Airflow on the embedded Postgres."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pytest
+
+from blogqa import queue, runner
+from tests.conftest import table_counts
+
+ARTICLE_NAMES = [
+    "01-sourdough-starter.html",
+    "02-overnight-focaccia.html",
+    "03-home-network-vlans.html",
+    "04-self-hosting-mini-pc.html",
+    "05-half-marathon-plan.html",
+]
+
+
+def test_dag_folder_imports_cleanly():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    assert bag.import_errors == {}
+    dag = bag.dags["blogqa_pipeline"]
+    assert set(dag.task_ids) == {
+        "enqueue",
+        "claim",
+        "process.crawl",
+        "process.summarize",
+        "process.embed",
+        "process.load",
+        "finalize",
+    }
+    assert set(dag.params) >= {"urls", "max_urls", "chunk_size"}
+    for task in dag.tasks:
+        assert task.retries >= 1, task.task_id
+        assert task.retry_exponential_backoff, task.task_id
+        assert task.execution_timeout is not None, task.task_id
+        assert task.execution_timeout <= timedelta(hours=1)
+    assert dag.get_task("process.crawl").map_index_template == "{{ chunk_label }}"
+
+
+def test_chunks_stay_within_airflow_map_limit():
+    from blogqa.pipeline import MAX_CHUNKS_PER_RUN, plan_chunks
+
+    assert plan_chunks(10_000, 25) * MAX_CHUNKS_PER_RUN >= 10_000
+    assert -(-10_000 // plan_chunks(10_000, 25)) <= MAX_CHUNKS_PER_RUN <= 1024
+    assert plan_chunks(100, 25) == 25
+
+
+def test_end_to_end_run_fills_every_table_and_rerun_costs_nothing(
+    conn, settings, page_server, openai_env
+):
+    from blogqa.config import load_settings
+
+    settings = load_settings()
+    urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_NAMES]
+    calls_before = openai_env.chat_calls
+
+    tally = runner.run_pipeline(settings, urls=urls, chunk_size=2)
+
+    assert tally.failed_runs == []
+    assert tally.claimed == len(urls)
+    assert tally.by_status == {"done": len(urls)}
+    counts = table_counts(conn)
+    assert counts["documents"] == counts["summaries"] == len(urls)
+    assert counts["work_items"] == 0
+    assert openai_env.chat_calls - calls_before == len(urls)  # exactly one chat call per page
+    per_doc = conn.execute(
+        "SELECT d.title, d.site_name, d.language, d.published, d.word_count,"
+        " (SELECT count(*) FROM blogqa.questions q WHERE q.document_id = d.id),"
+        " (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id),"
+        " (SELECT min(vector_dims(c.embedding)) FROM blogqa.chunks c WHERE c.document_id = d.id)"
+        " FROM blogqa.documents d"
+    ).fetchall()
+    for title, site, language, published, words, n_questions, n_chunks, dims in per_doc:
+        assert title and site and language == "en" and published is not None
+        assert words > 300
+        assert 3 <= n_questions <= 5
+        assert n_chunks >= 2
+        assert dims == 1536
+    usage = dict(
+        conn.execute(
+            "SELECT stage, count(*) FROM blogqa.llm_usage WHERE prompt_tokens > 0 GROUP BY stage"
+        ).fetchall()
+    )
+    assert usage["summarize"] == len(urls)
+    assert usage["embed"] == openai_env.embedding_calls
+    # answers come from the article text
+    for answer, text in conn.execute(
+        "SELECT q.answer, d.text FROM blogqa.questions q JOIN blogqa.documents d"
+        " ON d.id = q.document_id"
+    ):
+        assert answer in text
+    n_docs, fewest = conn.execute(
+        "SELECT count(*), min(jsonb_array_length(questions)) FROM blogqa.document_qa"
+    ).fetchone()
+    assert n_docs == len(urls) and 3 <= fewest <= 5
+
+    # Second run over unchanged pages: zero model calls, no new rows, same document ids.
+    doc_ids = conn.execute("SELECT id, url FROM blogqa.documents ORDER BY id").fetchall()
+    chat, embeddings = openai_env.chat_calls, openai_env.embedding_calls
+    result = queue.enqueue(conn, urls, force=True)
+    assert len(result.requeued) == len(urls)
+
+    tally = runner.run_pipeline(settings, chunk_size=2)
+
+    assert tally.by_status == {"done": len(urls)}
+    assert openai_env.chat_calls == chat, [
+        r["messages"][1]["content"][:80] for r in openai_env.requests[-1:]
+    ]
+    assert openai_env.embedding_calls == embeddings
+    assert table_counts(conn) == counts
+    assert conn.execute("SELECT id, url FROM blogqa.documents ORDER BY id").fetchall() == doc_ids
+    assert page_server.not_modified >= len(urls)  # conditional GET used the stored ETag
+
+
+def test_broken_urls_do_not_stop_their_chunk(conn, settings, page_server):
+    base = page_server.base_url
+    good = [f"{base}/articles/{name}" for name in ARTICLE_NAMES[:3]]
+    broken = {
+        f"{base}/gone": ("dead", "HTTP 404"),
+        f"{base}/report.pdf": ("skipped", "not an HTML page"),
+        f"{base}/login": ("dead", "No article text"),
+        f"{base}/unavailable": ("queued", "HTTP 503"),
+        f"{base}/loop": ("dead", "redirects"),
+    }
+    queue.enqueue(conn, good + list(broken))
+
+    tally = runner.run_pipeline(settings, chunk_size=20)
+
+    assert tally.failed_runs == []  # per-URL failures are data, not task failures
+    rows = {
+        url: (status, error, stage, attempts, history, due)
+        for url, status, error, stage, attempts, history, due in conn.execute(
+            "SELECT url, status, last_error, last_stage, attempts, error_history,"
+            " run_after > now() + interval '60 seconds' FROM blogqa.url_queue"
+        )
+    }
+    for url in good:
+        assert rows[url][0] == "done"
+    for url, (status, message) in broken.items():
+        got_status, error, stage, attempts, history, _due = rows[url]
+        assert got_status == status, (url, rows[url])
+        assert message in error and stage == "crawl"
+        assert attempts == 1 and len(history) == 1 and history[0]["stage"] == "crawl"
+    assert rows[f"{base}/unavailable"][5] is True  # Retry-After: 120 honoured
+    assert table_counts(conn)["documents"] == len(good)
+
+
+@pytest.mark.parametrize("max_urls", [2])
+def test_run_respects_max_urls(conn, settings, page_server, max_urls):
+    urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_NAMES]
+    queue.enqueue(conn, urls)
+    tally = runner.run_pipeline(settings, max_urls=max_urls, chunk_size=1)
+    assert tally.claimed == max_urls
+    assert queue.stats(conn)["counts"]["queued"] == len(urls) - max_urls
