@@ -158,3 +158,16 @@ def test_run_respects_max_urls(conn, settings, page_server, max_urls):
     tally = runner.run_pipeline(settings, max_urls=max_urls, chunk_size=1)
     assert tally.claimed == max_urls
     assert queue.stats(conn)["counts"]["queued"] == len(urls) - max_urls
+
+
+def test_unreachable_database_fails_the_task_instead_of_the_urls(settings):
+    """Infrastructure failure is an exception (Airflow retries the task), not per-URL data."""
+    import dataclasses
+
+    import psycopg
+
+    from blogqa import pipeline
+
+    down = dataclasses.replace(settings, database_url="postgresql://postgres@127.0.0.1:9/blogqa")
+    with pytest.raises(psycopg.OperationalError):
+        pipeline.crawl_chunk([{"id": 1, "token": "00000000-0000-0000-0000-000000000000"}], down)

@@ -30,7 +30,8 @@ APP_DATABASE = "blogqa"
 AIRFLOW_DATABASE = "airflow"
 
 _servers: dict[Path, object] = {}
-_migrated: set[str] = set()
+_created: set[str] = set()  # databases known to exist, by DSN
+_migrated: set[str] = set()  # databases migrated by this process, by DSN
 
 
 def _embedded_server(settings: Settings):  # -> pgserver.PostgresServer
@@ -68,8 +69,9 @@ def database_dsn(settings: Settings) -> str:
         return settings.database_url
     server = _embedded_server(settings)
     dsn = server.get_uri(APP_DATABASE)
-    if APP_DATABASE not in _migrated:
+    if dsn not in _created:
         _ensure_database(server.get_uri("postgres"), APP_DATABASE)
+        _created.add(dsn)
     return dsn
 
 
@@ -152,6 +154,16 @@ def _check_embed_dim(conn: psycopg.Connection, settings: Settings) -> None:
         )
 
 
+SCHEMA_VERSION_SQL = "SELECT coalesce(max(version), 0) FROM blogqa.schema_migrations"
+
+
 def schema_version(conn: psycopg.Connection) -> int:
-    row = conn.execute("SELECT coalesce(max(version), 0) FROM blogqa.schema_migrations").fetchone()
+    row = conn.execute(SCHEMA_VERSION_SQL).fetchone()
+    return int(row[0])
+
+
+async def schema_version_async(conn: psycopg.AsyncConnection) -> int:
+    """`schema_version` for an async connection (the API)."""
+    cur = await conn.execute(SCHEMA_VERSION_SQL)
+    row = await cur.fetchone()
     return int(row[0])

@@ -305,6 +305,10 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
             except store.LeaseLostError as exc:
                 log.warning("url=%s stage=load %s", item.lease.url, exc)
                 continue
+            except store.IncompleteWorkError as exc:
+                error = PageError(str(exc), stage="load", permanent=False)
+                _fail_all(conn, [(item.lease, error)], settings)
+                continue
             done.append(item.lease.id)
             log.info("url=%s stage=load done", item.lease.url)
     return done

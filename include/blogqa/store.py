@@ -26,6 +26,10 @@ class LeaseLostError(RuntimeError):
     """The queue row is no longer ours (expired, cancelled or re-claimed): discard the work."""
 
 
+class IncompleteWorkError(RuntimeError):
+    """A work item reached load without the results of an earlier stage."""
+
+
 @dataclass(frozen=True)
 class StoredResult:
     """What is already in the output tables for a URL: decides conditional GET and reuse."""
@@ -141,14 +145,16 @@ def save_vectors(
 
 
 def work_items(conn: psycopg.Connection, leases: list[Lease], dim: int) -> list[WorkItem]:
-    """Work rows for the leases still held, in lease order."""
+    """Work rows written under the leases still held (an older lease's leftovers are ignored),
+    in lease order."""
     if not leases:
         return []
     by_id = {lease.id: lease for lease in leases}
     rows = conn.execute(
-        "SELECT queue_id, page, unchanged, llm_result, chunks, vectors FROM blogqa.work_items"
-        " WHERE queue_id = ANY(%s)",
-        ([lease.id for lease in leases],),
+        "SELECT w.queue_id, w.page, w.unchanged, w.llm_result, w.chunks, w.vectors"
+        " FROM blogqa.work_items w JOIN unnest(%s::bigint[], %s::uuid[]) AS l(id, token)"
+        " ON w.queue_id = l.id AND w.lease_token = l.token",
+        ([lease.id for lease in leases], [uuid.UUID(lease.token) for lease in leases]),
     ).fetchall()
     items = []
     for queue_id, page, unchanged, llm_result, chunks, vectors in rows:
@@ -237,10 +243,10 @@ def _replace_outputs(
 ) -> int:
     llm, chunks, vectors = item.llm_result, item.chunks, item.vectors
     if llm is None or chunks is None or vectors is None:
-        raise ValueError(f"work item for {item.lease.url} is incomplete: stages were skipped")
+        raise IncompleteWorkError(f"work item for {item.lease.url} lacks an earlier stage")
     qa = llm["qa"]
     if vectors.shape[0] != 1 + len(qa) + len(chunks):
-        raise ValueError(f"work item for {item.lease.url} has {vectors.shape[0]} vectors")
+        raise IncompleteWorkError(f"work item for {item.lease.url} has {len(vectors)} vectors")
     values = {
         key: page.get(key)
         for key in ("canonical_url", "title", "author", "published", "site_name", "language")
