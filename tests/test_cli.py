@@ -76,5 +76,5 @@ def test_run_drains_the_queue_through_airflow(conn, page_server):
     assert run_cli("enqueue", url).returncode == 0
     result = run_cli("run", "--chunk-size", "5")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 urls in 1 run(s)" in result.stdout and "done 1" in result.stdout
+    assert "claimed 1 url(s) in 1 run(s)" in result.stdout and "done 1" in result.stdout
     assert conn.execute("SELECT count(*) FROM blogqa.documents").fetchone()[0] == 1

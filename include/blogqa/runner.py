@@ -76,7 +76,7 @@ class RunTally:
     failed_runs: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        parts = [f"{self.claimed} urls in {self.runs} run(s), {self.seconds:.1f}s"]
+        parts = [f"claimed {self.claimed} url(s) in {self.runs} run(s), {self.seconds:.1f}s"]
         parts += [f"{status} {count}" for status, count in sorted(self.by_status.items())]
         if self.failed_runs:
             parts.append(f"FAILED runs: {', '.join(self.failed_runs)}")
@@ -99,6 +99,7 @@ def run_pipeline(
     started = time.perf_counter()
     remaining = max_urls if max_urls is not None else float("inf")
     first = True
+    claimed_ids: set[int] = set()
     while remaining > 0:
         if not (first and urls):
             with db.connect(settings) as conn:
@@ -113,7 +114,9 @@ def run_pipeline(
         first = False
         dag_run = dag.test(run_conf=conf)
         tally.runs += 1
-        claimed = _claimed_in(dag_run)
+        ids = _claimed_in(dag_run)
+        claimed_ids.update(ids)
+        claimed = len(ids)
         tally.claimed += claimed
         remaining -= claimed
         if str(dag_run.state) != "success":
@@ -123,12 +126,17 @@ def run_pipeline(
             break
     tally.seconds = time.perf_counter() - started
     with db.connect(settings) as conn:
-        tally.by_status = {k: v for k, v in queue.stats(conn)["counts"].items() if v}
+        tally.by_status = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
+                (sorted(claimed_ids),),
+            ).fetchall()
+        )
     return tally
 
 
-def _claimed_in(dag_run) -> int:
-    """Number of URLs the run's claim task took, from its XCom (ids only)."""
+def _claimed_in(dag_run) -> list[int]:
+    """Queue ids the run's claim task took, from its XCom."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -138,4 +146,4 @@ def _claimed_in(dag_run) -> int:
         )
         row = session.scalars(query).first()
         chunks = XComModel.deserialize_value(row) if row is not None else []
-    return sum(len(chunk) for chunk in chunks or [])
+    return [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
