@@ -13,7 +13,7 @@ import logging
 import random
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import psycopg
 
@@ -107,8 +107,12 @@ def normalize_url(raw: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    query = urlencode(
-        [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _is_tracking(k)]
+    # Drop tracking parameters but keep every other byte of the query exactly as given:
+    # re-encoding would merge distinct URLs (invalid UTF-8) and change what is fetched.
+    query = "&".join(
+        pair
+        for pair in parts.query.split("&")
+        if pair and not _is_tracking(unquote_plus(pair.split("=", 1)[0]))
     )
     return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
 

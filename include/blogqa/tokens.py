@@ -45,7 +45,10 @@ class Tokenizer:
         if len(tokens) <= budget:
             return text, len(tokens), False
         if self._encoding is not None:
-            kept = self._encoding.decode(tokens[:budget])  # type: ignore[arg-type]
+            # a token boundary can fall inside a character: drop the partial bytes so the
+            # result stays a prefix of the text
+            raw = self._encoding.decode_bytes(tokens[:budget])  # type: ignore[arg-type]
+            kept = raw.decode("utf-8", errors="ignore")
         else:
             kept = _prefix_with_n_wordish(text, budget)
         return kept, budget, True
