@@ -25,6 +25,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/extraction_quality.py
+	BLOGQA_CRAWL_ALLOW_PRIVATE=true $(BIN)/blogqa demo > /dev/null
+	$(BIN)/python bench/api_latency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

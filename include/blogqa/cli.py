@@ -1,4 +1,5 @@
-"""The `blogqa` command: init, enqueue, run, stats, demo.
+"""The `blogqa` command: init, enqueue, run, stats, demo, and the API's serve, questions,
+search, ask.
 
 Works on its own (`.venv/bin/blogqa ...`): settings come from the environment, and Airflow's
 home and metadata database are derived from BLOGQA_HOME when not set.
@@ -7,6 +8,7 @@ home and metadata database are derived from BLOGQA_HOME when not set.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from psycopg import sql
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -165,6 +168,114 @@ def _print_example(conn, urls: list[str]) -> None:
     out.print()
 
 
+# ---------------------------------------------------------------- the results API
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from blogqa.api import create_app
+
+    db.migrate(settings)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+async def _read_only(settings: Settings, work):
+    """Run `work(conn)` on a read-only async connection, as the API's pool does."""
+    import psycopg
+    from pgvector.psycopg import register_vector_async
+
+    dsn = db.database_dsn(settings)
+    db.migrate(settings)
+    async with await psycopg.AsyncConnection.connect(
+        dsn, application_name="blogqa-cli", autocommit=True
+    ) as conn:
+        await conn.execute("SET default_transaction_read_only = on")
+        await register_vector_async(conn)
+        return await work(conn), dsn
+
+
+def _invalid_input(exc: ValidationError) -> int:
+    for problem in exc.errors():
+        err.print(
+            f"[red]error:[/red] {problem['loc'][-1] if problem['loc'] else 'input'}: "
+            f"{problem['msg']}"
+        )
+    return 2
+
+
+def _print_model(model) -> None:
+    out.print_json(model.model_dump_json(by_alias=True))
+
+
+def cmd_questions(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa.api import queries
+
+    try:
+        doc, _ = asyncio.run(_read_only(settings, lambda c: queries.get_document(c, url=args.url)))
+    except (queries.NotFoundError, queries.InvalidInputError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    if args.json:
+        _print_model(doc)
+        return 0
+    out.print(f"[bold]{doc.title or doc.url}[/bold]  ({doc.url})")
+    if doc.summary is not None:
+        out.print(f"[italic]summary:[/italic] {doc.summary.summary}")
+    for n, item in enumerate(doc.questions, 1):
+        out.print(f"  Q{n}. {item.question}\n      A: {item.answer}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa.api import models, queries
+
+    try:
+        request = models.SimilarRequest(text=args.text, k=args.k)
+    except ValidationError as exc:
+        return _invalid_input(exc)
+    result, _ = asyncio.run(_read_only(settings, lambda c: queries.similar(c, settings, request)))
+    if args.json:
+        _print_model(result)
+        return 0
+    table = Table(title=f"documents most similar to {args.text!r}")
+    table.add_column("score", justify="right")
+    table.add_column("title")
+    table.add_column("url")
+    for match in result.results:
+        table.add_row(f"{match.score:.3f}", match.title or "", match.url)
+    out.print(table)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa.api import models, queries
+
+    try:
+        request = models.AskRequest(question=args.question, k=args.k)
+    except ValidationError as exc:
+        return _invalid_input(exc)
+
+    async def work():
+        (response, calls), dsn = await _read_only(
+            settings, lambda c: queries.ask(c, settings, request)
+        )
+        await queries.record_usage(dsn, calls)
+        return response
+
+    response = asyncio.run(work())
+    if args.json:
+        _print_model(response)
+        return 0
+    out.print(f"[bold]{response.answer}[/bold]")
+    if response.provider == "local":
+        out.print("[yellow](offline provider: extractive answer, no LLM)")
+    for n, source in enumerate(response.sources, 1):
+        out.print(f"  [{n}] {source.score:.3f} {source.title or ''}  {source.url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blogqa", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="show INFO logs")
@@ -193,6 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port for the sample site")
     p.add_argument("--chunk-size", type=_positive, default=5)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="run the read-only results API (uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive, default=8000)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("questions", help="summary and questions stored for a URL")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_questions)
+
+    p = sub.add_parser("search", help="documents most similar to a text")
+    p.add_argument("text")
+    p.add_argument("--k", type=_at_most(100), default=10, help="number of documents (<= 100)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ask", help="answer a question from the stored chunks")
+    p.add_argument("question")
+    p.add_argument("--k", type=_at_most(20), default=5, help="chunks to answer from (<= 20)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ask)
     return parser
 
 
@@ -201,6 +334,16 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _at_most(maximum: int):
+    def parse(text: str) -> int:
+        value = _positive(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -167,31 +167,35 @@ def work_items(conn: psycopg.Connection, leases: list[Lease], dim: int) -> list[
     return items
 
 
+USAGE_INSERT_SQL = """
+INSERT INTO blogqa.llm_usage (queue_id, url, stage, provider, model, prompt_tokens,
+    completion_tokens, inputs, latency_ms, cost_usd)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+
+def usage_row(call: ModelCall, queue_id: int | None = None, url: str | None = None) -> tuple:
+    """Parameters of USAGE_INSERT_SQL for one model call."""
+    return (
+        queue_id,
+        url,
+        call.stage,
+        call.provider,
+        call.model,
+        call.prompt_tokens,
+        call.completion_tokens,
+        call.inputs,
+        call.latency_ms,
+        call.cost_usd,
+    )
+
+
 def record_usage(conn: psycopg.Connection, calls: list[tuple[Lease, ModelCall]]) -> None:
     """Append model calls to the blogqa.llm_usage ledger."""
     if not calls:
         return
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO blogqa.llm_usage (queue_id, url, stage, provider, model, prompt_tokens,"
-            " completion_tokens, inputs, latency_ms, cost_usd)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            [
-                (
-                    lease.id,
-                    lease.url,
-                    c.stage,
-                    c.provider,
-                    c.model,
-                    c.prompt_tokens,
-                    c.completion_tokens,
-                    c.inputs,
-                    c.latency_ms,
-                    c.cost_usd,
-                )
-                for lease, c in calls
-            ],
-        )
+        cur.executemany(USAGE_INSERT_SQL, [usage_row(c, lease.id, lease.url) for lease, c in calls])
 
 
 UPSERT_DOCUMENT_SQL = """

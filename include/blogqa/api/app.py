@@ -1,0 +1,385 @@
+"""The read-only results API: `create_app()` builds the FastAPI app.
+
+Standalone (`blogqa serve`) every route but /health requires `Authorization: Bearer <token>`
+when BLOGQA_API_TOKEN is set. Mounted as an Airflow plugin (`create_app(airflow_auth=True)`)
+every route but /health requires an authenticated Airflow user instead.
+
+Database access is read-only by construction: pooled async connections run
+`SET default_transaction_read_only = on` when they are opened. The pool opens on the first
+request (a sub-application mounted by Airflow gets no lifespan events) and closes on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import psycopg
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pgvector.psycopg import register_vector_async
+from psycopg_pool import AsyncConnectionPool
+
+from blogqa import db
+from blogqa.answer import AnswerError
+from blogqa.api import models, queries
+from blogqa.config import Settings, load_settings
+from blogqa.llm import LLMConfigurationError
+from blogqa.queue import STATUSES
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+TOKEN_ENV = "BLOGQA_API_TOKEN"
+POOL_MAX_SIZE = 8
+
+ERRORS = {
+    401: {"model": models.ErrorBody, "description": "missing or wrong credentials"},
+    404: {"model": models.ErrorBody, "description": "no such row"},
+    413: {"model": models.ErrorBody, "description": "request body over 64 KB"},
+}
+
+
+# ---------------------------------------------------------------- database
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    """Every pooled connection: read-only transactions, pgvector types."""
+    await conn.execute("SET default_transaction_read_only = on")
+    await register_vector_async(conn)
+
+
+class Database:
+    """The settings, the DSN and a lazily opened read-only connection pool."""
+
+    open_timeout = 10.0  # seconds a request waits for the first connection
+
+    def __init__(self, settings: Settings | None) -> None:
+        self._settings = settings
+        self._dsn: str | None = None
+        self._pool: AsyncConnectionPool | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    async def dsn(self) -> str:
+        if self._dsn is None:
+            # may start the embedded server: blocking, so off the event loop
+            self._dsn = await asyncio.to_thread(db.database_dsn, self.settings)
+        return self._dsn
+
+    async def pool(self) -> AsyncConnectionPool:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    pool = AsyncConnectionPool(
+                        await self.dsn(),
+                        min_size=1,
+                        max_size=POOL_MAX_SIZE,
+                        kwargs={"autocommit": True, "application_name": "blogqa-api"},
+                        configure=_configure,
+                        open=False,
+                        timeout=self.open_timeout,
+                    )
+                    try:
+                        await pool.open(wait=True, timeout=self.open_timeout)
+                    except BaseException:
+                        await pool.close()
+                        raise
+                    self._pool = pool
+        return self._pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        pool = await self.pool()
+        async with pool.connection() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+def _database(request: Request) -> Database:
+    return request.app.state.database
+
+
+async def _connection(request: Request) -> AsyncIterator[psycopg.AsyncConnection]:
+    async with _database(request).connection() as conn:
+        yield conn
+
+
+Conn = Annotated[psycopg.AsyncConnection, Depends(_connection)]
+DatabaseDep = Annotated[Database, Depends(_database)]
+
+
+# ---------------------------------------------------------------- request size and errors
+
+
+class BodyTooLargeError(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_bytes
+            except ValueError:
+                await _json(scope, receive, send, 400, "invalid Content-Length header")
+                return
+            if too_large:
+                await _json(scope, receive, send, 413, BodyTooLargeError().detail)
+                return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # an HTTPException passes FastAPI's body parsing unchanged
+                    raise BodyTooLargeError
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _json(scope, receive, send, code: int, detail: str) -> None:
+    await JSONResponse({"detail": detail}, status_code=code)(scope, receive, send)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+async def _not_found(request: Request, exc: queries.NotFoundError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+async def _invalid(request: Request, exc: queries.InvalidInputError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=422)
+
+
+async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+    log.error("database unavailable: %s", exc)
+    return JSONResponse({"detail": "database unavailable"}, status_code=503)
+
+
+async def _model_failed(request: Request, exc: Exception) -> JSONResponse:
+    log.error("model endpoint failed: %s", exc)
+    return JSONResponse({"detail": "the model endpoint could not answer"}, status_code=502)
+
+
+# ---------------------------------------------------------------- auth
+
+_bearer = HTTPBearer(auto_error=False, description=f"the value of {TOKEN_ENV}")
+
+
+def token_auth(token: str):
+    """Dependency: `Authorization: Bearer <token>`, compared in constant time."""
+    expected = token.encode()
+
+    async def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing or wrong bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def _airflow_user_dependency():
+    from airflow.api_fastapi.core_api.security import get_user
+
+    return Depends(get_user)
+
+
+# ---------------------------------------------------------------- routes
+
+Limit = Annotated[int, Query(ge=1, le=models.MAX_LIMIT, description="at most 100")]
+Offset = Annotated[int, Query(ge=0)]
+
+health_router = APIRouter(tags=["health"])
+router = APIRouter(prefix="/api/v1", responses={k: ERRORS[k] for k in (401, 413)})
+
+
+@health_router.get("/health", response_model=models.Health)
+async def health(database: DatabaseDep) -> models.Health | JSONResponse:
+    """Database reachable, schema version, queue depth (queued + processing)."""
+    try:
+        async with database.connection() as conn:
+            return await queries.health(conn)
+    except (psycopg.Error, OSError, TimeoutError) as exc:
+        log.error("health check: database unavailable: %s", exc)
+        body = models.Health(status="unavailable", database=False)
+        return JSONResponse(body.model_dump(), status_code=503)
+
+
+@router.get("/documents", response_model=models.DocumentList, tags=["documents"])
+async def list_documents(
+    conn: Conn,
+    url: Annotated[str | None, Query(max_length=2048, description="exact URL")] = None,
+    site: Annotated[str | None, Query(max_length=500, description="site name")] = None,
+    q: Annotated[str | None, Query(max_length=500, description="text in title or body")] = None,
+    limit: Limit = 20,
+    offset: Offset = 0,
+) -> models.DocumentList:
+    """Processed documents, most recently updated first."""
+    return await queries.list_documents(conn, url=url, site=site, q=q, limit=limit, offset=offset)
+
+
+@router.get(
+    "/documents/{document_id}",
+    response_model=models.DocumentDetail,
+    responses={404: ERRORS[404]},
+    tags=["documents"],
+)
+async def get_document(
+    conn: Conn, document_id: int, include_text: bool = False
+) -> models.DocumentDetail:
+    """One document with its summary and questions."""
+    return await queries.get_document(conn, document_id, include_text=include_text)
+
+
+@router.get(
+    "/questions/by-url",
+    response_model=models.DocumentDetail,
+    responses={404: ERRORS[404]},
+    tags=["questions"],
+)
+async def questions_by_url(
+    conn: Conn, url: Annotated[str, Query(min_length=1, max_length=4096)]
+) -> models.DocumentDetail:
+    """The document for a URL (normalized as the queue does) with its summary and questions.
+    404 says whether the URL is still queued or failed."""
+    return await queries.get_document(conn, url=url)
+
+
+@router.get(
+    "/questions/{question_id}",
+    response_model=models.QuestionDetail,
+    responses={404: ERRORS[404]},
+    tags=["questions"],
+)
+async def get_question(conn: Conn, question_id: int) -> models.QuestionDetail:
+    return await queries.get_question(conn, question_id)
+
+
+@router.post(
+    "/search/similar",
+    response_model=models.SimilarResponse,
+    responses={404: ERRORS[404]},
+    tags=["search"],
+)
+async def search_similar(
+    conn: Conn, database: DatabaseDep, body: models.SimilarRequest
+) -> models.SimilarResponse:
+    """Documents ranked by cosine similarity (pgvector HNSW) to a text or to a stored URL."""
+    return await queries.similar(conn, database.settings, body)
+
+
+@router.post("/qa/ask", response_model=models.AskResponse, tags=["search"])
+async def ask(conn: Conn, database: DatabaseDep, body: models.AskRequest) -> models.AskResponse:
+    """Answer from the top-k chunks only, with the configured chat model (offline: the
+    best-matching sentence). Token usage is recorded in blogqa.llm_usage, stage 'ask'."""
+    response, calls = await queries.ask(conn, database.settings, body)
+    await queries.record_usage(await database.dsn(), calls)
+    return response
+
+
+@router.get("/jobs/stats", response_model=models.JobStats, tags=["jobs"])
+async def job_stats(conn: Conn) -> models.JobStats:
+    """Queue counts per status, oldest queued age and last-hour throughput."""
+    return await queries.job_stats(conn)
+
+
+@router.get("/jobs", response_model=models.JobList, tags=["jobs"])
+async def list_jobs(
+    conn: Conn,
+    status: Annotated[str | None, Query(pattern=f"^({'|'.join(STATUSES)})$")] = None,
+    limit: Limit = 20,
+    offset: Offset = 0,
+) -> models.JobList:
+    return await queries.list_jobs(conn, status=status, limit=limit, offset=offset)
+
+
+@router.get(
+    "/jobs/{job_id}", response_model=models.JobDetail, responses={404: ERRORS[404]}, tags=["jobs"]
+)
+async def get_job(conn: Conn, job_id: int) -> models.JobDetail:
+    """One queue row with its attempts, stage and error history."""
+    return await queries.get_job(conn, job_id)
+
+
+# ---------------------------------------------------------------- app
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    airflow_auth: bool = False,
+    api_token: str | None = None,
+) -> FastAPI:
+    """The API. `airflow_auth` (for the plugin) requires an authenticated Airflow user;
+    otherwise `api_token` (default: $BLOGQA_API_TOKEN), when set, is required as a bearer
+    token. /health is always open."""
+    database = Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await database.close()
+
+    app = FastAPI(
+        title="blogqa results API",
+        version="1",
+        description="Read-only access to the documents, questions, embeddings and queue "
+        "that the blogqa pipeline writes.",
+        lifespan=lifespan,
+    )
+    app.state.database = database
+    if airflow_auth:
+        dependencies = [_airflow_user_dependency()]
+    else:
+        token = api_token if api_token is not None else os.environ.get(TOKEN_ENV, "")
+        dependencies = [Depends(token_auth(token))] if token else []
+    app.include_router(health_router)
+    app.include_router(router, dependencies=dependencies)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_exception_handler(queries.NotFoundError, _not_found)
+    app.add_exception_handler(queries.InvalidInputError, _invalid)
+    app.add_exception_handler(psycopg.OperationalError, _database_down)
+    app.add_exception_handler(AnswerError, _model_failed)
+    app.add_exception_handler(LLMConfigurationError, _model_failed)
+    app.add_exception_handler(Exception, _internal_error)
+    return app

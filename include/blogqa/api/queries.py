@@ -1,0 +1,371 @@
+"""The API's queries, shared by the routes and the CLI (`blogqa questions|search|ask`).
+
+Every function takes an async connection that is read-only (the pool's connections run
+`SET default_transaction_read_only = on`); the one write, the `ask` usage ledger, goes
+through `record_usage` on its own short connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psycopg
+from psycopg.rows import dict_row
+
+from blogqa import answer as answering
+from blogqa import queue, search
+from blogqa.api import models
+from blogqa.config import Settings
+from blogqa.llm import ModelCall
+from blogqa.store import USAGE_INSERT_SQL, usage_row
+
+
+class NotFoundError(LookupError):
+    """No row with that id or URL; the message is shown to the client."""
+
+
+class InvalidInputError(ValueError):
+    """Input the route validators cannot catch (a URL the queue would refuse)."""
+
+
+async def _rows(conn: psycopg.AsyncConnection, query: str, params=None) -> list[dict]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
+
+
+async def _row(conn: psycopg.AsyncConnection, query: str, params=None) -> dict | None:
+    rows = await _rows(conn, query, params)
+    return rows[0] if rows else None
+
+
+def normalized(url: str) -> str:
+    """The URL as the queue stores it, or InvalidInputError with the queue's reason."""
+    try:
+        return queue.normalize_url(url)
+    except queue.InvalidURLError as exc:
+        raise InvalidInputError(f"invalid URL: {exc}") from None
+
+
+# ---------------------------------------------------------------- health
+
+
+async def health(conn: psycopg.AsyncConnection) -> models.Health:
+    from blogqa.db import schema_version_async
+
+    version = await schema_version_async(conn)
+    row = await _row(
+        conn,
+        "SELECT count(*) AS n FROM blogqa.url_queue WHERE status IN ('queued', 'processing')",
+    )
+    return models.Health(status="ok", database=True, schema_version=version, queue_depth=row["n"])
+
+
+# ---------------------------------------------------------------- documents
+
+DOCUMENT_COLUMNS = """
+d.id, d.url, d.title, d.author, d.published, d.site_name, d.language, d.word_count,
+d.fetched_at,
+(SELECT count(*) FROM blogqa.questions q WHERE q.document_id = d.id) AS question_count
+"""
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def list_documents(
+    conn: psycopg.AsyncConnection,
+    *,
+    url: str | None = None,
+    site: str | None = None,
+    q: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> models.DocumentList:
+    """Documents, newest first; `url` exact (normalized), `site` = site_name, `q` a substring
+    of the title or text (case-insensitive)."""
+    where, params = ["TRUE"], {}
+    if url is not None:
+        where.append("d.url = %(url)s")
+        params["url"] = normalized(url)
+    if site:
+        where.append("d.site_name = %(site)s")
+        params["site"] = site
+    if q:
+        where.append("(d.title ILIKE %(q)s OR d.text ILIKE %(q)s)")
+        params["q"] = _like(q)
+    condition = " AND ".join(where)
+    total = await _row(
+        conn, f"SELECT count(*) AS n FROM blogqa.documents d WHERE {condition}", params
+    )
+    rows = await _rows(
+        conn,
+        f"SELECT {DOCUMENT_COLUMNS} FROM blogqa.documents d WHERE {condition}"
+        " ORDER BY d.updated_at DESC, d.id DESC LIMIT %(limit)s OFFSET %(offset)s",
+        {**params, "limit": limit, "offset": offset},
+    )
+    return models.DocumentList(
+        total=total["n"],
+        limit=limit,
+        offset=offset,
+        items=[models.DocumentItem(**row) for row in rows],
+    )
+
+
+async def _questions_of(conn: psycopg.AsyncConnection, document_ids: list[int]) -> dict:
+    found: dict[int, list[models.QuestionItem]] = {i: [] for i in document_ids}
+    for row in await _rows(
+        conn,
+        "SELECT document_id, id, position, question, answer FROM blogqa.questions"
+        " WHERE document_id = ANY(%s) ORDER BY document_id, position",
+        (document_ids,),
+    ):
+        found[row.pop("document_id")].append(models.QuestionItem(**row))
+    return found
+
+
+async def get_document(
+    conn: psycopg.AsyncConnection,
+    document_id: int | None = None,
+    *,
+    url: str | None = None,
+    include_text: bool = False,
+) -> models.DocumentDetail:
+    """One document with its summary and questions, by id or by (normalized) URL."""
+    if url is not None:
+        key, value = "d.url", normalized(url)
+    else:
+        key, value = "d.id", document_id
+    row = await _row(
+        conn,
+        f"SELECT {DOCUMENT_COLUMNS}, d.canonical_url, d.content_hash, d.created_at,"
+        " d.updated_at, d.text,"
+        " (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id) AS chunk_count,"
+        " s.summary, s.model, s.prompt_version, s.embed_model,"
+        " s.created_at AS summary_created_at"
+        f" FROM blogqa.documents d LEFT JOIN blogqa.summaries s ON s.document_id = d.id"
+        f" WHERE {key} = %s",
+        (value,),
+    )
+    if row is None:
+        raise NotFoundError(await _not_found_message(conn, document_id, url))
+    summary = None
+    if row["summary"] is not None:
+        summary = models.DocumentSummary(
+            summary=row.pop("summary"),
+            model=row.pop("model"),
+            prompt_version=row.pop("prompt_version"),
+            embed_model=row.pop("embed_model"),
+            created_at=row.pop("summary_created_at"),
+        )
+    if not include_text:
+        row["text"] = None
+    questions = (await _questions_of(conn, [row["id"]]))[row["id"]]
+    return models.DocumentDetail(**row, summary=summary, questions=questions)
+
+
+async def _not_found_message(
+    conn: psycopg.AsyncConnection, document_id: int | None, url: str | None
+) -> str:
+    if url is None:
+        return f"no document with id {document_id}"
+    url = normalized(url)
+    job = await _row(
+        conn, "SELECT id, status, last_error FROM blogqa.url_queue WHERE url = %s", (url,)
+    )
+    if job is None:
+        return f"no document for {url}: the URL has not been enqueued"
+    detail = f"; last error: {job['last_error']}" if job["last_error"] else ""
+    return f"no document for {url} yet: queue job {job['id']} is {job['status']}{detail}"
+
+
+async def get_question(conn: psycopg.AsyncConnection, question_id: int) -> models.QuestionDetail:
+    row = await _row(
+        conn,
+        "SELECT q.id, q.position, q.question, q.answer, q.document_id, q.created_at,"
+        " d.url, d.title FROM blogqa.questions q JOIN blogqa.documents d"
+        " ON d.id = q.document_id WHERE q.id = %s",
+        (question_id,),
+    )
+    if row is None:
+        raise NotFoundError(f"no question with id {question_id}")
+    return models.QuestionDetail(**row)
+
+
+# ---------------------------------------------------------------- search and answers
+
+
+async def similar(
+    conn: psycopg.AsyncConnection, settings: Settings, request: models.SimilarRequest
+) -> models.SimilarResponse:
+    """Documents ranked by cosine similarity of their best chunk to the query."""
+    exclude = None
+    query_url = None
+    if request.url is not None:
+        query_url = normalized(request.url)
+        row = await _row(
+            conn,
+            "SELECT d.id, s.embedding FROM blogqa.documents d"
+            " JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = %s",
+            (query_url,),
+        )
+        if row is None:
+            raise NotFoundError(await _not_found_message(conn, None, request.url))
+        exclude, vector = row["id"], row["embedding"]
+    else:
+        vector, _ = await search.embed_query_async(settings, request.text or "")
+    matches = await search.similar_documents_async(
+        conn, vector, request.k, exclude_document=exclude
+    )
+    questions = (
+        await _questions_of(conn, [m.document_id for m in matches])
+        if request.include_questions
+        else {}
+    )
+    return models.SimilarResponse(
+        query_url=query_url,
+        embed_model=settings.embed_model,
+        results=[
+            models.SimilarResult(
+                document_id=m.document_id,
+                url=m.url,
+                title=m.title,
+                score=round(m.score, 6),
+                passage=m.passage,
+                questions=questions.get(m.document_id) if request.include_questions else None,
+            )
+            for m in matches
+        ],
+    )
+
+
+async def ask(
+    conn: psycopg.AsyncConnection, settings: Settings, request: models.AskRequest
+) -> tuple[models.AskResponse, list[ModelCall]]:
+    """Top-k chunks for the question and an answer from those chunks only.
+
+    Returns the response and the model calls made (query embedding and chat), all with
+    stage 'ask', for the caller to write to the ledger with `record_usage`.
+    """
+    vector, embed_call = await search.embed_query_async(settings, request.question)
+    chunks = await search.nearest_chunks_async(conn, vector, request.k)
+    passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
+    result = await answering.answer_question(settings, request.question, passages)
+    calls = [dataclasses.replace(embed_call, stage=answering.STAGE), *result.calls]
+    response = models.AskResponse(
+        question=request.question,
+        answer=result.text,
+        model=result.model,
+        provider=result.provider,
+        sources=[
+            models.Source(
+                document_id=c.document_id,
+                chunk_id=c.chunk_id,
+                url=c.url,
+                title=c.title,
+                text=c.text,
+                score=round(c.score, 6),
+            )
+            for c in chunks
+        ],
+        usage=models.Usage(
+            prompt_tokens=sum(c.prompt_tokens for c in calls),
+            completion_tokens=sum(c.completion_tokens for c in calls),
+        ),
+    )
+    return response, calls
+
+
+async def record_usage(dsn: str, calls: list[ModelCall]) -> None:
+    """Append the ask calls to blogqa.llm_usage on a short-lived write connection."""
+    if not calls:
+        return
+    async with (
+        await psycopg.AsyncConnection.connect(
+            dsn, application_name="blogqa-api-ledger", autocommit=True
+        ) as conn,
+        conn.transaction(),
+        conn.cursor() as cur,
+    ):
+        await cur.executemany(USAGE_INSERT_SQL, [usage_row(c) for c in calls])
+
+
+# ---------------------------------------------------------------- jobs
+
+JOB_COLUMNS = """
+q.id, q.url, q.status, q.priority, q.attempts, q.max_attempts, q.last_stage AS stage,
+q.last_error, q.run_after, q.enqueued_at, q.started_at, q.finished_at, q.processing_ms,
+q.updated_at
+"""
+
+JOB_STATS_SQL = """
+SELECT
+  count(*) FILTER (WHERE status = 'done' AND finished_at > now() - interval '1 hour') AS done,
+  count(*) FILTER (WHERE status = 'dead' AND finished_at > now() - interval '1 hour') AS failed,
+  (SELECT count(*) FROM blogqa.url_queue r, jsonb_array_elements(r.error_history) e
+   WHERE (e->>'at')::timestamptz > now() - interval '1 hour') AS retries,
+  avg(extract(epoch FROM started_at - enqueued_at))
+    FILTER (WHERE finished_at > now() - interval '1 hour' AND started_at IS NOT NULL) AS wait,
+  avg(processing_ms / 1000.0)
+    FILTER (WHERE status = 'done' AND finished_at > now() - interval '1 hour') AS processing
+FROM blogqa.url_queue
+"""
+
+
+def _round(value, digits: int = 3) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+async def job_stats(conn: psycopg.AsyncConnection) -> models.JobStats:
+    counts = dict.fromkeys(queue.STATUSES, 0)
+    for row in await _rows(conn, "SELECT status, count(*) AS n FROM blogqa.url_queue GROUP BY 1"):
+        counts[row["status"]] = row["n"]
+    oldest = await _row(
+        conn,
+        "SELECT extract(epoch FROM now() - min(enqueued_at)) AS age,"
+        " count(*) FILTER (WHERE run_after <= now()) AS claimable"
+        " FROM blogqa.url_queue WHERE status = 'queued'",
+    )
+    window = await _row(conn, JOB_STATS_SQL)
+    finished = window["done"] + window["failed"]
+    return models.JobStats(
+        counts=counts,
+        total=sum(counts.values()),
+        oldest_queued_age_seconds=_round(oldest["age"], 1),
+        claimable=oldest["claimable"],
+        done_last_hour=window["done"],
+        failed_last_hour=window["failed"],
+        retries_last_hour=window["retries"],
+        failure_rate_last_hour=round(window["failed"] / finished, 4) if finished else None,
+        avg_wait_seconds=_round(window["wait"]),
+        avg_processing_seconds=_round(window["processing"]),
+    )
+
+
+async def list_jobs(
+    conn: psycopg.AsyncConnection, *, status: str | None = None, limit: int = 20, offset: int = 0
+) -> models.JobList:
+    """Queue rows, most recently updated first."""
+    rows = await _rows(
+        conn,
+        f"SELECT {JOB_COLUMNS} FROM blogqa.url_queue q"
+        " WHERE %(status)s::text IS NULL OR q.status = %(status)s"
+        " ORDER BY q.updated_at DESC, q.id DESC LIMIT %(limit)s OFFSET %(offset)s",
+        {"status": status, "limit": limit, "offset": offset},
+    )
+    return models.JobList(items=[models.JobItem(**row) for row in rows])
+
+
+async def get_job(conn: psycopg.AsyncConnection, job_id: int) -> models.JobDetail:
+    row = await _row(
+        conn,
+        f"SELECT {JOB_COLUMNS}, q.lease_until, q.error_history, d.id AS document_id"
+        " FROM blogqa.url_queue q LEFT JOIN blogqa.documents d ON d.url = q.url"
+        " WHERE q.id = %s",
+        (job_id,),
+    )
+    if row is None:
+        raise NotFoundError(f"no queue job with id {job_id}")
+    return models.JobDetail(**row)
