@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -409,46 +414,77 @@ def test_unreachable_database_is_503_without_details(pipeline, monkeypatch):
         assert "pw" not in response.text
 
 
-def test_cli_serve_answers_over_http(pipeline):
-    import os
+def _free_port() -> int:
     import socket
-    import subprocess
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _running(command: list[str], env: dict, health_url: str):
+    """Start a server process and wait (at most 90 s) until `health_url` answers."""
+    import httpx
+
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                httpx.get(health_url, timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, f"{command[0]} exited"
+                assert time.monotonic() < deadline, f"{command} did not start"
+                time.sleep(0.3)
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cli_serve_answers_over_http(pipeline):
     import httpx
 
     from tests.test_cli import BLOGQA
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     env["BLOGQA_API_TOKEN"] = "serve-token"
-    server = subprocess.Popen(
-        [str(BLOGQA), "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"{base}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, "blogqa serve exited"
-                assert time.monotonic() < deadline, "blogqa serve did not start"
-                time.sleep(0.2)
-        assert health.json()["status"] == "ok"
+    base = f"http://127.0.0.1:{port}"
+    with _running([str(BLOGQA), "serve", "--port", str(port)], env, f"{base}/health"):
+        assert httpx.get(f"{base}/health").json()["status"] == "ok"
         assert httpx.get(f"{base}/api/v1/jobs/stats").status_code == 401
         stats = httpx.get(
             f"{base}/api/v1/jobs/stats", headers={"Authorization": "Bearer serve-token"}
         )
         assert stats.json()["counts"]["done"] == len(ARTICLES)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+
+
+def test_plugin_is_served_by_the_airflow_api_server_and_refuses_anonymous(pipeline):
+    """The real `airflow api-server` loads plugins/ and serves the app under /blogqa."""
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ)  # AIRFLOW_HOME and the metadata database of this test session
+    env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(PROJECT_ROOT / "plugins")
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    base = f"http://127.0.0.1:{port}"
+    command = [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)]
+    with _running(command, env, f"{base}/blogqa/health"):
+        health = httpx.get(f"{base}/blogqa/health")
+        assert health.status_code == 200 and health.json()["database"] is True
+        anonymous = httpx.get(f"{base}/blogqa/api/v1/jobs/stats")
+        assert anonymous.status_code == 401
+        forged = httpx.get(
+            f"{base}/blogqa/api/v1/questions/by-url",
+            params={"url": pipeline["urls"][0]},
+            headers={"Authorization": "Bearer not-a-jwt"},
+        )
+        assert forged.status_code in (401, 403)
 
 
 @pytest.fixture
