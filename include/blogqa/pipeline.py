@@ -116,18 +116,28 @@ async def _crawl_one(client, lease: Lease, previous, settings: Settings) -> dict
     return page
 
 
+async def _each_bounded(work, items: list, limit: int) -> list:
+    """`await work(item)` for every item, at most `limit` at a time; a PageError is returned
+    in the item's place so one URL's failure never stops the others."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(item):
+        async with gate:
+            try:
+                return await work(item)
+            except PageError as exc:
+                return exc
+
+    return await asyncio.gather(*(one(item) for item in items))
+
+
 async def _crawl_all(leases, previous, settings):
-    gate = asyncio.Semaphore(settings.crawl_concurrency)
     async with http_client(settings) as client:
-
-        async def one(lease):
-            async with gate:
-                try:
-                    return await _crawl_one(client, lease, previous.get(lease.url), settings)
-                except PageError as exc:
-                    return exc
-
-        return await asyncio.gather(*(one(lease) for lease in leases))
+        return await _each_bounded(
+            lambda lease: _crawl_one(client, lease, previous.get(lease.url), settings),
+            leases,
+            settings.crawl_concurrency,
+        )
 
 
 def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
@@ -159,20 +169,13 @@ def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
 
 async def _summarize_all(items, settings):
     provider = chat_provider(settings)
-    gate = asyncio.Semaphore(settings.llm_concurrency)
 
-    async def one(item):
-        async with gate:
-            page = item.page
-            try:
-                return await provider.summarize(
-                    url=item.lease.url, title=page.get("title"), text=page["text"]
-                )
-            except PageError as exc:
-                return exc
+    def work(item):
+        page = item.page
+        return provider.summarize(url=item.lease.url, title=page.get("title"), text=page["text"])
 
     try:
-        return await asyncio.gather(*(one(item) for item in items))
+        return await _each_bounded(work, items, settings.llm_concurrency)
     finally:
         await provider.aclose()
 
