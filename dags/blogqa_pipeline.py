@@ -6,6 +6,7 @@ lease tokens, never page text; intermediate results live in Postgres (blogqa.wor
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -13,15 +14,21 @@ from airflow.sdk import Param, dag, get_current_context, task, task_group
 
 from blogqa import pipeline
 
+# Task retries cover infrastructure failures (database restarted, worker lost); per-URL
+# failures are retried through the queue instead. BLOGQA_TASK_RETRY_DELAY_SECONDS shortens
+# the first delay (tests, impatient operators).
 DEFAULT_ARGS = {
     "owner": "blogqa",
     "retries": 3,
-    "retry_delay": timedelta(seconds=10),
+    "retry_delay": timedelta(
+        seconds=float(os.environ.get("BLOGQA_TASK_RETRY_DELAY_SECONDS", "10"))
+    ),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=10),
     "execution_timeout": timedelta(minutes=20),
 }
 CHUNK_LABEL = "{{ chunk_label }}"
+LLM_POOL = "blogqa_llm"  # created by `blogqa init` / `blogqa run` (BLOGQA_LLM_POOL_SLOTS)
 
 
 def _label(chunk: list[dict]) -> None:
@@ -74,12 +81,20 @@ def blogqa_pipeline():
             _label(chunk)
             return pipeline.crawl_chunk(chunk)
 
-        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=30))
+        @task(
+            map_index_template=CHUNK_LABEL,
+            execution_timeout=timedelta(minutes=30),
+            pool=LLM_POOL,
+        )
         def summarize(chunk: list[dict]) -> list[dict]:
             _label(chunk)
             return pipeline.summarize_chunk(chunk)
 
-        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
+        @task(
+            map_index_template=CHUNK_LABEL,
+            execution_timeout=timedelta(minutes=15),
+            pool=LLM_POOL,
+        )
         def embed(chunk: list[dict]) -> list[dict]:
             _label(chunk)
             return pipeline.embed_chunk(chunk)

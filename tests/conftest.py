@@ -31,6 +31,7 @@ from tests.fakes import start_openai_server, start_page_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_TABLES = ("work_items", "llm_usage", "chunks", "questions", "summaries", "documents")
+STATE_TABLES = ("robots_txt", "circuit_breakers")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,7 +53,7 @@ def settings():
 def conn(settings):
     """A connection to a freshly emptied schema."""
     with db.connect(settings) as connection:
-        tables = ", ".join(f"blogqa.{t}" for t in (*OUTPUT_TABLES, "url_queue"))
+        tables = ", ".join(f"blogqa.{t}" for t in (*OUTPUT_TABLES, *STATE_TABLES, "url_queue"))
         connection.execute(f"TRUNCATE {tables} RESTART IDENTITY CASCADE")
         yield connection
 
@@ -75,6 +76,9 @@ def openai_server():
 def openai_env(openai_server, monkeypatch):
     """Point the real `openai` client at the test server."""
     openai_server.script.clear()
+    openai_server.draw_fault.rates = {}
+    openai_server.faults.clear()
+    openai_server.latency = 0.0
     monkeypatch.setenv("OPENAI_BASE_URL", f"{openai_server.base_url}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", openai_server.api_key)
     monkeypatch.setenv("BLOGQA_LLM_PROVIDER", "openai")

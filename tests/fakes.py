@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -69,6 +71,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------- pages
 
+ARTICLE_FILES = sorted(p.name for p in ARTICLES.glob("*.html"))
+METADATA_URL = "http://169.254.169.254/latest/meta-data/"
+ROBOTS = "User-agent: *\nDisallow: /private/\n"
+CP1252_WORDS = "Crème brûlée, café au lait and piñata: “smart quotes” cost 5 € — naïvely."
+
+
+def cp1252_page() -> bytes:
+    """An article in windows-1252 with no charset declared in the header or the markup."""
+    paragraphs = "".join(
+        f"<p>{CP1252_WORDS} Paragraph {i} explains why the kitchen scale matters more than the "
+        "recipe card, and how a patient baker checks the dough by feel every single time.</p>"
+        for i in range(8)
+    )
+    html = (
+        "<html><head><title>Crème brûlée at home</title></head><body><article>"
+        f"<h1>Crème brûlée at home</h1>{paragraphs}</article></body></html>"
+    )
+    return html.encode("cp1252")
+
+
 LAST_MODIFIED = "Mon, 02 Nov 2026 10:00:00 GMT"
 
 
@@ -78,7 +100,18 @@ class PageHandler(_Handler):
     def do_GET(self):
         server = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
-        server.hits[path] = server.hits.get(path, 0) + 1
+        with server.lock:
+            server.hits[path] = server.hits.get(path, 0) + 1
+            server.starts.append((path, time.monotonic()))
+            server.inflight += 1
+            server.max_inflight = max(server.max_inflight, server.inflight)
+        try:
+            return self._get(server, path)
+        finally:
+            with server.lock:
+                server.inflight -= 1
+
+    def _get(self, server, path: str):
         if path.startswith("/articles/"):
             file = ARTICLES / path.removeprefix("/articles/")
             if not file.is_file():
@@ -89,6 +122,25 @@ class PageHandler(_Handler):
                 return self.send(304, b"", "text/html", {"ETag": etag})
             headers = {"ETag": etag, "Last-Modified": LAST_MODIFIED}
             return self.send(200, file.read_bytes(), "text/html; charset=utf-8", headers)
+        if path == "/robots.txt":
+            if server.robots_status != 200:
+                return self.send(server.robots_status, b"no robots here", "text/plain")
+            return self.send(200, server.robots.encode(), "text/plain")
+        if path.startswith("/private/"):  # forbidden by robots.txt: must never be fetched
+            return self.send(200, ARTICLES.joinpath(ARTICLE_FILES[0]).read_bytes(), "text/html")
+        if path.startswith("/flaky/"):  # 503 twice, then the article
+            if server.hits[path] <= 2:
+                return self.send(503, b"try later", "text/html", {"Retry-After": "0"})
+            return self.send(200, ARTICLES.joinpath(ARTICLE_FILES[1]).read_bytes(), "text/html")
+        if path.startswith("/slow"):
+            time.sleep(server.slow_seconds)
+            return self.send(200, ARTICLES.joinpath(ARTICLE_FILES[2]).read_bytes(), "text/html")
+        if path == "/huge-stream":
+            return self._stream_forever()
+        if path == "/to-private":  # a public-looking page redirecting to cloud metadata
+            return self.send(302, b"", "text/html", {"Location": METADATA_URL})
+        if path == "/cp1252":  # no charset anywhere: the crawler has to detect it
+            return self.send(200, cp1252_page(), "text/html")
         if path == "/gone":
             return self.send(404, b"<h1>Not found</h1>", "text/html")
         if path == "/unavailable":
@@ -116,11 +168,31 @@ class PageHandler(_Handler):
             )
         return self.send(404, b"not found", "text/plain")
 
+    def _stream_forever(self):
+        """A page far over any cap, with no Content-Length: only streaming can stop it."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        block = b"<p>" + b"x" * (1024 * 1024 - 7) + b"</p>"
+        try:
+            for _ in range(60):  # 60 MB
+                self.wfile.write(block)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
-def start_page_server():
+
+def start_page_server(robots: str = ROBOTS, slow_seconds: float = 3.0):
     server = _Server(PageHandler)
     server.hits = {}
     server.not_modified = 0
+    server.robots = robots
+    server.robots_status = 200
+    server.slow_seconds = slow_seconds
+    server.lock = threading.Lock()
+    server.starts = []
+    server.inflight = server.max_inflight = 0
     return server.start()
 
 
@@ -147,8 +219,11 @@ class OpenAIHandler(_Handler):
         if self.path.endswith("/chat/completions"):
             with server.lock:
                 server.chat_calls += 1
-                behaviour = server.script.pop(0) if server.script else "ok"
+                behaviour = server.script.pop(0) if server.script else server.draw_fault()
                 server.requests.append(body)
+                if behaviour != "ok":
+                    server.faults[behaviour] = server.faults.get(behaviour, 0) + 1
+            time.sleep(server.latency)
             return self._chat(body, behaviour)
         if self.path.endswith("/embeddings"):
             with server.lock:
@@ -179,7 +254,10 @@ class OpenAIHandler(_Handler):
         if behaviour == "500":
             return self._error(500, "upstream failure")
         if behaviour == "429":
-            return self._error(429, "slow down", {"Retry-After": "7"})
+            return self._error(429, "slow down", {"Retry-After": self.server.owner.retry_after})
+        if behaviour == "slow":  # answers after the client has given up
+            time.sleep(self.server.owner.slow_seconds)
+            behaviour = "ok"
         user = body["messages"][1]["content"]
         article = user.split("Article:\n", 1)[-1]
         sentences = _sentences(article)
@@ -190,7 +268,7 @@ class OpenAIHandler(_Handler):
         while len(qa) < 3:
             qa.append(dict(qa[-1]))
         content = json.dumps({"summary": " ".join(sentences[:2]), "qa": qa})
-        if behaviour == "invalid":
+        if behaviour in ("invalid", "truncated"):  # JSON cut short
             content = content[: len(content) // 2]
         message = {"role": "assistant", "content": content, "refusal": None}
         if behaviour == "refusal":
@@ -213,11 +291,32 @@ class OpenAIHandler(_Handler):
         return self.send(200, json.dumps(payload).encode(), "application/json")
 
 
+class _FaultRates:
+    """Draws a chat call's behaviour from set rates ({"429": 0.1, ...}) with a seeded RNG."""
+
+    def __init__(self) -> None:
+        self.rates: dict[str, float] = {}
+        self.rng = random.Random(0)
+
+    def __call__(self) -> str:
+        roll = self.rng.random()
+        for behaviour, rate in self.rates.items():
+            if roll < rate:
+                return behaviour
+            roll -= rate
+        return "ok"
+
+
 def start_openai_server(api_key: str = "test-key"):
     server = _Server(OpenAIHandler)
     server.api_key = api_key
     server.lock = threading.Lock()
     server.script = []
     server.requests = []
+    server.draw_fault = _FaultRates()
+    server.faults = {}
+    server.retry_after = "7"
+    server.slow_seconds = 3.0
+    server.latency = 0.0
     server.chat_calls = server.embedding_calls = server.embedding_inputs = 0
     return server.start()

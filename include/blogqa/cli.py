@@ -1,5 +1,5 @@
-"""The `blogqa` command: init, enqueue, run, stats, demo, and the API's serve, questions,
-search, ask.
+"""The `blogqa` command: init, enqueue, run, stats, requeue, cancel, errors, demo, and the
+API's serve, questions, search, ask.
 
 Works on its own (`.venv/bin/blogqa ...`): settings come from the environment, and Airflow's
 home and metadata database are derived from BLOGQA_HOME when not set.
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from psycopg import sql
 from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from blogqa import db, queue
@@ -111,6 +114,119 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- operations
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _since(text: str) -> dt.datetime:
+    """--since: an ISO-8601 time (UTC when it has no offset) or an age like 30m, 2h, 1d."""
+    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    try:
+        if match:
+            age = dt.timedelta(seconds=int(match.group(1)) * AGE_UNITS[match.group(2)])
+            return dt.datetime.now(dt.UTC) - age
+        value = dt.datetime.fromisoformat(text.strip())
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too far back") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO-8601 time (e.g. 2025-01-31T12:00:00+00:00, UTC when no"
+            " offset is given) nor an age like 30m, 2h, 1d (units s, m, h, d, w)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _utc(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.astimezone(dt.UTC).isoformat(timespec="seconds")
+
+
+def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.dead:
+        err.print(
+            "[red]error:[/red] only the redrive of dead rows is supported: pass --dead"
+            " (optionally with --stage and --since); to redo other finished URLs use"
+            " `blogqa enqueue --force URL`"
+        )
+        return 2
+    with db.connect(settings) as conn:
+        rows = queue.requeue_dead(conn, stage=args.stage, since=args.since)
+    if args.json:
+        out.print_json(
+            json.dumps(
+                {
+                    "requeued": len(rows),
+                    "stage": args.stage,
+                    "since": _utc(args.since),
+                    "rows": [{"id": row_id, "url": url} for row_id, url in rows],
+                }
+            )
+        )
+        return 0
+    filters = [f"stage {args.stage}"] if args.stage else []
+    filters += [f"finished since {_utc(args.since)}"] if args.since else []
+    shown = f" ({', '.join(filters)})" if filters else ""
+    out.print(f"requeued {len(rows)} dead row(s){shown}; attempts reset, due now")
+    for row_id, url in rows:
+        out.print(f"  {row_id}  {escape(url)}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with db.connect(settings) as conn:
+            result = queue.cancel(conn, args.target)
+    except queue.QueueRowNotFoundError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 1
+    except queue.InvalidURLError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
+    if args.json:
+        out.print_json(json.dumps(result.as_dict()))
+    elif result.cancelled:
+        effect = (
+            "its in-flight result will be discarded"
+            if result.previous_status == "processing"
+            else "it will not be processed"
+        )
+        out.print(
+            f"cancelled queue id {result.id} ({escape(result.url)}), was"
+            f" {result.previous_status}; {effect}"
+        )
+    else:
+        out.print(
+            f"nothing cancelled: queue id {result.id} ({escape(result.url)}) is {result.reason}"
+        )
+    return 0 if result.cancelled else 1
+
+
+def cmd_errors(args: argparse.Namespace, settings: Settings) -> int:
+    with db.connect(settings) as conn:
+        rows = queue.recent_errors(conn, args.limit)
+    if args.json:
+        items = [
+            {**row, "updated_at": _utc(row["updated_at"]), "run_after": _utc(row["run_after"])}
+            for row in rows
+        ]
+        out.print_json(json.dumps(items))
+        return 0
+    if not rows:
+        out.print("no failures recorded")
+        return 0
+    # One record per failure rather than a table: URLs and reasons stay whole at any width.
+    out.print(f"latest {len(rows)} failure(s), newest first (times in UTC)")
+    for row in rows:
+        retry = f", retry at {_utc(row['run_after'])}" if row["run_after"] else ""
+        out.print(
+            f"[bold]{row['id']}[/bold] {row['status']} at stage {row['stage'] or '-'}, attempt"
+            f" {row['attempts']}/{row['max_attempts']}, {_utc(row['updated_at'])}{retry}:"
+            f" {escape(row['url'])}\n    {escape(row['last_error'])}",
+            soft_wrap=True,
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from blogqa import demo, runner, search
 
@@ -129,7 +245,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         _print_counts(conn, calls_before)
         _print_example(conn, urls)
         vector = search.embed_query(settings, demo.DEMO_QUERY)
-        matches = search.similar_documents(conn, vector, k=3)
+        matches = search.similar_documents(conn, vector, k=3, ef_search=settings.hnsw_ef_search)
     table = Table(title=f"top matches for {demo.DEMO_QUERY!r}")
     table.add_column("score", justify="right")
     table.add_column("title")
@@ -299,6 +415,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="queue counts per status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("requeue", help="put dead rows back in the queue (redrive)")
+    p.add_argument(
+        "--dead", action="store_true", help="requeue rows in status dead (the only redrive)"
+    )
+    p.add_argument("--stage", choices=queue.FAILURE_STAGES, help="only rows that died at it")
+    p.add_argument(
+        "--since",
+        type=_since,
+        metavar="T",
+        help="only rows that died at or after T: ISO-8601 (UTC without an offset) or an age"
+        " like 30m, 2h, 1d",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_requeue)
+
+    p = sub.add_parser("cancel", help="cancel a queued or processing URL; it is never processed")
+    p.add_argument("target", metavar="ID|URL", help="queue id, or URL as enqueued")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("errors", help="latest failures with their reason")
+    p.add_argument(
+        "--limit",
+        type=_at_most(queue.MAX_ERRORS_LIMIT),
+        default=20,
+        help=f"rows to show (<= {queue.MAX_ERRORS_LIMIT}, default 20)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_errors)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample articles, offline")
     p.add_argument("--port", type=int, default=None, help="port for the sample site")

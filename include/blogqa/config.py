@@ -6,6 +6,7 @@ shell, in Airflow's environment or in docker-compose applies everywhere.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from blogqa.errors import ConfigError
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
+# hnsw.ef_search for vector searches: recall@10 >= 0.95 at 100k vectors (bench/api_bench.py).
+HNSW_EF_SEARCH_DEFAULT = 40
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -55,6 +58,20 @@ def _env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     if value < minimum:
         raise ConfigError(f"{name}={value} must be at least {minimum}.")
     return value
+
+
+def _env_networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Comma-separated CIDRs the crawler may reach although they are not public."""
+    raw = os.environ.get(name, "")
+    networks = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{name}: {part!r} is not an IP network; use CIDRs like 10.0.0.0/8,127.0.0.1/32."
+            ) from None
+    return tuple(networks)
 
 
 def _airflow_connection_url() -> str | None:
@@ -98,8 +115,20 @@ class Settings:
     llm_concurrency: int
     crawl_concurrency: int
     crawl_allow_private: bool
+    crawl_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    respect_robots: bool
+    robots_ttl_seconds: int
+    per_host_concurrency: int
+    max_crawl_delay: float
     fetch_timeout: float
     llm_timeout: float
+    llm_max_retries: int
+    breaker_threshold: int
+    breaker_cooldown: float
+    llm_pool_slots: int
+    extract_timeout: float
+    embed_timeout: float
+    load_timeout: float
     max_page_bytes: int
     max_redirects: int
     max_attempts: int
@@ -109,6 +138,7 @@ class Settings:
     chunk_tokens: int
     chunk_overlap_tokens: int
     embed_batch_size: int
+    hnsw_ef_search: int
     user_agent: str
 
     @property
@@ -152,8 +182,20 @@ def load_settings() -> Settings:
         llm_concurrency=_env_int("BLOGQA_LLM_CONCURRENCY", 8, maximum=256),
         crawl_concurrency=_env_int("BLOGQA_CRAWL_CONCURRENCY", 16, maximum=256),
         crawl_allow_private=_env_bool("BLOGQA_CRAWL_ALLOW_PRIVATE", False),
+        crawl_allow_networks=_env_networks("BLOGQA_CRAWL_ALLOW_NETWORKS"),
+        respect_robots=_env_bool("BLOGQA_RESPECT_ROBOTS", True),
+        robots_ttl_seconds=_env_int("BLOGQA_ROBOTS_TTL_SECONDS", 3600, minimum=0),
+        per_host_concurrency=_env_int("BLOGQA_PER_HOST_CONCURRENCY", 2, maximum=64),
+        max_crawl_delay=_env_float("BLOGQA_MAX_CRAWL_DELAY_SECONDS", 30.0),
         fetch_timeout=_env_float("BLOGQA_FETCH_TIMEOUT_SECONDS", 20.0, minimum=0.1),
         llm_timeout=_env_float("BLOGQA_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+        llm_max_retries=_env_int("BLOGQA_LLM_MAX_RETRIES", 2, minimum=0, maximum=10),
+        breaker_threshold=_env_int("BLOGQA_LLM_BREAKER_THRESHOLD", 5, maximum=1000),
+        breaker_cooldown=_env_float("BLOGQA_LLM_BREAKER_COOLDOWN_SECONDS", 60.0),
+        llm_pool_slots=_env_int("BLOGQA_LLM_POOL_SLOTS", 4, maximum=1024),
+        extract_timeout=_env_float("BLOGQA_EXTRACT_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+        embed_timeout=_env_float("BLOGQA_EMBED_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+        load_timeout=_env_float("BLOGQA_LOAD_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         max_page_bytes=_env_int("BLOGQA_MAX_PAGE_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_redirects=_env_int("BLOGQA_MAX_REDIRECTS", 5, minimum=0, maximum=30),
         max_attempts=_env_int("BLOGQA_MAX_ATTEMPTS", 5, maximum=100),
@@ -163,6 +205,7 @@ def load_settings() -> Settings:
         chunk_tokens=_env_int("BLOGQA_CHUNK_TOKENS", 300, minimum=32, maximum=8000),
         chunk_overlap_tokens=_env_int("BLOGQA_CHUNK_OVERLAP_TOKENS", 40, minimum=0),
         embed_batch_size=_env_int("BLOGQA_EMBED_BATCH_SIZE", 256, maximum=2048),
+        hnsw_ef_search=_env_int("BLOGQA_HNSW_EF_SEARCH", HNSW_EF_SEARCH_DEFAULT, maximum=1000),
         user_agent=os.environ.get("BLOGQA_USER_AGENT")
         or "blogqa/0.1 (question/answer dataset builder)",
     )

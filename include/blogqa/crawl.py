@@ -8,6 +8,7 @@ Loopback/private/link-local/multicast addresses are refused unless BLOGQA_CRAWL_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.utils
 import hashlib
@@ -22,6 +23,7 @@ import httpx
 from blogqa.config import Settings
 from blogqa.errors import PageError
 from blogqa.extract import Article, NothingExtractedError, extract_article
+from blogqa.politeness import CrawlPolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,14 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
-def _blocked(address: str) -> bool:
+def _blocked(address: str, allowed: tuple = ()) -> bool:
+    """Non-public (loopback, private, link-local incl. cloud metadata, multicast, reserved)
+    unless it falls in an operator-allowed network."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if any(ip.version == net.version and ip in net for net in allowed):
+        return False
     return not ip.is_global or ip.is_multicast
 
 
@@ -88,7 +94,7 @@ async def check_address(url: str, settings: Settings) -> None:
         raise PageError(f"cannot resolve host {host!r}: {exc}", stage=STAGE, permanent=False)
     for info in infos:
         address = info[4][0]
-        if _blocked(address):
+        if _blocked(address, settings.crawl_allow_networks):
             raise PageError(
                 f"host {host!r} resolves to non-public address {address}; refused "
                 "(set BLOGQA_CRAWL_ALLOW_PRIVATE=true to crawl private networks)",
@@ -106,9 +112,14 @@ def _charset(content_type: str) -> str | None:
 
 
 async def fetch(
-    client: httpx.AsyncClient, url: str, settings: Settings, validators: Validators | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    settings: Settings,
+    validators: Validators | None = None,
+    policy: CrawlPolicy | None = None,
 ) -> Fetched:
-    """GET `url` following at most `max_redirects` redirects, each hop address-checked."""
+    """GET `url` following at most `max_redirects` redirects, each hop address-checked and,
+    with a `policy`, allowed by robots.txt and paced per host."""
     headers = {"User-Agent": settings.user_agent, "Accept": "text/html,application/xhtml+xml"}
     if validators and validators.etag:
         headers["If-None-Match"] = validators.etag
@@ -119,8 +130,12 @@ async def fetch(
         if urlsplit(current).scheme not in ("http", "https"):
             raise PageError(f"redirected to unsupported URL {current}", stage=STAGE, permanent=True)
         await check_address(current, settings)
+        delay = 0.0
+        if policy is not None:
+            delay = await policy.check(client, current, lambda u: check_address(u, settings))
+        paced = policy.slot(current, delay) if policy is not None else contextlib.nullcontext()
         try:
-            async with client.stream("GET", current, headers=headers) as response:
+            async with paced, client.stream("GET", current, headers=headers) as response:
                 if response.status_code in REDIRECT_CODES and "location" in response.headers:
                     current = urljoin(current, response.headers["location"])
                     continue
@@ -187,14 +202,24 @@ async def _read(response: httpx.Response, url: str, final_url: str, settings: Se
     )
 
 
-def extract(fetched: Fetched) -> Article:
-    """Main text and metadata; a page with none is a permanent per-URL failure."""
-    html: str | bytes = fetched.body
+def decode_page(fetched: Fetched) -> str | bytes:
+    """The page as text when its declared charset really decodes it; otherwise the bytes,
+    for trafilatura to detect the encoding (meta tag, then statistical detection)."""
     if fetched.charset:
         try:
-            html = fetched.body.decode(fetched.charset, errors="replace")
-        except LookupError:  # unknown charset name: let trafilatura detect it
-            html = fetched.body
+            return fetched.body.decode(fetched.charset)
+        except (LookupError, UnicodeDecodeError):  # unknown name, or the header lies
+            log.info(
+                "url=%s stage=crawl declared charset %s does not fit; detecting",
+                fetched.url,
+                fetched.charset,
+            )
+    return fetched.body
+
+
+def extract(fetched: Fetched) -> Article:
+    """Main text and metadata; a page with none is a permanent per-URL failure."""
+    html = decode_page(fetched)
     try:
         return extract_article(html, fetched.final_url)
     except NothingExtractedError as exc:

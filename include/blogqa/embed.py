@@ -90,7 +90,7 @@ class OpenAIEmbedder:
     def __init__(self, settings: Settings, client=None) -> None:
         self.model = settings.embed_model
         self.dim = settings.embed_dim
-        self.client = client or openai_client(settings)
+        self.client = client or openai_client(settings, timeout=settings.embed_timeout)
 
     async def aclose(self) -> None:
         await self.client.close()

@@ -239,7 +239,9 @@ def openai_client(settings: Settings, *, timeout: float | None = None):  # -> As
     return AsyncOpenAI(
         api_key=os.environ.get("OPENAI_API_KEY") or "not-needed-for-this-server",
         timeout=timeout or settings.llm_timeout,
-        max_retries=2,
+        # The client's own retries (honouring Retry-After) come on top of the queue's
+        # attempts; few, so one page can cost at most attempts x (1 + this) calls.
+        max_retries=settings.llm_max_retries,
     )
 
 

@@ -16,12 +16,17 @@ import math
 import os
 import socket
 
-from blogqa import db, queue, store
+import psycopg
+
+from blogqa import db, politeness, queue, store
+from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import Settings, load_settings
 from blogqa.crawl import Validators, content_hash, extract, fetch, http_client
 from blogqa.embed import embed_many, embedder
 from blogqa.errors import PageError
+from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
+from blogqa.politeness import CrawlPolicy
 from blogqa.queue import Lease
 from blogqa.tokens import chunk_text, tokenizer_for
 
@@ -102,42 +107,58 @@ def _page(fetched, article, text_hash: str) -> dict:
     }
 
 
-async def _crawl_one(client, lease: Lease, previous, settings: Settings) -> dict:
+async def _crawl_one(client, lease: Lease, previous, policy: CrawlPolicy, settings) -> dict:
     validators = Validators(previous.etag, previous.last_modified) if previous else None
-    fetched = await fetch(client, lease.url, settings, validators)
+    fetched = await fetch(client, lease.url, settings, validators, policy)
     if fetched.not_modified:
         if previous is None:
             raise PageError("HTTP 304 without a stored copy", stage="crawl", permanent=False)
         log.info("url=%s stage=crawl not modified (conditional GET)", lease.url)
         return dict(previous.page)
-    article = await asyncio.to_thread(extract, fetched)
+    try:
+        article = await asyncio.wait_for(
+            asyncio.to_thread(extract, fetched), settings.extract_timeout
+        )
+    except TimeoutError:
+        raise PageError(
+            f"extraction took longer than {settings.extract_timeout:.0f}s "
+            "(BLOGQA_EXTRACT_TIMEOUT_SECONDS)",
+            stage="crawl",
+            permanent=False,
+        ) from None
     page = _page(fetched, article, content_hash(article.text))
     log.info("url=%s stage=crawl extracted %d words", lease.url, len(article.text.split()))
     return page
 
 
 async def _each_bounded(work, items: list, limit: int) -> list:
-    """`await work(item)` for every item, at most `limit` at a time; a PageError is returned
-    in the item's place so one URL's failure never stops the others."""
+    """`await work(item)` for every item, at most `limit` at a time. A PageError or
+    LeaseLostError is returned in the item's place so one URL's failure never stops the
+    others."""
     gate = asyncio.Semaphore(limit)
 
     async def one(item):
         async with gate:
             try:
                 return await work(item)
-            except PageError as exc:
+            except (PageError, LeaseLostError) as exc:
                 return exc
 
     return await asyncio.gather(*(one(item) for item in items))
 
 
-async def _crawl_all(leases, previous, settings):
-    async with http_client(settings) as client:
-        return await _each_bounded(
-            lambda lease: _crawl_one(client, lease, previous.get(lease.url), settings),
-            leases,
-            settings.crawl_concurrency,
-        )
+async def _crawl_all(leases, previous, policy, settings):
+    async with http_client(settings) as client, LeaseKeeper(settings, leases) as keeper:
+
+        async def work(lease):
+            keeper.ensure_held(lease)
+            return await _crawl_one(client, lease, previous.get(lease.url), policy, settings)
+
+        return await _each_bounded(work, leases, settings.crawl_concurrency)
+
+
+def _origins(urls: list[str]) -> list[str]:
+    return sorted({politeness.origin_of(url) for url in urls})
 
 
 def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
@@ -147,35 +168,68 @@ def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
         done = {item.lease.id for item in store.work_items(conn, leases, settings.embed_dim)}
         todo = [lease for lease in leases if lease.id not in done]
         previous = store.stored_results(conn, [lease.url for lease in todo])
-        outcomes = asyncio.run(_crawl_all(todo, previous, settings)) if todo else []
-        pages, failures = [], []
+        cached = politeness.load_cached(
+            conn, _origins([lease.url for lease in todo]), settings.robots_ttl_seconds
+        )
+        policy = CrawlPolicy(settings, cached=cached)
+        outcomes = asyncio.run(_crawl_all(todo, previous, policy, settings)) if todo else []
+        politeness.save_fetched(conn, policy.fetched)
+        pages, failures, lost = [], [], set()
         for lease, outcome in zip(todo, outcomes, strict=True):
-            if isinstance(outcome, PageError):
+            if isinstance(outcome, LeaseLostError):
+                lost.add(lease.id)
+            elif isinstance(outcome, PageError):
                 failures.append((lease, outcome))
-                continue
-            prev = previous.get(lease.url)
-            unchanged = prev is not None and prev.is_current(
-                outcome["content_hash"], settings.chat_model, PROMPT_VERSION, settings.embed_model
-            )
-            pages.append((lease, outcome, unchanged))
+            else:
+                prev = previous.get(lease.url)
+                unchanged = prev is not None and prev.is_current(
+                    outcome["content_hash"],
+                    settings.chat_model,
+                    PROMPT_VERSION,
+                    settings.embed_model,
+                )
+                pages.append((lease, outcome, unchanged))
         store.save_pages(conn, pages)
         _fail_all(conn, failures, settings)
-    failed = {lease.id for lease, _ in failures}
-    return [lease.ref() for lease in leases if lease.id not in failed]
+    return _survivors(leases, failures, lost)
+
+
+def _survivors(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
+    """Refs that go on to the next stage: neither failed, released nor lost."""
+    gone = dropped | {lease.id for lease, _ in failures}
+    return [lease.ref() for lease in leases if lease.id not in gone]
+
+
+def _release(conn, leases: list[Lease], breaker: CircuitBreaker, stage: str) -> set[int]:
+    """Put untried rows back (the breaker is open) without spending their attempts."""
+    reason = f"model endpoint circuit breaker open; deferred {breaker.seconds_left():.0f}s"
+    queue.release(conn, leases, delay=breaker.seconds_left(), stage=stage, reason=reason)
+    return {lease.id for lease in leases}
 
 
 # ---------------------------------------------------------------- summarize
 
 
-async def _summarize_all(items, settings):
+async def _summarize_all(items, settings, breaker: CircuitBreaker):
     provider = chat_provider(settings)
 
-    def work(item):
+    async def work(item):
+        keeper.ensure_held(item.lease)
+        breaker.check("summarize")
         page = item.page
-        return provider.summarize(url=item.lease.url, title=page.get("title"), text=page["text"])
+        try:
+            result = await provider.summarize(
+                url=item.lease.url, title=page.get("title"), text=page["text"]
+            )
+        except PageError as exc:
+            breaker.record(exc)
+            raise
+        breaker.record(None)
+        return result
 
     try:
-        return await _each_bounded(work, items, settings.llm_concurrency)
+        async with LeaseKeeper(settings, [item.lease for item in items]) as keeper:
+            return await _each_bounded(work, items, settings.llm_concurrency)
     finally:
         await provider.aclose()
 
@@ -186,21 +240,37 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
-        outcomes = asyncio.run(_summarize_all(todo, settings)) if todo else []
-        results, failures, calls = [], [], []
+        breaker = CircuitBreaker(settings)
+        breaker.load(conn)
+        if todo and breaker.seconds_left() > 0:
+            released = _release(conn, [i.lease for i in todo], breaker, "summarize")
+            return _survivors([i.lease for i in items], [], released)
+        outcomes = asyncio.run(_summarize_all(todo, settings, breaker)) if todo else []
+        results, failures, calls, deferred, lost = [], [], [], [], set()
         for item, outcome in zip(todo, outcomes, strict=True):
-            if isinstance(outcome, PageError):
+            if isinstance(outcome, LeaseLostError):
+                lost.add(item.lease.id)
+            elif isinstance(outcome, CircuitOpenError):
+                deferred.append(item.lease)
+            elif isinstance(outcome, PageError):
                 failures.append((item.lease, outcome))
                 calls += [(item.lease, c) for c in getattr(outcome, "calls", [])]
-                continue
-            results.append((item.lease, outcome.as_json()))
-            calls += [(item.lease, c) for c in outcome.calls]
+            else:
+                results.append((item.lease, outcome.as_json()))
+                calls += [(item.lease, c) for c in outcome.calls]
         store.save_llm_results(conn, results)
         store.record_usage(conn, calls)
         _fail_all(conn, failures, settings)
-    log.info("stage=summarize %d documents, %d model calls", len(results), len(calls))
-    failed = {lease.id for lease, _ in failures}
-    return [item.lease.ref() for item in items if item.lease.id not in failed]
+        breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
+        released = _release(conn, deferred, breaker, "summarize") if deferred else set()
+    log.info(
+        "stage=summarize %d documents, %d model calls, %d deferred, %d failed",
+        len(results),
+        len(calls),
+        len(deferred),
+        len(failures),
+    )
+    return _survivors([item.lease for item in items], failures, released | lost)
 
 
 # ---------------------------------------------------------------- embed
@@ -229,6 +299,11 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
+        breaker = CircuitBreaker(settings)
+        breaker.load(conn)
+        if todo and breaker.seconds_left() > 0:
+            released = _release(conn, [i.lease for i in todo], breaker, "embed")
+            return _survivors([i.lease for i in items], [], released)
         texts: list[str] = []
         spans, chunk_lists = [], []
         for item in todo:
@@ -250,13 +325,15 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
             else []
         )
         results, failures = _assemble_vectors(todo, spans, chunk_lists, batches, provider.dim)
+        for _, outcome, _ in batches:
+            breaker.record(_as_page_error(outcome) if isinstance(outcome, Exception) else None)
         calls = [(todo[0].lease, call) for _, _, call in batches if call is not None]
         store.save_vectors(conn, results)
         store.record_usage(conn, calls)
         _fail_all(conn, failures, settings)
+        breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
     log.info("stage=embed %d inputs in %d requests", len(texts), len(batches))
-    failed = {lease.id for lease, _ in failures}
-    return [item.lease.ref() for item in items if item.lease.id not in failed]
+    return _survivors([item.lease for item in items], failures, set())
 
 
 def _assemble_vectors(todo, spans, chunk_lists, batches, dim):
@@ -287,6 +364,8 @@ def _as_page_error(exc: Exception) -> PageError:
 
     from blogqa.llm import classify_openai_error
 
+    if isinstance(exc, PageError):
+        return exc
     if isinstance(exc, openai.OpenAIError):
         return classify_openai_error(exc, "embed")
     raise exc
@@ -304,12 +383,18 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
         now = dt.datetime.now(dt.UTC)
         for item in store.work_items(conn, leases, settings.embed_dim):
             try:
-                store.load_document(conn, item, embed_model=settings.embed_model, fetched_at=now)
-            except store.LeaseLostError as exc:
+                store.load_document(
+                    conn,
+                    item,
+                    embed_model=settings.embed_model,
+                    fetched_at=now,
+                    timeout_seconds=settings.load_timeout,
+                )
+            except LeaseLostError as exc:
                 log.warning("url=%s stage=load %s", item.lease.url, exc)
                 continue
-            except store.IncompleteWorkError as exc:
-                error = PageError(str(exc), stage="load", permanent=False)
+            except (store.IncompleteWorkError, psycopg.errors.QueryCanceled) as exc:
+                error = PageError(str(exc).strip(), stage="load", permanent=False)
                 _fail_all(conn, [(item.lease, error)], settings)
                 continue
             done.append(item.lease.id)

@@ -8,6 +8,7 @@ lease token: a late finisher whose lease was taken over changes nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import random
@@ -17,7 +18,7 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import psycopg
 
-from blogqa.errors import PageError
+from blogqa.errors import BlogqaError, PageError
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,16 @@ def enqueue(
     return result
 
 
+# Appends %(entry)s (plus the attempt and time) to a row's error history, keeping the last
+# %(keep)s entries: the history stays bounded however often a row fails.
+HISTORY_APPEND_SQL = """(
+        SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
+        FROM jsonb_array_elements(q.error_history || (%(entry)s::jsonb
+                 || jsonb_build_object('attempt', q.attempts, 'at', now())))
+             WITH ORDINALITY AS t(e, i)
+        WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
+    )"""
+
 RECOVER_EXPIRED_SQL = """
 UPDATE blogqa.url_queue q
 SET status = CASE WHEN q.attempts >= q.max_attempts THEN 'dead' ELSE 'queued' END,
@@ -227,19 +238,20 @@ def claim(conn: psycopg.Connection, limit: int, *, owner: str, lease_seconds: in
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
 
 
+RENEW_SQL = """
+UPDATE blogqa.url_queue q SET lease_until = now() + make_interval(secs => %s), updated_at = now()
+FROM unnest(%s::bigint[], %s::uuid[]) AS r(id, token)
+WHERE q.id = r.id AND q.lease_token = r.token AND q.status = 'processing'
+RETURNING q.id, q.url, q.lease_token, q.attempts
+"""
+
+
 def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> list[Lease]:
     """Extend the leases still held (fenced by token); return those, dropping lost ones."""
     ids = [int(r["id"]) for r in refs]
     tokens = [uuid.UUID(str(r["token"])) for r in refs]
     with conn.transaction():
-        rows = conn.execute(
-            "UPDATE blogqa.url_queue q SET lease_until = now() + make_interval(secs => %s),"
-            " updated_at = now()"
-            " FROM unnest(%s::bigint[], %s::uuid[]) AS r(id, token)"
-            " WHERE q.id = r.id AND q.lease_token = r.token AND q.status = 'processing'"
-            " RETURNING q.id, q.url, q.lease_token, q.attempts",
-            (lease_seconds, ids, tokens),
-        ).fetchall()
+        rows = conn.execute(RENEW_SQL, (lease_seconds, ids, tokens)).fetchall()
     held = {r[0] for r in rows}
     for ref in refs:
         if int(ref["id"]) not in held:
@@ -273,7 +285,7 @@ def backoff_seconds(
     return max(delay, retry_after or 0.0)
 
 
-FAIL_SQL = """
+FAIL_SQL = f"""
 UPDATE blogqa.url_queue q
 SET status = %(status)s,
     run_after = now() + make_interval(secs => %(delay)s),
@@ -281,13 +293,7 @@ SET status = %(status)s,
     processing_ms = (extract(epoch FROM now() - q.started_at) * 1000)::integer,
     last_error = %(message)s,
     last_stage = %(stage)s,
-    error_history = (
-        SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
-        FROM jsonb_array_elements(q.error_history
-                                  || (%(entry)s::jsonb || jsonb_build_object('at', now())))
-             WITH ORDINALITY AS t(e, i)
-        WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
-    ),
+    error_history = {HISTORY_APPEND_SQL},
     lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
 WHERE q.id = %(id)s AND q.lease_token = %(token)s AND q.status = 'processing'
 RETURNING q.status
@@ -344,6 +350,51 @@ def fail(
     return row[0]
 
 
+RELEASE_SQL = f"""
+UPDATE blogqa.url_queue q
+SET status = 'queued',
+    attempts = greatest(q.attempts - 1, 0),
+    run_after = now() + make_interval(secs => %(delay)s),
+    started_at = NULL,
+    last_error = %(message)s,
+    last_stage = %(stage)s,
+    error_history = {HISTORY_APPEND_SQL},
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS r(id, token)
+WHERE q.id = r.id AND q.lease_token = r.token AND q.status = 'processing'
+RETURNING q.id
+"""
+
+
+def release(
+    conn: psycopg.Connection, leases: list[Lease], *, delay: float, stage: str, reason: str
+) -> int:
+    """Give claimed rows back untried: queued again after `delay`, the claim's attempt refunded.
+
+    For work deliberately not attempted (an open circuit breaker), which must not push a URL
+    towards `dead`. Fenced by lease token; returns how many rows were released.
+    """
+    if not leases:
+        return 0
+    entry = {"attempt": None, "stage": stage, "class": "deferred", "message": reason[:2000]}
+    with conn.transaction():
+        rows = conn.execute(
+            RELEASE_SQL,
+            {
+                "delay": max(delay, 0.0),
+                "message": reason[:2000],
+                "stage": stage,
+                "entry": json.dumps(entry),
+                "keep": ERROR_HISTORY_LIMIT,
+                "ids": [lease.id for lease in leases],
+                "tokens": [uuid.UUID(lease.token) for lease in leases],
+            },
+        ).fetchall()
+    for lease in leases:
+        log.info("url=%s stage=%s released untried for %.0fs: %s", lease.url, stage, delay, reason)
+    return len(rows)
+
+
 def stats(conn: psycopg.Connection) -> dict:
     """Counts per status and the age of the oldest queued row."""
     counts = dict.fromkeys(STATUSES, 0)
@@ -364,6 +415,17 @@ def stats(conn: psycopg.Connection) -> dict:
     }
 
 
+def next_due_seconds(conn: psycopg.Connection) -> float | None:
+    """Seconds until a row becomes claimable (a retry's run_after, or a lease expiring);
+    None when nothing is queued or in flight."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM min(CASE WHEN status = 'queued' THEN run_after"
+        " ELSE lease_until END) - now())"
+        " FROM blogqa.url_queue WHERE status IN ('queued', 'processing')"
+    ).fetchone()
+    return max(float(row[0]), 0.0) if row[0] is not None else None
+
+
 def claimable_count(conn: psycopg.Connection) -> int:
     """Rows a claim would take now (due queued rows plus expired leases)."""
     row = conn.execute(
@@ -371,3 +433,184 @@ def claimable_count(conn: psycopg.Connection) -> int:
         " OR (status = 'processing' AND lease_until < now())"
     ).fetchone()
     return int(row[0])
+
+
+# ---------------------------------------------------------------- operator actions
+# cancel, redrive (requeue_dead) and the error report behind `blogqa cancel|requeue|errors`.
+
+
+# Stages a row can fail at (PageError.stage values, and "lease" for an expired lease):
+# what `requeue_dead(stage=...)` filters on.
+FAILURE_STAGES = ("crawl", "summarize", "embed", "load", "lease")
+CANCEL_MESSAGE = "cancelled by operator"
+REDRIVE_MESSAGE = "requeued by operator (redrive of a dead row)"
+MAX_ERRORS_LIMIT = 1000
+
+CANCEL_SQL = f"""
+UPDATE blogqa.url_queue q
+SET status = 'cancelled', finished_at = now(), last_error = %(message)s, last_stage = 'cancel',
+    error_history = {HISTORY_APPEND_SQL},
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+WHERE q.id = %(id)s AND q.status IN ('queued', 'processing')
+RETURNING q.id
+"""
+
+REDRIVE_SQL = f"""
+UPDATE blogqa.url_queue q
+SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
+    started_at = NULL, processing_ms = NULL, last_error = NULL, last_stage = NULL,
+    error_history = {HISTORY_APPEND_SQL},
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+WHERE q.status = 'dead'
+  AND (%(stage)s::text IS NULL OR q.last_stage = %(stage)s::text)
+  AND (%(since)s::timestamptz IS NULL OR q.finished_at >= %(since)s::timestamptz)
+RETURNING q.id, q.url
+"""
+
+RECENT_ERRORS_SQL = """
+SELECT id, url, status, last_stage, attempts, max_attempts, last_error, updated_at,
+       CASE WHEN status = 'queued' THEN run_after END
+FROM blogqa.url_queue
+WHERE last_error IS NOT NULL
+ORDER BY updated_at DESC, id DESC
+LIMIT %s
+"""
+
+
+class QueueRowNotFoundError(BlogqaError, LookupError):
+    """No queue row matches the id or URL an operator gave; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What `cancel` did to one row: `cancelled` is False when it was already finished."""
+
+    id: int
+    url: str
+    previous_status: str
+    cancelled: bool
+    discarded_work: bool
+
+    @property
+    def reason(self) -> str:
+        if self.cancelled:
+            return CANCEL_MESSAGE
+        return f"already {self.previous_status}: only queued or processing rows can be cancelled"
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "previous_status": self.previous_status,
+            "cancelled": self.cancelled,
+            "discarded_work": self.discarded_work,
+            "reason": self.reason,
+        }
+
+
+def _lock_target(conn: psycopg.Connection, target: str) -> tuple | None:
+    """The row an operator named (a queue id, or a URL normalized as the queue keys are),
+    locked so a worker's fenced write cannot interleave with the cancel."""
+    text = target.strip()
+    if text.isascii() and text.isdigit():
+        return conn.execute(
+            "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE id = %s FOR UPDATE",
+            (int(text),),
+        ).fetchone()
+    try:
+        url = normalize_url(text)
+    except InvalidURLError as exc:
+        raise InvalidURLError(f"{target!r} is neither a queue id nor a valid URL: {exc}") from None
+    return conn.execute(
+        "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE url = %s FOR UPDATE",
+        (url,),
+    ).fetchone()
+
+
+def cancel(conn: psycopg.Connection, target: str) -> CancelResult:
+    """Cancel a queued or processing row, given its queue id or its URL.
+
+    The lease token is cleared, so every later write of a worker still holding the row
+    (renew, fail, complete, the load transaction) is fenced out and its result is discarded;
+    the row's intermediate results in blogqa.work_items are deleted in the same transaction.
+    A finished row is left alone and the result says why. Raises QueueRowNotFoundError when
+    nothing matches and InvalidURLError when `target` is neither an id nor a valid URL.
+    """
+    with conn.transaction():
+        row = _lock_target(conn, target)
+        if row is None:
+            raise QueueRowNotFoundError(
+                f"no queue row matches {target.strip()!r}: give a queue id or a URL that was"
+                " enqueued (URLs are matched in normalized form)"
+            )
+        row_id, url, status, owner = row
+        if status in TERMINAL_STATUSES:
+            return CancelResult(row_id, url, status, cancelled=False, discarded_work=False)
+        detail = f"was {status}" + (f", lease owner {owner}" if owner else "")
+        entry = {"stage": "cancel", "class": "operator", "message": f"{CANCEL_MESSAGE} ({detail})"}
+        conn.execute(
+            CANCEL_SQL,
+            {
+                "id": row_id,
+                "message": CANCEL_MESSAGE,
+                "entry": json.dumps(entry),
+                "keep": ERROR_HISTORY_LIMIT,
+            },
+        )
+        deleted = conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (row_id,))
+    log.info("url=%s stage=cancel queue_id=%s cancelled (%s)", url, row_id, detail)
+    return CancelResult(row_id, url, status, cancelled=True, discarded_work=deleted.rowcount > 0)
+
+
+def requeue_dead(
+    conn: psycopg.Connection, *, stage: str | None = None, since: dt.datetime | None = None
+) -> list[tuple[int, str]]:
+    """Redrive dead rows (optionally only those that died at `stage`, or at or after `since`).
+
+    They go back to queued with a fresh attempt budget, due now; their error history is kept
+    (with a redrive entry, still bounded) so the earlier failures stay visible, and leftover
+    intermediate results are dropped so the retry starts clean. Returns (id, url) by id.
+    """
+    if stage is not None and stage not in FAILURE_STAGES:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(FAILURE_STAGES)}")
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since must be timezone-aware (a naive time is ambiguous)")
+    entry = {"stage": "redrive", "class": "operator", "message": REDRIVE_MESSAGE}
+    with conn.transaction():
+        rows = conn.execute(
+            REDRIVE_SQL,
+            {
+                "stage": stage,
+                "since": since,
+                "entry": json.dumps(entry),
+                "keep": ERROR_HISTORY_LIMIT,
+            },
+        ).fetchall()
+        ids = [row[0] for row in rows]
+        if ids:
+            conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = ANY(%s)", (ids,))
+    rows.sort()
+    log.info("stage=redrive requeued %d dead row(s) (stage=%s since=%s)", len(rows), stage, since)
+    return [(row_id, url) for row_id, url in rows]
+
+
+def recent_errors(conn: psycopg.Connection, limit: int = 20) -> list[dict]:
+    """The latest rows that carry a failure reason, newest first, for an operator to triage.
+
+    Covers dead, skipped and cancelled rows, and rows waiting for (or in) a retry; `run_after`
+    is when a queued row will be retried (None for the others).
+    """
+    if not 1 <= limit <= MAX_ERRORS_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_ERRORS_LIMIT}")
+    keys = (
+        "id",
+        "url",
+        "status",
+        "stage",
+        "attempts",
+        "max_attempts",
+        "last_error",
+        "updated_at",
+        "run_after",
+    )
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(RECENT_ERRORS_SQL, (limit,))]

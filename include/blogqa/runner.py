@@ -56,6 +56,38 @@ def ensure_airflow_db() -> None:
         airflow_db.upgradedb()
 
 
+LLM_POOL = "blogqa_llm"
+
+
+def ensure_pools(settings: Settings) -> None:
+    """Create (or resize) the Airflow pool that caps concurrent LLM tasks across runs and
+    workers (BLOGQA_LLM_POOL_SLOTS)."""
+    from airflow.models.pool import Pool
+
+    pool = Pool.get_pool(LLM_POOL)
+    if pool is None or pool.slots != settings.llm_pool_slots:
+        Pool.create_or_update_pool(
+            LLM_POOL,
+            slots=settings.llm_pool_slots,
+            description="blogqa: concurrent summarize/embed tasks calling the model endpoint",
+            include_deferred=False,
+        )
+
+
+def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
+    """True once a row is claimable; False when none is, or none falls due in time."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        with db.connect(settings) as conn:
+            if queue.claimable_count(conn) > 0:
+                return True
+            due = queue.next_due_seconds(conn)
+        if due is None or time.monotonic() + due > deadline:
+            return False
+        log.info("waiting %.1fs for the next queued row to fall due", due)
+        time.sleep(min(due + 0.05, max(deadline - time.monotonic(), 0.05)))
+
+
 def load_dag():
     """The pipeline DAG, parsed from the DAGs folder the way the scheduler parses it."""
     from airflow.dag_processing.dagbag import DagBag
@@ -89,11 +121,18 @@ def run_pipeline(
     max_urls: int | None = None,
     chunk_size: int = 25,
     urls: list[str] | None = None,
+    wait_seconds: float = 0.0,
 ) -> RunTally:
     """Trigger DAG runs (real task instances, in this process) until nothing is claimable
-    or `max_urls` have been claimed."""
+    or `max_urls` have been claimed.
+
+    With `wait_seconds`, a queue whose rows are all waiting (a retry's backoff, an open
+    circuit breaker, a dead worker's lease) is waited for when the next one falls due within
+    that many seconds, so one command drains it.
+    """
     configure_airflow(settings)
     ensure_airflow_db()
+    ensure_pools(settings)
     dag = load_dag()
     tally = RunTally()
     started = time.perf_counter()
@@ -101,10 +140,8 @@ def run_pipeline(
     first = True
     claimed_ids: set[int] = set()
     while remaining > 0:
-        if not (first and urls):
-            with db.connect(settings) as conn:
-                if queue.claimable_count(conn) == 0:
-                    break
+        if not (first and urls) and not _wait_for_claimable(settings, wait_seconds):
+            break
         batch = int(min(remaining, MAX_URLS_PER_RUN))
         conf = {
             "urls": list(urls or []) if first else [],

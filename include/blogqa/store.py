@@ -18,12 +18,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from blogqa import queue
+from blogqa.leases import LeaseLostError
 from blogqa.llm import ModelCall
 from blogqa.queue import Lease
-
-
-class LeaseLostError(RuntimeError):
-    """The queue row is no longer ours (expired, cancelled or re-claimed): discard the work."""
 
 
 class IncompleteWorkError(RuntimeError):
@@ -220,14 +217,26 @@ WHERE url = %s
 
 
 def load_document(
-    conn: psycopg.Connection, item: WorkItem, *, embed_model: str, fetched_at: dt.datetime
+    conn: psycopg.Connection,
+    item: WorkItem,
+    *,
+    embed_model: str,
+    fetched_at: dt.datetime,
+    timeout_seconds: float | None = None,
 ) -> int | None:
     """Write one document's outputs and mark its queue row done, all in one transaction.
 
-    Raises LeaseLostError (rolling everything back) when the lease is no longer held.
+    Raises LeaseLostError (rolling everything back) when the lease is no longer held, and
+    psycopg.errors.QueryCanceled when the transaction runs past `timeout_seconds` (a lock
+    held elsewhere, an overloaded server) rather than hanging the task.
     """
     page = item.page or {}
     with conn.transaction():
+        if timeout_seconds:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (f"{int(timeout_seconds * 1000)}ms",),
+            )
         if item.unchanged:
             conn.execute(
                 TOUCH_DOCUMENT_SQL,
