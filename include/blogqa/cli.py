@@ -92,7 +92,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from blogqa import runner
 
     runner.configure_airflow(settings, log_level=None if args.verbose else "WARNING")
-    tally = runner.run_pipeline(settings, max_urls=args.max_urls, chunk_size=args.chunk_size)
+    tally = runner.run_pipeline(
+        settings, max_urls=args.max_urls, chunk_size=args.chunk_size, wait_seconds=args.wait
+    )
     out.print(tally.line())
     return 1 if tally.failed_runs else 0
 
@@ -410,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline DAG until the queue is drained")
     p.add_argument("--max-urls", type=_positive, default=None, help="stop after this many URLs")
     p.add_argument("--chunk-size", type=_positive, default=25, help="URLs per mapped chunk")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when every remaining row is waiting (retry backoff, circuit breaker, a dead "
+        "worker's lease), wait up to this long for the next one instead of stopping",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stats", help="queue counts per status")
