@@ -50,6 +50,12 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
     out.print(
         f"schema ready on the {where}; migrations applied now: {', '.join(applied) or 'none'}"
     )
+    from blogqa import runner
+
+    runner.configure_airflow(settings, log_level="WARNING")
+    runner.ensure_airflow_db()
+    runner.ensure_pools(settings)
+    out.print(f"Airflow pool {runner.LLM_POOL} has {settings.llm_pool_slots} slots")
     return 0
 
 
