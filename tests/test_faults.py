@@ -165,8 +165,9 @@ def test_sigkill_mid_chunk_then_resume(conn, page_server, openai_env, monkeypatc
         from blogqa import queue
 
         queue.enqueue(c, urls)
+    calls = openai_env.chat_calls  # the server lives for the whole session
     worker = _blogqa_run(tmp_path / "killed.log", "--chunk-size", "4")
-    _wait_for(lambda: openai_env.chat_calls >= 3, 120, "the worker to reach the model")
+    _wait_for(lambda: openai_env.chat_calls >= calls + 3, 120, "the worker to reach the model")
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     in_flight = conn.execute(
@@ -207,8 +208,9 @@ def test_database_restart_during_a_run(conn, page_server, openai_env, monkeypatc
         from blogqa import queue
 
         queue.enqueue(c, urls)
+    calls = openai_env.chat_calls
     worker = _blogqa_run(tmp_path / "restart.log", "--chunk-size", "3", "--wait", "30")
-    _wait_for(lambda: openai_env.chat_calls >= 2, 120, "the worker to reach the model")
+    _wait_for(lambda: openai_env.chat_calls >= calls + 2, 120, "the worker to reach the model")
     conn.close()
     pid_file = settings.pgdata / "postmaster.pid"
     before = pid_file.read_text().split()[0]
