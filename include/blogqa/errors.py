@@ -42,3 +42,30 @@ class PageError(BlogqaError):
         self.permanent = permanent
         self.terminal_status = terminal_status
         self.retry_after = retry_after
+
+    def __reduce__(self):
+        """Keyword-only fields survive pickling (errors raised in extraction processes)."""
+        return (
+            _rebuild_page_error,
+            (
+                type(self),
+                str(self),
+                self.stage,
+                self.permanent,
+                self.terminal_status,
+                self.retry_after,
+            ),
+        )
+
+
+def _rebuild_page_error(cls, message, stage, permanent, terminal_status, retry_after):
+    error = PageError.__new__(cls)
+    PageError.__init__(
+        error,
+        message,
+        stage=stage,
+        permanent=permanent,
+        terminal_status=terminal_status,
+        retry_after=retry_after,
+    )
+    return error

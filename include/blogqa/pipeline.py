@@ -21,9 +21,10 @@ import psycopg
 from blogqa import db, politeness, queue, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import Settings, load_settings
-from blogqa.crawl import Validators, content_hash, extract, fetch, http_client
+from blogqa.crawl import Validators, content_hash, fetch, http_client
 from blogqa.embed import embed_many, embedder
 from blogqa.errors import PageError
+from blogqa.extraction_pool import extract_async
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
 from blogqa.politeness import CrawlPolicy
@@ -115,17 +116,7 @@ async def _crawl_one(client, lease: Lease, previous, policy: CrawlPolicy, settin
             raise PageError("HTTP 304 without a stored copy", stage="crawl", permanent=False)
         log.info("url=%s stage=crawl not modified (conditional GET)", lease.url)
         return dict(previous.page)
-    try:
-        article = await asyncio.wait_for(
-            asyncio.to_thread(extract, fetched), settings.extract_timeout
-        )
-    except TimeoutError:
-        raise PageError(
-            f"extraction took longer than {settings.extract_timeout:.0f}s "
-            "(BLOGQA_EXTRACT_TIMEOUT_SECONDS)",
-            stage="crawl",
-            permanent=False,
-        ) from None
+    article = await extract_async(fetched, settings)
     page = _page(fetched, article, content_hash(article.text))
     log.info("url=%s stage=crawl extracted %d words", lease.url, len(article.text.split()))
     return page
