@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extraction_quality.py
 	BLOGQA_CRAWL_ALLOW_PRIVATE=true $(BIN)/blogqa demo > /dev/null
 	$(BIN)/python bench/api_latency.py
+	$(BIN)/python bench/api_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

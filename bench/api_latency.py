@@ -2,8 +2,8 @@
 
 Runs against the database of BLOGQA_HOME as it is (run `make demo` first to fill it) through
 FastAPI's TestClient, so it measures the app and its queries, not a network or a server.
-Writes bench/results/api_latency.json. The issue's full benchmark (100k vectors, 16 clients
-against `blogqa serve`, HNSW recall) is not written yet.
+Writes bench/results/api_latency.json. The full benchmark (100k vectors, 16 concurrent clients
+against `blogqa serve`, HNSW recall@10) is bench/api_bench.py.
 """
 
 from __future__ import annotations

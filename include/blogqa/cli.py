@@ -301,7 +301,17 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from blogqa.api import create_app
 
     db.migrate(settings)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    if args.workers > 1:  # each worker process builds its own app and pool from the environment
+        uvicorn.run(
+            "blogqa.api.app:create_app",
+            factory=True,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            log_level="info",
+        )
+    else:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -470,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the read-only results API (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8000)
+    p.add_argument("--workers", type=_positive, default=1, help="uvicorn worker processes")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("questions", help="summary and questions stored for a URL")

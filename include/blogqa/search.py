@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from blogqa.config import Settings
+from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings
 from blogqa.embed import embedder
 from blogqa.llm import ModelCall
 
@@ -22,6 +22,32 @@ WHERE c.document_id IS DISTINCT FROM %(exclude)s
 ORDER BY c.embedding <=> %(v)s
 LIMIT %(n)s
 """
+
+# The similar search ranks 8 chunks per wanted document but shows one per document. Its first
+# query takes ids only; the second reads text and score of the chunks kept. The score reads
+# (detoasts) each stored 6 KB vector from the table, so computing it for the k kept chunks
+# rather than all 8k ranked ones cuts the search's database time by more than half at 100k
+# vectors (bench/api_bench.py). The HNSW index scan itself is the same as above.
+NEAREST_IDS_SQL = """
+SELECT c.id, c.document_id
+FROM blogqa.chunks c
+WHERE c.document_id IS DISTINCT FROM %(exclude)s
+ORDER BY c.embedding <=> %(v)s
+LIMIT %(n)s
+"""
+CHUNKS_BY_ID_SQL = """
+SELECT c.id, c.document_id, c.position, d.url, d.title, c.text,
+       1 - (c.embedding <=> %(v)s) AS score
+FROM blogqa.chunks c JOIN blogqa.documents d ON d.id = c.document_id
+WHERE c.id = ANY(%(ids)s)
+"""
+
+# pgvector (0.6 in the embedded server) returns at most hnsw.ef_search rows from an HNSW index
+# scan: a LIMIT above it silently returns fewer rows. Each search therefore sets the value for
+# its own transaction, raised to its LIMIT (capped at pgvector's maximum). `SET` takes no bind
+# parameters; set_config does (is_local = true: until the end of the transaction).
+MAX_EF_SEARCH = 1000
+EF_SEARCH_SQL = "SELECT set_config('hnsw.ef_search', %s, true)"
 
 
 @dataclass(frozen=True)
@@ -49,15 +75,22 @@ def embed_query(settings: Settings, text: str) -> np.ndarray:
     return asyncio.run(embed_query_async(settings, text))[0]
 
 
-def _best_per_document(chunks: list[ChunkMatch], k: int) -> list[Match]:
+def _best_chunk_ids(ranked: list[tuple[int, int]], k: int) -> list[int]:
+    """The best chunk of each of the first `k` documents of (chunk id, document id) rows
+    ranked best first."""
+    best: dict[int, int] = {}
+    for chunk_id, document_id in ranked:
+        if len(best) == k:
+            break
+        best.setdefault(document_id, chunk_id)
+    return list(best.values())
+
+
+def _document_matches(rows) -> list[Match]:
     """Documents ranked by their best-matching chunk; the passage is that chunk."""
-    best: dict[int, Match] = {}
-    for chunk in chunks:
-        if chunk.document_id not in best:
-            best[chunk.document_id] = Match(
-                chunk.document_id, chunk.url, chunk.title, chunk.score, chunk.text
-            )
-    return sorted(best.values(), key=lambda m: -m.score)[:k]
+    chunks = _chunk_matches(rows)
+    matches = [Match(c.document_id, c.url, c.title, c.score, c.text) for c in chunks]
+    return sorted(matches, key=lambda m: -m.score)
 
 
 def _chunk_matches(rows) -> list[ChunkMatch]:
@@ -67,10 +100,26 @@ def _chunk_matches(rows) -> list[ChunkMatch]:
     ]
 
 
-def similar_documents(conn: psycopg.Connection, vector: np.ndarray, k: int = 5) -> list[Match]:
+def ef_search_for(n: int, ef_search: int) -> int:
+    """The hnsw.ef_search for a query returning `n` rows: the configured value, raised to `n`
+    so the index scan can return them all."""
+    return min(max(ef_search, n), MAX_EF_SEARCH)
+
+
+def similar_documents(
+    conn: psycopg.Connection,
+    vector: np.ndarray,
+    k: int = 5,
+    *,
+    ef_search: int = HNSW_EF_SEARCH_DEFAULT,
+) -> list[Match]:
     """Documents ranked by their best-matching chunk; the passage is that chunk."""
-    rows = conn.execute(NEAREST_CHUNKS_SQL, {"v": vector, "n": max(k * 8, 40), "exclude": None})
-    return _best_per_document(_chunk_matches(rows), k)
+    n = max(k * 8, 40)
+    with conn.transaction():
+        conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
+        ranked = conn.execute(NEAREST_IDS_SQL, {"v": vector, "n": n, "exclude": None}).fetchall()
+    ids = _best_chunk_ids(ranked, k)
+    return _document_matches(conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids}))
 
 
 async def embed_query_async(settings: Settings, text: str) -> tuple[np.ndarray, ModelCall]:
@@ -89,10 +138,33 @@ async def nearest_chunks_async(
     n: int,
     *,
     exclude_document: int | None = None,
+    ef_search: int = HNSW_EF_SEARCH_DEFAULT,
 ) -> list[ChunkMatch]:
-    """The `n` chunks nearest to `vector` (cosine, HNSW), best first."""
-    cur = await conn.execute(NEAREST_CHUNKS_SQL, {"v": vector, "n": n, "exclude": exclude_document})
-    return _chunk_matches(await cur.fetchall())
+    """The `n` chunks nearest to `vector` (cosine, HNSW, searched with `ef_search` raised to
+    `n`), best first."""
+    params = {"v": vector, "n": n, "exclude": exclude_document}
+    async with conn.transaction():
+        await conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
+        cur = await conn.execute(NEAREST_CHUNKS_SQL, params)
+        rows = await cur.fetchall()
+    return _chunk_matches(rows)
+
+
+async def nearest_chunk_ids_async(
+    conn: psycopg.AsyncConnection,
+    vector: np.ndarray,
+    n: int,
+    *,
+    exclude_document: int | None = None,
+    ef_search: int = HNSW_EF_SEARCH_DEFAULT,
+) -> list[tuple[int, int]]:
+    """(chunk id, document id) of the `n` chunks nearest to `vector`, best first: the ranking
+    of `nearest_chunks_async` without reading texts or stored vectors."""
+    params = {"v": vector, "n": n, "exclude": exclude_document}
+    async with conn.transaction():
+        await conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
+        cur = await conn.execute(NEAREST_IDS_SQL, params)
+        return [(chunk_id, document_id) for chunk_id, document_id in await cur.fetchall()]
 
 
 async def similar_documents_async(
@@ -101,9 +173,12 @@ async def similar_documents_async(
     k: int = 5,
     *,
     exclude_document: int | None = None,
+    ef_search: int = HNSW_EF_SEARCH_DEFAULT,
 ) -> list[Match]:
     """`similar_documents` on an async connection, optionally leaving out one document."""
-    chunks = await nearest_chunks_async(
-        conn, vector, max(k * 8, 40), exclude_document=exclude_document
+    ranked = await nearest_chunk_ids_async(
+        conn, vector, max(k * 8, 40), exclude_document=exclude_document, ef_search=ef_search
     )
-    return _best_per_document(chunks, k)
+    ids = _best_chunk_ids(ranked, k)
+    cur = await conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids})
+    return _document_matches(await cur.fetchall())

@@ -141,13 +141,14 @@ async def get_document(
     row = await _row(
         conn,
         f"SELECT {DOCUMENT_COLUMNS}, d.canonical_url, d.content_hash, d.created_at,"
-        " d.updated_at, d.text,"
+        # the text only when asked: it is the largest column, read (detoasted) only if used
+        " d.updated_at, CASE WHEN %s THEN d.text END AS text,"
         " (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id) AS chunk_count,"
         " s.summary, s.model, s.prompt_version, s.embed_model,"
         " s.created_at AS summary_created_at"
         f" FROM blogqa.documents d LEFT JOIN blogqa.summaries s ON s.document_id = d.id"
         f" WHERE {key} = %s",
-        (value,),
+        (include_text, value),
     )
     if row is None:
         raise NotFoundError(await _not_found_message(conn, document_id, url))
@@ -160,8 +161,6 @@ async def get_document(
             embed_model=row.pop("embed_model"),
             created_at=row.pop("summary_created_at"),
         )
-    if not include_text:
-        row["text"] = None
     questions = (await _questions_of(conn, [row["id"]]))[row["id"]]
     return models.DocumentDetail(**row, summary=summary, questions=questions)
 
@@ -217,7 +216,7 @@ async def similar(
     else:
         vector, _ = await search.embed_query_async(settings, request.text or "")
     matches = await search.similar_documents_async(
-        conn, vector, request.k, exclude_document=exclude
+        conn, vector, request.k, exclude_document=exclude, ef_search=settings.hnsw_ef_search
     )
     questions = (
         await _questions_of(conn, [m.document_id for m in matches])
@@ -250,7 +249,9 @@ async def ask(
     stage 'ask', for the caller to write to the ledger with `record_usage`.
     """
     vector, embed_call = await search.embed_query_async(settings, request.question)
-    chunks = await search.nearest_chunks_async(conn, vector, request.k)
+    chunks = await search.nearest_chunks_async(
+        conn, vector, request.k, ef_search=settings.hnsw_ef_search
+    )
     passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
     result = await answering.answer_question(settings, request.question, passages)
     calls = [dataclasses.replace(embed_call, stage=answering.STAGE), *result.calls]
