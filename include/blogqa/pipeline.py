@@ -366,31 +366,40 @@ def _as_page_error(exc: Exception) -> PageError:
 
 
 def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
-    """One transaction per document; returns the queue ids now done."""
+    """One transaction for the chunk's complete items; returns the queue ids now done."""
     settings = settings or load_settings()
-    done: list[int] = []
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
-        now = dt.datetime.now(dt.UTC)
+        ready, failures = [], []
         for item in store.work_items(conn, leases, settings.embed_dim):
             try:
-                store.load_document(
-                    conn,
-                    item,
-                    embed_model=settings.embed_model,
-                    fetched_at=now,
-                    timeout_seconds=settings.load_timeout,
+                store.check_complete(item)
+                ready.append(item)
+            except store.IncompleteWorkError as exc:
+                failures.append((item.lease, PageError(str(exc), stage="load", permanent=False)))
+        try:
+            loaded, lost = store.load_documents(
+                conn,
+                ready,
+                embed_model=settings.embed_model,
+                fetched_at=dt.datetime.now(dt.UTC),
+                timeout_seconds=settings.load_timeout,
+            )
+        except psycopg.errors.QueryCanceled as exc:
+            loaded, lost = [], []
+            failures += [
+                (
+                    item.lease,
+                    PageError(f"load timed out: {exc}".strip(), stage="load", permanent=False),
                 )
-            except LeaseLostError as exc:
-                log.warning("url=%s stage=load %s", item.lease.url, exc)
-                continue
-            except (store.IncompleteWorkError, psycopg.errors.QueryCanceled) as exc:
-                error = PageError(str(exc).strip(), stage="load", permanent=False)
-                _fail_all(conn, [(item.lease, error)], settings)
-                continue
-            done.append(item.lease.id)
-            log.info("url=%s stage=load done", item.lease.url)
-    return done
+                for item in ready
+            ]
+        _fail_all(conn, failures, settings)
+    for item in lost:
+        log.warning("url=%s stage=load lease lost; result discarded", item.lease.url)
+    for item in loaded:
+        log.info("url=%s stage=load done", item.lease.url)
+    return [item.lease.id for item in loaded]
 
 
 def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:

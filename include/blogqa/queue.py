@@ -261,19 +261,27 @@ def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> lis
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
 
 
-COMPLETE_SQL = """
-UPDATE blogqa.url_queue
+DONE_SET = """
 SET status = 'done', finished_at = now(), last_error = NULL, last_stage = NULL,
     processing_ms = (extract(epoch FROM now() - started_at) * 1000)::integer,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
+"""
+COMPLETE_SQL = f"""
+UPDATE blogqa.url_queue {DONE_SET}
 WHERE id = %s AND lease_token = %s AND status = 'processing'
 """
+MARK_DONE_SQL = f"UPDATE blogqa.url_queue {DONE_SET} WHERE id = ANY(%s)"
 
 
 def complete(conn: psycopg.Connection, lease: Lease) -> bool:
-    """Mark done (call inside the load transaction); False when the lease was lost."""
+    """Mark one row done, fenced by its lease token; False when the lease was lost."""
     cur = conn.execute(COMPLETE_SQL, (lease.id, uuid.UUID(lease.token)))
     return cur.rowcount == 1
+
+
+def mark_done(conn: psycopg.Connection, ids: list[int]) -> None:
+    """Mark rows done: only for rows the caller has locked and verified as held (the load)."""
+    conn.execute(MARK_DONE_SQL, (ids,))
 
 
 def backoff_seconds(

@@ -1,8 +1,8 @@
 """Postgres side of the stages: work in progress between stages, and the final load.
 
 Between stages a claimed URL's results live in blogqa.work_items (XCom carries only ids and
-lease tokens). `load_document` replaces one document's output rows in one transaction that
-also marks its queue row done, fenced by the lease token, so a re-run never duplicates rows
+lease tokens). `load_documents` replaces a chunk's output rows in one transaction that
+also marks their queue rows done, fenced by the lease tokens, so a re-run never duplicates rows
 and a worker that lost its lease writes nothing.
 """
 
@@ -18,7 +18,6 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from blogqa import queue
-from blogqa.leases import LeaseLostError
 from blogqa.llm import ModelCall
 from blogqa.queue import Lease
 
@@ -195,119 +194,181 @@ def record_usage(conn: psycopg.Connection, calls: list[tuple[Lease, ModelCall]])
         cur.executemany(USAGE_INSERT_SQL, [usage_row(c, lease.id, lease.url) for lease, c in calls])
 
 
-UPSERT_DOCUMENT_SQL = """
+TOUCH_DOCUMENTS_SQL = """
+UPDATE blogqa.documents d SET fetched_at = %s, etag = coalesce(v.etag, d.etag),
+    last_modified = coalesce(v.last_modified, d.last_modified)
+FROM unnest(%s::text[], %s::text[], %s::text[]) AS v(url, etag, last_modified)
+WHERE d.url = v.url
+"""
+
+UPSERT_DOCUMENTS_SQL = """
 INSERT INTO blogqa.documents (url, canonical_url, title, author, published, site_name,
     language, text, word_count, content_hash, etag, last_modified, fetched_at)
-VALUES (%(url)s, %(canonical_url)s, %(title)s, %(author)s, %(published)s, %(site_name)s,
-    %(language)s, %(text)s, %(word_count)s, %(content_hash)s, %(etag)s, %(last_modified)s,
-    %(fetched_at)s)
+SELECT v.*, %s::timestamptz FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],
+    %s::date[], %s::text[], %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[],
+    %s::text[]) AS v
 ON CONFLICT (url) DO UPDATE SET canonical_url = EXCLUDED.canonical_url, title = EXCLUDED.title,
     author = EXCLUDED.author, published = EXCLUDED.published, site_name = EXCLUDED.site_name,
     language = EXCLUDED.language, text = EXCLUDED.text, word_count = EXCLUDED.word_count,
     content_hash = EXCLUDED.content_hash, etag = EXCLUDED.etag,
     last_modified = EXCLUDED.last_modified, fetched_at = EXCLUDED.fetched_at, updated_at = now()
-RETURNING id
+RETURNING url, id
 """
 
-TOUCH_DOCUMENT_SQL = """
-UPDATE blogqa.documents SET fetched_at = %s, etag = coalesce(%s, etag),
-    last_modified = coalesce(%s, last_modified)
-WHERE url = %s
+LOCK_HELD_SQL = """
+SELECT q.id FROM blogqa.url_queue q
+JOIN unnest(%s::bigint[], %s::uuid[]) AS r(id, token) ON q.id = r.id AND q.lease_token = r.token
+WHERE q.status = 'processing'
+FOR UPDATE OF q
 """
 
 
-def load_document(
+def check_complete(item: WorkItem) -> None:
+    """Raise IncompleteWorkError unless every earlier stage's result is there (and fits)."""
+    if item.unchanged:
+        return
+    llm, chunks, vectors = item.llm_result, item.chunks, item.vectors
+    if item.page is None or llm is None or chunks is None or vectors is None:
+        raise IncompleteWorkError(f"work item for {item.lease.url} lacks an earlier stage")
+    if vectors.shape[0] != 1 + len(llm["qa"]) + len(chunks):
+        raise IncompleteWorkError(f"work item for {item.lease.url} has {len(vectors)} vectors")
+
+
+def load_documents(
     conn: psycopg.Connection,
-    item: WorkItem,
+    items: list[WorkItem],
     *,
     embed_model: str,
     fetched_at: dt.datetime,
     timeout_seconds: float | None = None,
-) -> int | None:
-    """Write one document's outputs and mark its queue row done, all in one transaction.
+) -> tuple[list[WorkItem], list[WorkItem]]:
+    """Write a chunk's outputs and mark its queue rows done in one transaction.
 
-    Raises LeaseLostError (rolling everything back) when the lease is no longer held, and
-    psycopg.errors.QueryCanceled when the transaction runs past `timeout_seconds` (a lock
-    held elsewhere, an overloaded server) rather than hanging the task.
+    The rows still ours are locked first, so a cancel or a takeover either happens before
+    (that item is left out: its result discarded) or waits until the commit. Each table gets
+    one set-based statement (COPY for the vector rows), not one per document: a chunk costs
+    a handful of round trips. `items` must have passed `check_complete`. Returns (loaded,
+    lost). Raises psycopg.errors.QueryCanceled past `timeout_seconds` rather than hanging.
     """
-    page = item.page or {}
+    if not items:
+        return [], []
     with conn.transaction():
         if timeout_seconds:
             conn.execute(
                 "SELECT set_config('statement_timeout', %s, true)",
                 (f"{int(timeout_seconds * 1000)}ms",),
             )
-        if item.unchanged:
-            conn.execute(
-                TOUCH_DOCUMENT_SQL,
-                (fetched_at, page.get("etag"), page.get("last_modified"), item.lease.url),
+        held = {
+            row[0]
+            for row in conn.execute(
+                LOCK_HELD_SQL,
+                ([i.lease.id for i in items], [uuid.UUID(i.lease.token) for i in items]),
             )
-            document_id = None
-        else:
-            document_id = _replace_outputs(conn, item, page, embed_model, fetched_at)
-        if not queue.complete(conn, item.lease):
-            raise LeaseLostError(f"lease on {item.lease.url} was lost; result discarded")
-        conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (item.lease.id,))
-    return document_id
+        }
+        mine = [i for i in items if i.lease.id in held]
+        lost = [i for i in items if i.lease.id not in held]
+        _touch_unchanged(conn, [i for i in mine if i.unchanged], fetched_at)
+        _replace_outputs(conn, [i for i in mine if not i.unchanged], embed_model, fetched_at)
+        ids = [i.lease.id for i in mine]
+        queue.mark_done(conn, ids)
+        conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = ANY(%s)", (ids,))
+    return mine, lost
+
+
+def _touch_unchanged(conn: psycopg.Connection, items: list[WorkItem], fetched_at) -> None:
+    if items:
+        pages = [i.page or {} for i in items]
+        conn.execute(
+            TOUCH_DOCUMENTS_SQL,
+            (
+                fetched_at,
+                [i.lease.url for i in items],
+                [p.get("etag") for p in pages],
+                [p.get("last_modified") for p in pages],
+            ),
+        )
+
+
+DOCUMENT_COLUMNS = (
+    "canonical_url", "title", "author", "published", "site_name", "language", "text",
+    "word_count", "content_hash", "etag", "last_modified",
+)  # fmt: skip
+
+
+def _document_values(item: WorkItem) -> dict:
+    page = dict(item.page or {})
+    page["word_count"] = len(page["text"].split())
+    return page
 
 
 def _replace_outputs(
-    conn: psycopg.Connection, item: WorkItem, page: dict, embed_model: str, fetched_at: dt.datetime
-) -> int:
-    llm, chunks, vectors = item.llm_result, item.chunks, item.vectors
-    if llm is None or chunks is None or vectors is None:
-        raise IncompleteWorkError(f"work item for {item.lease.url} lacks an earlier stage")
-    qa = llm["qa"]
-    if vectors.shape[0] != 1 + len(qa) + len(chunks):
-        raise IncompleteWorkError(f"work item for {item.lease.url} has {len(vectors)} vectors")
-    values = {
-        key: page.get(key)
-        for key in ("canonical_url", "title", "author", "published", "site_name", "language")
-    }
-    values.update(
-        url=item.lease.url,
-        text=page["text"],
-        word_count=len(page["text"].split()),
-        content_hash=page["content_hash"],
-        etag=page.get("etag"),
-        last_modified=page.get("last_modified"),
-        fetched_at=fetched_at,
-    )
-    document_id = conn.execute(UPSERT_DOCUMENT_SQL, values).fetchone()[0]
+    conn: psycopg.Connection, items: list[WorkItem], embed_model: str, fetched_at: dt.datetime
+) -> None:
+    if not items:
+        return
+    values = [_document_values(i) for i in items]
+    columns = [[i.lease.url for i in items]] + [
+        [v.get(c) for v in values] for c in DOCUMENT_COLUMNS
+    ]
+    ids = dict(conn.execute(UPSERT_DOCUMENTS_SQL, (fetched_at, *columns)).fetchall())
+    document_ids = [ids[i.lease.url] for i in items]
     for table in ("summaries", "questions", "chunks"):
         conn.execute(
-            sql.SQL("DELETE FROM blogqa.{} WHERE document_id = %s").format(sql.Identifier(table)),
-            (document_id,),
+            sql.SQL("DELETE FROM blogqa.{} WHERE document_id = ANY(%s)").format(
+                sql.Identifier(table)
+            ),
+            (document_ids,),
         )
-    conn.execute(
-        "INSERT INTO blogqa.summaries (document_id, summary, model, prompt_version, content_hash,"
-        " embed_model, embedding) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (
-            document_id,
-            llm["summary"],
-            llm["model"],
-            llm["prompt_version"],
-            page["content_hash"],
-            embed_model,
-            vectors[0],
-        ),
-    )
-    with conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO blogqa.questions (document_id, position, question, answer, embedding)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            [
-                (document_id, i, p["question"], p["answer"], vectors[1 + i])
-                for i, p in enumerate(qa)
-            ],
+    summaries, questions, chunks = [], [], []
+    for item, document_id in zip(items, document_ids, strict=True):
+        llm, vectors = item.llm_result, item.vectors
+        qa = llm["qa"]
+        summaries.append(
+            (
+                document_id,
+                llm["summary"],
+                llm["model"],
+                llm["prompt_version"],
+                item.page["content_hash"],
+                embed_model,
+                vectors[0],
+            )
         )
+        questions += [
+            (document_id, n, p["question"], p["answer"], vectors[1 + n]) for n, p in enumerate(qa)
+        ]
         offset = 1 + len(qa)
-        cur.executemany(
-            "INSERT INTO blogqa.chunks (document_id, position, text, tokens, embedding)"
-            " VALUES (%s, %s, %s, %s, %s)",
-            [
-                (document_id, i, c["text"], c["tokens"], vectors[offset + i])
-                for i, c in enumerate(chunks)
-            ],
-        )
-    return document_id
+        chunks += [
+            (document_id, n, c["text"], c["tokens"], vectors[offset + n])
+            for n, c in enumerate(item.chunks)
+        ]
+    _copy(
+        conn,
+        "summaries (document_id, summary, model, prompt_version, content_hash, embed_model,"
+        " embedding)",
+        ["bigint", "text", "text", "text", "text", "text", "vector"],
+        summaries,
+    )
+    _copy(
+        conn,
+        "questions (document_id, position, question, answer, embedding)",
+        ["bigint", "smallint", "text", "text", "vector"],
+        questions,
+    )
+    _copy(
+        conn,
+        "chunks (document_id, position, text, tokens, embedding)",
+        ["bigint", "integer", "text", "integer", "vector"],
+        chunks,
+    )
+
+
+def _copy(conn: psycopg.Connection, target: str, types: list[str], rows: list[tuple]) -> None:
+    """Binary COPY: the fastest way to write many rows with vectors (target is a constant)."""
+    if not rows:
+        return
+    statement = f"COPY blogqa.{target} FROM STDIN (FORMAT BINARY)"
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
