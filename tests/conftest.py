@@ -81,6 +81,7 @@ def openai_env(openai_server, monkeypatch):
     openai_server.latency = 0.0
     openai_server.retry_after = "7"
     openai_server.slow_seconds = 3.0
+    openai_server.floats_only = False
     monkeypatch.setenv("OPENAI_BASE_URL", f"{openai_server.base_url}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", openai_server.api_key)
     monkeypatch.setenv("BLOGQA_LLM_PROVIDER", "openai")

@@ -7,6 +7,7 @@ many model calls the pipeline made. `script` makes the next calls misbehave on p
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import random
@@ -210,6 +211,10 @@ def fake_embedding(text: str, dim: int) -> list[float]:
     return (vector / np.linalg.norm(vector)).round(6).tolist()
 
 
+def _base64_floats(vector: list[float]) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
 class OpenAIHandler(_Handler):
     def do_POST(self):
         server = self.server.owner  # type: ignore[attr-defined]
@@ -230,8 +235,10 @@ class OpenAIHandler(_Handler):
                 server.embedding_calls += 1
                 server.embedding_inputs += len(body["input"])
             dim = body.get("dimensions", 1536)
+            wants_base64 = body.get("encoding_format") == "base64" and not server.floats_only
+            encode = _base64_floats if wants_base64 else list
             data = [
-                {"object": "embedding", "index": i, "embedding": fake_embedding(text, dim)}
+                {"object": "embedding", "index": i, "embedding": encode(fake_embedding(text, dim))}
                 for i, text in enumerate(body["input"])
             ]
             tokens = sum(len(t.split()) for t in body["input"])
@@ -318,5 +325,6 @@ def start_openai_server(api_key: str = "test-key"):
     server.retry_after = "7"
     server.slow_seconds = 3.0
     server.latency = 0.0
+    server.floats_only = False  # like servers that ignore encoding_format
     server.chat_calls = server.embedding_calls = server.embedding_inputs = 0
     return server.start()

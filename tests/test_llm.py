@@ -261,3 +261,25 @@ def test_local_embedder(settings) -> None:
     assert call.prompt_tokens == sum(len(t.split()) for t in (FEEDING, PARAPHRASE, UNRELATED))
     similarities = matrix @ matrix[0]
     assert similarities[1] > similarities[2]
+
+
+@pytest.mark.parametrize("floats_only", [False, True])
+def test_openai_embeddings_arrive_exactly_in_either_encoding(openai_env, floats_only) -> None:
+    from blogqa.embed import OpenAIEmbedder
+    from tests.fakes import fake_embedding
+
+    openai_env.floats_only = floats_only
+    texts = ["first text to embed", "second, different text"]
+    embedder = OpenAIEmbedder(load_settings())
+
+    async def run():
+        try:
+            return await embedder.embed(texts)
+        finally:
+            await embedder.aclose()
+
+    matrix, call = asyncio.run(run())
+    expected = np.asarray([fake_embedding(t, 1536) for t in texts], dtype=np.float32)
+    assert matrix.shape == (2, 1536)
+    assert np.array_equal(matrix, expected)
+    assert call.inputs == 2
