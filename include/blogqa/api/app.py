@@ -4,9 +4,12 @@ Standalone (`blogqa serve`) every route but /health requires `Authorization: Bea
 when BLOGQA_API_TOKEN is set. Mounted as an Airflow plugin (`create_app(airflow_auth=True)`)
 every route but /health requires an authenticated Airflow user instead.
 
-Database access is read-only by construction: pooled async connections run
-`SET default_transaction_read_only = on` when they are opened. The pool opens on the first
-request (a sub-application mounted by Airflow gets no lifespan events) and closes on shutdown.
+Database access is read-only by construction: pooled async connections are opened with
+`default_transaction_read_only = on` (a connection option, so it holds from the first
+statement). The one write, the `ask` route's usage ledger, goes through a separate pool of
+at most LEDGER_POOL_MAX_SIZE connections that only `queries.write_usage` uses. The pools open
+on first use (a sub-application mounted by Airflow gets no lifespan events) and close on
+shutdown.
 """
 
 from __future__ import annotations
@@ -24,20 +27,22 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pgvector.psycopg import register_vector_async
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from blogqa import db
+from blogqa import db, search
 from blogqa.answer import AnswerError
 from blogqa.api import models, queries
 from blogqa.config import Settings, load_settings
-from blogqa.llm import LLMConfigurationError
+from blogqa.llm import LLMConfigurationError, ModelCall
 from blogqa.queue import STATUSES
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 TOKEN_ENV = "BLOGQA_API_TOKEN"
-POOL_MAX_SIZE = 8
+POOL_MAX_SIZE = 8  # read connections per process (bench/api_bench.py)
+LEDGER_POOL_MAX_SIZE = 2  # write connections per process, for the usage ledger only
 
 ERRORS = {
     401: {"model": models.ErrorBody, "description": "missing or wrong credentials"},
@@ -50,13 +55,22 @@ ERRORS = {
 
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
-    """Every pooled connection: read-only transactions, pgvector types."""
-    await conn.execute("SET default_transaction_read_only = on")
+    """Every pooled connection: pgvector types."""
     await register_vector_async(conn)
 
 
+def session_options(dsn: str, settings: Settings) -> str:
+    """libpq `options` of the read pool: read-only transactions, and hnsw.ef_search at the
+    configured value so a search that needs no more runs as one statement
+    (search.EF_SEARCH_SQL). Options already in the DSN (or PGOPTIONS) are kept."""
+    given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS", "")
+    ours = f"-c default_transaction_read_only=on -c hnsw.ef_search={settings.hnsw_ef_search}"
+    return f"{given} {ours}".strip()
+
+
 class Database:
-    """The settings, the DSN and a lazily opened read-only connection pool."""
+    """The settings, the DSN, a lazily opened read-only connection pool and the ledger's
+    small write pool."""
 
     open_timeout = 10.0  # seconds a request waits for the first connection
 
@@ -64,6 +78,7 @@ class Database:
         self._settings = settings
         self._dsn: str | None = None
         self._pool: AsyncConnectionPool | None = None
+        self._ledger: AsyncConnectionPool | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -72,32 +87,55 @@ class Database:
             self._settings = load_settings()
         return self._settings
 
+    @property
+    def session_ef_search(self) -> int:
+        """hnsw.ef_search of every read connection's session (set when it connects)."""
+        return self.settings.hnsw_ef_search
+
     async def dsn(self) -> str:
         if self._dsn is None:
             # may start the embedded server: blocking, so off the event loop
             self._dsn = await asyncio.to_thread(db.database_dsn, self.settings)
         return self._dsn
 
+    async def _open(self, max_size: int, kwargs: dict, configure=None) -> AsyncConnectionPool:
+        pool = AsyncConnectionPool(
+            await self.dsn(),
+            min_size=1,
+            max_size=max_size,
+            kwargs=kwargs,
+            configure=configure,
+            open=False,
+            timeout=self.open_timeout,
+        )
+        try:
+            await pool.open(wait=True, timeout=self.open_timeout)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
     async def pool(self) -> AsyncConnectionPool:
         if self._pool is None:
             async with self._lock:
                 if self._pool is None:
-                    pool = AsyncConnectionPool(
-                        await self.dsn(),
-                        min_size=1,
-                        max_size=POOL_MAX_SIZE,
-                        kwargs={"autocommit": True, "application_name": "blogqa-api"},
-                        configure=_configure,
-                        open=False,
-                        timeout=self.open_timeout,
-                    )
-                    try:
-                        await pool.open(wait=True, timeout=self.open_timeout)
-                    except BaseException:
-                        await pool.close()
-                        raise
-                    self._pool = pool
+                    options = session_options(await self.dsn(), self.settings)
+                    kwargs = {
+                        "autocommit": True,
+                        "application_name": "blogqa-api",
+                        "options": options,
+                    }
+                    self._pool = await self._open(POOL_MAX_SIZE, kwargs, _configure)
         return self._pool
+
+    async def ledger(self) -> AsyncConnectionPool:
+        """The write pool of the usage ledger (opened on the first `ask`)."""
+        if self._ledger is None:
+            async with self._lock:
+                if self._ledger is None:
+                    kwargs = {"autocommit": True, "application_name": "blogqa-api-ledger"}
+                    self._ledger = await self._open(LEDGER_POOL_MAX_SIZE, kwargs)
+        return self._ledger
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
@@ -105,18 +143,26 @@ class Database:
         async with pool.connection() as conn:
             yield conn
 
+    async def record_usage(self, calls: list[ModelCall]) -> None:
+        """Append model calls to blogqa.llm_usage through the ledger pool."""
+        if calls:
+            async with (await self.ledger()).connection() as conn:
+                await queries.write_usage(conn, calls)
+
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        for pool in (self._pool, self._ledger):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._ledger = None
 
 
-def _database(request: Request) -> Database:
+async def _database(request: Request) -> Database:
+    # async: FastAPI runs a plain `def` dependency in its thread pool
     return request.app.state.database
 
 
 async def _connection(request: Request) -> AsyncIterator[psycopg.AsyncConnection]:
-    async with _database(request).connection() as conn:
+    async with request.app.state.database.connection() as conn:
         yield conn
 
 
@@ -302,18 +348,35 @@ async def get_question(conn: Conn, question_id: int) -> models.QuestionDetail:
     tags=["search"],
 )
 async def search_similar(
-    conn: Conn, database: DatabaseDep, body: models.SimilarRequest
+    database: DatabaseDep, body: models.SimilarRequest
 ) -> models.SimilarResponse:
     """Documents ranked by cosine similarity (pgvector HNSW) to a text or to a stored URL."""
-    return await queries.similar(conn, database.settings, body)
+    vector = None
+    if body.text is not None:  # a model call: before taking a pooled connection
+        vector, _ = await search.embed_query_async(database.settings, body.text)
+    async with database.connection() as conn:
+        return await queries.similar(
+            conn,
+            database.settings,
+            body,
+            vector=vector,
+            session_ef_search=database.session_ef_search,
+        )
 
 
 @router.post("/qa/ask", response_model=models.AskResponse, tags=["search"])
-async def ask(conn: Conn, database: DatabaseDep, body: models.AskRequest) -> models.AskResponse:
+async def ask(database: DatabaseDep, body: models.AskRequest) -> models.AskResponse:
     """Answer from the top-k chunks only, with the configured chat model (offline: the
     best-matching sentence). Token usage is recorded in blogqa.llm_usage, stage 'ask'."""
-    response, calls = await queries.ask(conn, database.settings, body)
-    await queries.record_usage(await database.dsn(), calls)
+    settings = database.settings
+    # the model calls run without holding a pooled connection; only the search takes one
+    vector, embed_call = await search.embed_query_async(settings, body.question)
+    async with database.connection() as conn:
+        chunks = await queries.ask_sources(
+            conn, settings, body, vector, session_ef_search=database.session_ef_search
+        )
+    response, calls = await queries.ask_answer(settings, body, chunks, embed_call)
+    await database.record_usage(calls)
     return response
 
 

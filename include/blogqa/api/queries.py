@@ -1,15 +1,22 @@
 """The API's queries, shared by the routes and the CLI (`blogqa questions|search|ask`).
 
-Every function takes an async connection that is read-only (the pool's connections run
-`SET default_transaction_read_only = on`); the one write, the `ask` usage ledger, goes
-through `record_usage` on its own short connection.
+Every function takes an async connection that is read-only (the pool's connections are opened
+with `default_transaction_read_only = on`); the one write, the `ask` usage ledger, goes
+through `write_usage` on a separate write connection (the API's ledger pool; the CLI's
+`record_usage` opens one).
+
+Each request costs few round trips: a statement per lookup in autocommit (no BEGIN/COMMIT),
+a document read with its summary and questions in one statement, the vector searches in one
+statement when the session's hnsw.ef_search is the one needed (search.EF_SEARCH_SQL).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import psycopg
+from pgvector import Vector
 from psycopg.rows import dict_row
 
 from blogqa import answer as answering
@@ -126,6 +133,31 @@ async def _questions_of(conn: psycopg.AsyncConnection, document_ids: list[int]) 
     return found
 
 
+# One statement for a document page: its columns, summary, chunk count and questions (as one
+# JSON array, in position order), instead of one query for the document and one for its
+# questions.
+DOCUMENT_DETAIL_SQL = """
+SELECT d.id, d.url, d.title, d.author, d.published, d.site_name, d.language, d.word_count,
+  d.fetched_at, q.question_count, d.canonical_url, d.content_hash, d.created_at, d.updated_at,
+  -- the text only when asked: it is the largest column, read (detoasted) only if used
+  CASE WHEN %(include_text)s THEN d.text END AS text,
+  (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id) AS chunk_count,
+  s.summary, s.model, s.prompt_version, s.embed_model, s.created_at AS summary_created_at,
+  q.questions
+FROM blogqa.documents d
+LEFT JOIN blogqa.summaries s ON s.document_id = d.id
+CROSS JOIN LATERAL (
+  SELECT count(*) AS question_count,
+    coalesce(json_agg(json_build_object('id', q.id, 'position', q.position,
+      'question', q.question, 'answer', q.answer) ORDER BY q.position), '[]') AS questions
+  FROM blogqa.questions q WHERE q.document_id = d.id
+) q
+WHERE {key} = %(value)s
+"""
+DOCUMENT_BY_ID_SQL = DOCUMENT_DETAIL_SQL.format(key="d.id")
+DOCUMENT_BY_URL_SQL = DOCUMENT_DETAIL_SQL.format(key="d.url")
+
+
 async def get_document(
     conn: psycopg.AsyncConnection,
     document_id: int | None = None,
@@ -135,34 +167,19 @@ async def get_document(
 ) -> models.DocumentDetail:
     """One document with its summary and questions, by id or by (normalized) URL."""
     if url is not None:
-        key, value = "d.url", normalized(url)
+        query, value = DOCUMENT_BY_URL_SQL, normalized(url)
     else:
-        key, value = "d.id", document_id
-    row = await _row(
-        conn,
-        f"SELECT {DOCUMENT_COLUMNS}, d.canonical_url, d.content_hash, d.created_at,"
-        # the text only when asked: it is the largest column, read (detoasted) only if used
-        " d.updated_at, CASE WHEN %s THEN d.text END AS text,"
-        " (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id) AS chunk_count,"
-        " s.summary, s.model, s.prompt_version, s.embed_model,"
-        " s.created_at AS summary_created_at"
-        f" FROM blogqa.documents d LEFT JOIN blogqa.summaries s ON s.document_id = d.id"
-        f" WHERE {key} = %s",
-        (include_text, value),
-    )
+        query, value = DOCUMENT_BY_ID_SQL, document_id
+    row = await _row(conn, query, {"include_text": include_text, "value": value})
     if row is None:
         raise NotFoundError(await _not_found_message(conn, document_id, url))
-    summary = None
-    if row["summary"] is not None:
-        summary = models.DocumentSummary(
-            summary=row.pop("summary"),
-            model=row.pop("model"),
-            prompt_version=row.pop("prompt_version"),
-            embed_model=row.pop("embed_model"),
-            created_at=row.pop("summary_created_at"),
-        )
-    questions = (await _questions_of(conn, [row["id"]]))[row["id"]]
-    return models.DocumentDetail(**row, summary=summary, questions=questions)
+    summary = {k: row.pop(k) for k in ("summary", "model", "prompt_version", "embed_model")}
+    summary["created_at"] = row.pop("summary_created_at")
+    return models.DocumentDetail(
+        **row,
+        # NULL when the document has no summary yet (LEFT JOIN)
+        summary=models.DocumentSummary(**summary) if summary["summary"] is not None else None,
+    )
 
 
 async def _not_found_message(
@@ -196,27 +213,54 @@ async def get_question(conn: psycopg.AsyncConnection, question_id: int) -> model
 # ---------------------------------------------------------------- search and answers
 
 
+# The query document's summary vector, read in binary: as text, PostgreSQL formats 1536 floats
+# and the API parses them back (about 0.6 ms of the API's CPU per request).
+QUERY_DOCUMENT_SQL = """
+SELECT d.id, s.embedding FROM blogqa.documents d
+JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = %s
+"""
+
+
+async def similar_query(
+    conn: psycopg.AsyncConnection, request: models.SimilarRequest
+) -> tuple[str, int, Vector]:
+    """For a `url` request: (normalized URL, document id, summary vector) of the query
+    document, or NotFoundError."""
+    query_url = normalized(request.url or "")
+    async with conn.cursor(binary=True) as cur:
+        await cur.execute(QUERY_DOCUMENT_SQL, (query_url,))
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFoundError(await _not_found_message(conn, None, request.url))
+    return query_url, row[0], row[1]
+
+
 async def similar(
-    conn: psycopg.AsyncConnection, settings: Settings, request: models.SimilarRequest
+    conn: psycopg.AsyncConnection,
+    settings: Settings,
+    request: models.SimilarRequest,
+    *,
+    vector: np.ndarray | None = None,
+    session_ef_search: int | None = None,
 ) -> models.SimilarResponse:
-    """Documents ranked by cosine similarity of their best chunk to the query."""
+    """Documents ranked by cosine similarity of their best chunk to the query.
+
+    `vector`: the text request's query embedding, when the caller has already computed it
+    (the API embeds before it takes a pooled connection). `session_ef_search`: the connection
+    session's hnsw.ef_search, when known (see search.EF_SEARCH_SQL)."""
     exclude = None
     query_url = None
     if request.url is not None:
-        query_url = normalized(request.url)
-        row = await _row(
-            conn,
-            "SELECT d.id, s.embedding FROM blogqa.documents d"
-            " JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = %s",
-            (query_url,),
-        )
-        if row is None:
-            raise NotFoundError(await _not_found_message(conn, None, request.url))
-        exclude, vector = row["id"], row["embedding"]
-    else:
+        query_url, exclude, vector = await similar_query(conn, request)
+    elif vector is None:
         vector, _ = await search.embed_query_async(settings, request.text or "")
     matches = await search.similar_documents_async(
-        conn, vector, request.k, exclude_document=exclude, ef_search=settings.hnsw_ef_search
+        conn,
+        vector,
+        request.k,
+        exclude_document=exclude,
+        ef_search=settings.hnsw_ef_search,
+        session_ef_search=session_ef_search,
     )
     questions = (
         await _questions_of(conn, [m.document_id for m in matches])
@@ -240,18 +284,31 @@ async def similar(
     )
 
 
-async def ask(
-    conn: psycopg.AsyncConnection, settings: Settings, request: models.AskRequest
-) -> tuple[models.AskResponse, list[ModelCall]]:
-    """Top-k chunks for the question and an answer from those chunks only.
-
-    Returns the response and the model calls made (query embedding and chat), all with
-    stage 'ask', for the caller to write to the ledger with `record_usage`.
-    """
-    vector, embed_call = await search.embed_query_async(settings, request.question)
-    chunks = await search.nearest_chunks_async(
-        conn, vector, request.k, ef_search=settings.hnsw_ef_search
+async def ask_sources(
+    conn: psycopg.AsyncConnection,
+    settings: Settings,
+    request: models.AskRequest,
+    vector: np.ndarray,
+    *,
+    session_ef_search: int | None = None,
+) -> list[search.ChunkMatch]:
+    """The top-k chunks for an embedded question (the database part of `ask`)."""
+    return await search.nearest_chunks_async(
+        conn,
+        vector,
+        request.k,
+        ef_search=settings.hnsw_ef_search,
+        session_ef_search=session_ef_search,
     )
+
+
+async def ask_answer(
+    settings: Settings,
+    request: models.AskRequest,
+    chunks: list[search.ChunkMatch],
+    embed_call: ModelCall,
+) -> tuple[models.AskResponse, list[ModelCall]]:
+    """The answer from the chunks only (the model part of `ask`, no database)."""
     passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
     result = await answering.answer_question(settings, request.question, passages)
     calls = [dataclasses.replace(embed_call, stage=answering.STAGE), *result.calls]
@@ -279,18 +336,37 @@ async def ask(
     return response, calls
 
 
-async def record_usage(dsn: str, calls: list[ModelCall]) -> None:
-    """Append the ask calls to blogqa.llm_usage on a short-lived write connection."""
+async def ask(
+    conn: psycopg.AsyncConnection, settings: Settings, request: models.AskRequest
+) -> tuple[models.AskResponse, list[ModelCall]]:
+    """Top-k chunks for the question and an answer from those chunks only.
+
+    Returns the response and the model calls made (query embedding and chat), all with
+    stage 'ask', for the caller to write to the ledger with `write_usage`/`record_usage`.
+    """
+    vector, embed_call = await search.embed_query_async(settings, request.question)
+    chunks = await ask_sources(conn, settings, request, vector)
+    return await ask_answer(settings, request, chunks, embed_call)
+
+
+async def write_usage(conn: psycopg.AsyncConnection, calls: list[ModelCall]) -> None:
+    """Append the ask calls to blogqa.llm_usage on a write-capable autocommit connection,
+    in one transaction."""
     if not calls:
         return
-    async with (
-        await psycopg.AsyncConnection.connect(
-            dsn, application_name="blogqa-api-ledger", autocommit=True
-        ) as conn,
-        conn.transaction(),
-        conn.cursor() as cur,
-    ):
+    async with conn.transaction(), conn.cursor() as cur:
         await cur.executemany(USAGE_INSERT_SQL, [usage_row(c) for c in calls])
+
+
+async def record_usage(dsn: str, calls: list[ModelCall]) -> None:
+    """`write_usage` on a short-lived connection of its own (the CLI; the API uses its
+    ledger pool)."""
+    if not calls:
+        return
+    async with await psycopg.AsyncConnection.connect(
+        dsn, application_name="blogqa-api-ledger", autocommit=True
+    ) as conn:
+        await write_usage(conn, calls)
 
 
 # ---------------------------------------------------------------- jobs
