@@ -34,7 +34,9 @@ def test_dag_folder_imports_cleanly():
         "process.load",
         "finalize",
     }
-    assert set(dag.params) >= {"urls", "max_urls", "chunk_size"}
+    assert set(dag.params) >= {"urls", "max_urls", "chunk_size", "refresh_days"}
+    assert dag.params["chunk_size"] == 100
+    assert dag.schedule == "0 2 * * *"  # nightly refresh and backlog
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id

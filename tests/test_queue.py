@@ -534,3 +534,32 @@ def test_stats_counts_and_oldest_age(conn) -> None:
     assert result["claimable"] == 2
     assert 3600 <= result["oldest_queued_age_seconds"] < 3600 + 600
     assert _row(conn, busy.url)["status"] == "processing"
+
+
+def test_requeue_stale_refreshes_the_oldest_done_rows_only(conn):
+    import datetime as dt
+
+    urls = [f"https://example.com/{name}" for name in ("old", "older", "fresh", "waiting")]
+    queue.enqueue(conn, urls)
+    ages = {"old": "40 days", "older": "90 days", "fresh": "1 day"}
+    for name, age in ages.items():
+        conn.execute(
+            "UPDATE blogqa.url_queue SET status = 'done', attempts = 2,"
+            " finished_at = now() - %s::interval WHERE url = %s",
+            (age, f"https://example.com/{name}"),
+        )
+    month = dt.timedelta(days=30)
+
+    assert queue.requeue_stale(conn, older_than=month, limit=1) == 1
+    assert queue.requeue_stale(conn, older_than=month, limit=10) == 1
+    assert queue.requeue_stale(conn, older_than=month, limit=10) == 0
+
+    rows = {
+        u: (s, a) for u, s, a in conn.execute("SELECT url, status, attempts FROM blogqa.url_queue")
+    }
+    assert rows == {
+        "https://example.com/old": ("queued", 0),
+        "https://example.com/older": ("queued", 0),
+        "https://example.com/fresh": ("done", 2),
+        "https://example.com/waiting": ("queued", 0),
+    }

@@ -58,6 +58,17 @@ def enqueue_urls(urls: list[str], settings: Settings | None = None) -> dict:
     return result.as_dict()
 
 
+def refresh_stale(days: int, limit: int, settings: Settings | None = None) -> int:
+    """Requeue up to `limit` done URLs last finished more than `days` ago (0: none)."""
+    if days <= 0 or limit <= 0:
+        return 0
+    settings = settings or load_settings()
+    with db.connect(settings) as conn:
+        count = queue.requeue_stale(conn, older_than=dt.timedelta(days=days), limit=limit)
+    log.info("stage=enqueue requeued %d urls done more than %d days ago", count, days)
+    return count
+
+
 def claim_chunks(max_urls: int, chunk_size: int, settings: Settings | None = None) -> list[list]:
     """Claim up to `max_urls` rows and split them into chunks for the mapped task group."""
     settings = settings or load_settings()

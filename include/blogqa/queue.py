@@ -403,6 +403,26 @@ def release(
     return len(rows)
 
 
+REQUEUE_STALE_SQL = """
+UPDATE blogqa.url_queue q
+SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL, started_at = NULL,
+    processing_ms = NULL, updated_at = now()
+WHERE q.id IN (
+    SELECT id FROM blogqa.url_queue
+    WHERE status = 'done' AND finished_at < now() - %s
+    ORDER BY finished_at
+    LIMIT %s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def requeue_stale(conn: psycopg.Connection, *, older_than: dt.timedelta, limit: int) -> int:
+    """Refresh: put done rows finished longer ago than `older_than` back in the queue, oldest
+    first, at most `limit`. Their stored validators make the refetch a conditional GET."""
+    return conn.execute(REQUEUE_STALE_SQL, (older_than, limit)).rowcount
+
+
 def stats(conn: psycopg.Connection) -> dict:
     """Counts per status and the age of the oldest queued row."""
     counts = dict.fromkeys(STATUSES, 0)

@@ -349,13 +349,20 @@ async def ask(
     return await ask_answer(settings, request, chunks, embed_call)
 
 
+def _usage_insert_sql(rows: int) -> str:
+    """USAGE_INSERT_SQL with `rows` rows of values: one statement, atomic on its own, so an
+    autocommit connection writes the calls of a request in one round trip (no BEGIN,
+    executemany, COMMIT)."""
+    head, values, row = USAGE_INSERT_SQL.rpartition("VALUES")
+    return f"{head}{values} {', '.join([row.strip()] * rows)}"
+
+
 async def write_usage(conn: psycopg.AsyncConnection, calls: list[ModelCall]) -> None:
-    """Append the ask calls to blogqa.llm_usage on a write-capable autocommit connection,
-    in one transaction."""
+    """Append the ask calls to blogqa.llm_usage on a write-capable autocommit connection."""
     if not calls:
         return
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(USAGE_INSERT_SQL, [usage_row(c) for c in calls])
+    params = [value for call in calls for value in usage_row(call)]
+    await conn.execute(_usage_insert_sql(len(calls)), params)
 
 
 async def record_usage(dsn: str, calls: list[ModelCall]) -> None:

@@ -1,0 +1,3 @@
+-- 005: serves the nightly refresh (queue.requeue_stale): done rows, oldest finished first.
+CREATE INDEX url_queue_done_finished_idx ON blogqa.url_queue (finished_at)
+    WHERE status = 'done';
