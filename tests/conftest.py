@@ -99,3 +99,14 @@ def table_counts(conn) -> dict[str, int]:
         ).fetchone()[0]
         for t in (*OUTPUT_TABLES, "url_queue")
     }
+
+
+def queue_row(conn, url: str) -> dict:
+    """Every column of a URL's queue row, plus `later`: whether it is due in the future."""
+    cur = conn.execute(
+        "SELECT *, run_after > now() AS later FROM blogqa.url_queue WHERE url = %s", (url,)
+    )
+    names = [d.name for d in cur.description]
+    row = cur.fetchone()
+    assert row is not None, url
+    return dict(zip(names, row, strict=True))

@@ -10,23 +10,13 @@ import pytest
 
 from blogqa import crawl, embed, llm, pipeline, queue, store
 from blogqa.errors import PageError
-from tests.conftest import table_counts
+from tests.conftest import queue_row, table_counts
 from tests.test_cli import run_cli
 
 # ---------------------------------------------------------------- helpers
 
 
-def _row(conn, url: str) -> dict:
-    cur = conn.execute(
-        "SELECT id, status, attempts, lease_owner, lease_token, lease_until, last_error,"
-        " last_stage, error_history, run_after, finished_at"
-        " FROM blogqa.url_queue WHERE url = %s",
-        (url,),
-    )
-    names = [d.name for d in cur.description]
-    row = cur.fetchone()
-    assert row is not None, url
-    return dict(zip(names, row, strict=True))
+_row = queue_row
 
 
 def _claim(conn, limit: int = 10):

@@ -13,21 +13,12 @@ import blogqa.db
 from blogqa import queue
 from blogqa.errors import PageError
 from blogqa.queue import InvalidURLError, normalize_url
+from tests.conftest import queue_row
 
 # ---------------------------------------------------------------- helpers
 
 
-def _row(conn, url: str) -> dict:
-    cur = conn.execute(
-        "SELECT id, status, attempts, max_attempts, priority, lease_token, last_error,"
-        " last_stage, error_history, run_after > now() AS later, finished_at"
-        " FROM blogqa.url_queue WHERE url = %s",
-        (url,),
-    )
-    names = [d.name for d in cur.description]
-    row = cur.fetchone()
-    assert row is not None, url
-    return dict(zip(names, row, strict=True))
+_row = queue_row
 
 
 def _count(conn) -> int:
