@@ -336,11 +336,14 @@ def test_expired_lease_is_reclaimed_and_fenced(conn) -> None:
 
 def test_unexpired_lease_is_not_reclaimed(conn) -> None:
     queue.enqueue(conn, ["http://example.com/busy"])
+    assert queue.has_claimable(conn) is True  # a due queued row
     [lease] = _claim(conn)
     assert _claim(conn) == []
     assert queue.claimable_count(conn) == 0
+    assert queue.has_claimable(conn) is False
     _expire(conn, lease.id)
     assert queue.claimable_count(conn) == 1
+    assert queue.has_claimable(conn) is True
 
 
 def test_expired_lease_with_attempts_spent_goes_dead(conn) -> None:

@@ -454,6 +454,17 @@ def next_due_seconds(conn: psycopg.Connection) -> float | None:
     return max(float(row[0]), 0.0) if row[0] is not None else None
 
 
+def has_claimable(conn: psycopg.Connection) -> bool:
+    """Whether a claim would take anything now: an index probe, not a count (the runner asks
+    before every DAG run, and a count over a million queued rows takes ~150 ms)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM blogqa.url_queue WHERE status = 'queued'"
+        " AND run_after <= now()) OR EXISTS (SELECT 1 FROM blogqa.url_queue"
+        " WHERE status = 'processing' AND lease_until < now())"
+    ).fetchone()
+    return bool(row[0])
+
+
 def claimable_count(conn: psycopg.Connection) -> int:
     """Rows a claim would take now (due queued rows plus expired leases)."""
     row = conn.execute(

@@ -106,7 +106,7 @@ def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
     deadline = time.monotonic() + wait_seconds
     while True:
         with db.connect(settings) as conn:
-            if queue.claimable_count(conn) > 0:
+            if queue.has_claimable(conn):
                 return True
             due = queue.next_due_seconds(conn)
         if due is None or time.monotonic() + due > deadline:
