@@ -23,11 +23,16 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
+# Pipeline throughput sizes for `make bench`; N=2000 adds about 19 min: BENCH_N="100 500 2000".
+BENCH_N ?= 100 500
+
 bench: $(STAMP)
 	$(BIN)/python bench/extraction_quality.py
 	BLOGQA_CRAWL_ALLOW_PRIVATE=true $(BIN)/blogqa demo > /dev/null
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/api_bench.py
+	$(BIN)/python bench/stage_costs.py
+	$(BIN)/python bench/pipeline_throughput.py --n $(BENCH_N)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,0 +1,52 @@
+"""Facts every benchmark result carries: the machine, and which code was measured.
+
+The repository has no version stamp a benchmark could read while it is being edited, so each
+result records a fingerprint of the pipeline's code (package, DAG, migrations). A benchmark
+that starts several processes over many minutes can also run them all on a snapshot of that
+code (`snapshot_code`), so an edit made meanwhile does not split one result between versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_GLOBS = ("include/blogqa/**/*.py", "include/blogqa/**/*.sql", "dags/*.py", "sql/*.sql")
+CODE_DIRS = ("include", "dags", "sql")  # what `blogqa run` imports and reads
+
+
+def code_fingerprint(root: Path = ROOT) -> str:
+    """sha256 (12 hex digits) over the paths and contents of the pipeline's code files."""
+    digest = hashlib.sha256()
+    files = sorted({path for pattern in CODE_GLOBS for path in root.glob(pattern)})
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def snapshot_code(target: Path) -> Path:
+    """Copy the package, DAG folder and migrations under `target`; returns the directory to
+    put first on PYTHONPATH. The package finds its DAG folder and migrations relative to its
+    own files, so processes importing it from there use the copies throughout."""
+    for name in CODE_DIRS:
+        shutil.copytree(
+            ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+    return target / "include"
+
+
+def machine_facts() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
