@@ -372,10 +372,8 @@ def run_minimal(
 ) -> dict:
     """Time bench/minimal_pipeline.py on the same URLs, servers and concurrency."""
     # every URL is on one host: fetch as politely as the pipeline does, where it has a limit
-    fetch_concurrency = min(
-        settings.crawl_concurrency,
-        getattr(settings, "per_host_concurrency", settings.crawl_concurrency),
-    )
+    per_host = int(env.get("BLOGQA_PER_HOST_CONCURRENCY", settings.per_host_concurrency))
+    fetch_concurrency = min(settings.crawl_concurrency, per_host)
     urls_file = home / "urls.txt"
     urls_file.write_text("\n".join(urls) + "\n")
     api.reset_peaks()
