@@ -1,6 +1,7 @@
 """The API benchmark of issue 3: `blogqa serve` on 100k question+chunk vectors.
 
-`python bench/api_bench.py [--requests 2000] [--clients 16] [--workers 1] [--rebuild]`
+`python bench/api_bench.py [--requests 2000] [--clients 16] [--workers 1] [--access-log on|off]
+[--rebuild]`
 
 What it does, and why:
 
@@ -31,7 +32,8 @@ What it does, and why:
    several hnsw.ef_search values; the smallest reaching recall 0.95 is given to the server
    (BLOGQA_HNSW_EF_SEARCH). The similar route's own recall (80 chunks ranked, collapsed to 10
    documents) is reported at that value too.
-4. `blogqa serve` as a subprocess on a free port, and per route 16 concurrent clients in a
+4. `blogqa serve` as a subprocess on a free port (`--workers` uvicorn worker processes, the
+   access log on or off), and per route 16 concurrent clients in a
    closed loop (each sends its next request when it has the previous answer, on its own
    keep-alive connection), then one client alone: a warm-up, then `--requests` requests on
    random keys (uniform over all documents and questions, not one hot key). p50/p95/p99,
@@ -75,7 +77,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blogqa import db, queue, search
-from blogqa.api.app import POOL_MAX_SIZE
+from blogqa.api.app import LEDGER_POOL_MAX_SIZE, POOL_MAX_SIZE
 from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +93,7 @@ HNSW_INDEXES = (
 EF_SWEEP = (40, 64, 100, 200, 400)
 RECALL_TARGET = 0.95
 K = 10
-SIMILAR_CHUNKS = max(K * 8, 40)  # what search.similar_documents_async asks for at k = 10
+SIMILAR_CHUNKS = search.similar_candidates(K)  # what the similar route ranks at k = 10
 TARGET_P95_MS = {"by-url": 10.0, "by-id": 10.0, "similar": 25.0}
 SITES = tuple(f"site{n:02d}.example" for n in range(40))
 
@@ -599,14 +601,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def serve_options(workers: int, access_log: bool) -> list[str]:
+    """The `blogqa serve` options of a run (besides host and port)."""
+    options = ["--workers", str(workers)] if workers > 1 else []
+    return options if access_log else [*options, "--no-access-log"]
+
+
 @contextlib.contextmanager
-def running_server(home: Path, ef_search: int, workers: int) -> Iterator[tuple[int, int]]:
+def running_server(
+    home: Path, ef_search: int, workers: int, access_log: bool = True
+) -> Iterator[tuple[int, int]]:
     """`blogqa serve` on a free port; yields (port, pid) once /health answers 200."""
     port = _free_port()
     command = [str(Path(sys.executable).with_name("blogqa")), "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    if workers > 1:
-        command += ["--workers", str(workers)]
+    command += ["--port", str(port), *serve_options(workers, access_log)]
     env = {**os.environ, "BLOGQA_HNSW_EF_SEARCH": str(ef_search)}
     log_path = home / "serve.log"
     with log_path.open("wb") as log:
@@ -961,6 +969,12 @@ def _parse_args() -> argparse.Namespace:
         "--single-requests", type=int, default=300, help="requests per route with one client"
     )
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of blogqa serve")
+    parser.add_argument(
+        "--access-log",
+        choices=("on", "off"),
+        default="on",
+        help="uvicorn's access log (blogqa serve --no-access-log when off)",
+    )
     parser.add_argument("--documents", type=int, default=10_000, help="documents to generate")
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--rebuild", action="store_true", help="regenerate the corpus")
@@ -999,9 +1013,10 @@ def _run_recall(conn: psycopg.Connection, settings: Settings, spec: CorpusSpec, 
 
 def _serve_and_measure(settings: Settings, keys: dict, ef: int, args: argparse.Namespace) -> dict:
     console.print(
-        f"blogqa serve (ef_search {ef}, {args.workers} worker(s)), {args.clients} clients…"
+        f"blogqa serve (ef_search {ef}, {args.workers} worker(s), access log {args.access_log}),"
+        f" {args.clients} clients…"
     )
-    with running_server(args.home, ef, args.workers) as (port, pid):
+    with running_server(args.home, ef, args.workers, args.access_log == "on") as (port, pid):
         meter = CpuMeter(pid, _postmaster_pid(settings))
         route_list = routes(keys, TextMaker(np.random.default_rng(12)))
         return uvloop.run(measure_routes(("127.0.0.1", port), route_list, args, meter))
@@ -1030,12 +1045,19 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "postgres": facts,
         "server": {
-            "command": "blogqa serve --host 127.0.0.1 --port <free port>",
+            "command": " ".join(
+                [
+                    "blogqa serve --host 127.0.0.1 --port <free port>",
+                    *serve_options(args.workers, args.access_log == "on"),
+                ]
+            ),
             "uvicorn_workers": args.workers,
+            "uvicorn_loop_http": "auto: uvloop and httptools (both installed)",
             "pool_max_size_per_worker": POOL_MAX_SIZE,
+            "ledger_pool_max_size_per_worker": LEDGER_POOL_MAX_SIZE,
             "hnsw_ef_search": recall["chosen_ef_search"],
             "hnsw_ef_search_app_default": HNSW_EF_SEARCH_DEFAULT,
-            "access_log": "on (uvicorn log level info, to a file)",
+            "access_log": f"{args.access_log} (uvicorn log level info, to a file)",
             "provider": "local (offline)",
         },
         "clients": args.clients,

@@ -109,6 +109,22 @@ def test_document_detail_has_summary_and_questions(client, reader):
     assert full["text"] == text
 
 
+def test_document_without_a_summary(client, reader):
+    """A document the pipeline has not summarised yet: `summary` is null, not an error."""
+    doc_id = reader.execute(
+        "INSERT INTO blogqa.documents (url, text, word_count, content_hash, fetched_at)"
+        " VALUES ('https://example.com/no-summary-yet', 'x', 1, 'h', now()) RETURNING id"
+    ).fetchone()[0]
+    try:
+        response = client.get(f"/api/v1/documents/{doc_id}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["summary"] is None and body["questions"] == []
+        assert body["question_count"] == 0 and body["chunk_count"] == 0
+    finally:
+        reader.execute("DELETE FROM blogqa.documents WHERE id = %s", (doc_id,))
+
+
 def test_questions_by_url_normalizes_like_the_queue(client, pipeline):
     raw = pipeline["urls"][3] + "?utm_source=newsletter#comments"
     body = client.get("/api/v1/questions/by-url", params={"url": raw}).json()
@@ -222,6 +238,11 @@ def test_ask_answers_from_the_sources_and_records_usage(client, reader):
     assert body["usage"]["prompt_tokens"] > 0
     after = reader.execute("SELECT count(*) FROM blogqa.llm_usage WHERE stage = 'ask'").fetchone()
     assert after[0] - before[0] == 2  # the question's embedding and the answer
+    # written through the API's small ledger pool, not a new connection per request
+    ledger = reader.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'blogqa-api-ledger'"
+    ).fetchone()[0]
+    assert 1 <= ledger <= 2
 
 
 def test_ask_validation(client):

@@ -55,17 +55,25 @@ def chunk_vectors(conn, settings):
     return vectors
 
 
-def _search_and_show(settings, vector, n: int, ef_search: int) -> tuple[int, str, str]:
+def _search_and_show(
+    settings, vector, n: int, ef_search: int, *, session: int | None = None, told=None
+) -> tuple[int, str, str]:
     """Rows returned through the HNSW index, hnsw.ef_search inside the caller's transaction
-    (set_config is transaction-local) and after it."""
+    (set_config is transaction-local) and after it. `session`: the connection's own
+    hnsw.ef_search (as the API's pool sets it); `told`: what the search is told it is."""
 
     async def run():
         dsn = db.database_dsn(settings)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        options = f"-c hnsw.ef_search={session}" if session else ""
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, options=options
+        ) as conn:
             await register_vector_async(conn)
             async with conn.transaction():
                 await conn.execute("SET LOCAL enable_seqscan = off")  # a tiny table: force HNSW
-                rows = await search.nearest_chunks_async(conn, vector, n, ef_search=ef_search)
+                rows = await search.nearest_chunks_async(
+                    conn, vector, n, ef_search=ef_search, session_ef_search=told
+                )
                 inside = await (await conn.execute("SHOW hnsw.ef_search")).fetchone()
             after = await (await conn.execute("SHOW hnsw.ef_search")).fetchone()
         return len(rows), inside[0], after[0]
@@ -82,11 +90,44 @@ def test_search_returns_every_row_asked_beyond_ef_search(settings, chunk_vectors
     assert _search_and_show(settings, chunk_vectors[0], 100, 40) == (100, "100", "40")
 
 
+def test_search_is_one_statement_when_the_session_value_suffices(settings, chunk_vectors):
+    # the session already has 100, the search needs max(40, 100) = 100: no SET
+    assert _search_and_show(settings, chunk_vectors[0], 100, 40, session=100, told=100) == (
+        100,
+        "100",
+        "100",
+    )
+    # it trusts what it is told (no SET): told 100 on a session at pgvector's default 40, the
+    # index scan stops at 40 rows. The API tells the value its pool sets when connecting.
+    assert _search_and_show(settings, chunk_vectors[0], 100, 40, told=100) == (40, "40", "40")
+    # told a session value that does not suffice: the search raises it for its transaction
+    assert _search_and_show(settings, chunk_vectors[0], 100, 40, session=50, told=50) == (
+        100,
+        "100",
+        "50",
+    )
+
+
+def test_api_pool_sessions_have_the_configured_ef_search(settings):
+    app = create_app(dataclasses.replace(settings, hnsw_ef_search=77), api_token="")
+
+    async def show(database):
+        async with database.connection() as conn:
+            cur = await conn.execute(
+                "SELECT current_setting('hnsw.ef_search'),"
+                " current_setting('default_transaction_read_only')"
+            )
+            return await cur.fetchone()
+
+    with TestClient(app) as client:
+        assert client.portal.call(show, app.state.database) == ("77", "on")
+
+
 def test_similar_route_passes_the_setting(settings, conn, monkeypatch):
     seen = []
 
-    async def spy(conn, vector, n, *, exclude_document=None, ef_search):
-        seen.append((n, ef_search))
+    async def spy(conn, vector, n, *, exclude_document=None, ef_search, session_ef_search):
+        seen.append((n, ef_search, session_ef_search))
         return []
 
     monkeypatch.setattr(search, "nearest_chunk_ids_async", spy)  # the similar route
@@ -97,7 +138,8 @@ def test_similar_route_passes_the_setting(settings, conn, monkeypatch):
         assert response.status_code == 200
         response = client.post("/api/v1/qa/ask", json={"question": "how to grow tomatoes?"})
         assert response.status_code == 200
-    assert seen == [(80, 123), (5, 123)]
+    # the pool's connections start with hnsw.ef_search = 123: the searches need no SET
+    assert seen == [(80, 123, 123), (5, 123, 123)]
 
 
 def test_similar_documents_keep_the_best_chunk_of_each_document(settings, conn, chunk_vectors):
