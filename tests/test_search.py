@@ -97,9 +97,9 @@ def test_search_is_one_statement_when_the_session_value_suffices(settings, chunk
         "100",
         "100",
     )
-    # it trusts what it is told (no SET): told 100 on a session at pgvector's default 40, the
-    # index scan stops at 40 rows. The API tells the value its pool sets when connecting.
-    assert _search_and_show(settings, chunk_vectors[0], 100, 40, told=100) == (40, "40", "40")
+    # it trusts what it is told and sets nothing (the API tells the value its pool sets when
+    # connecting): told 100 on a session at pgvector's default, the value stays 40
+    assert _search_and_show(settings, chunk_vectors[0], 100, 40, told=100)[1:] == ("40", "40")
     # told a session value that does not suffice: the search raises it for its transaction
     assert _search_and_show(settings, chunk_vectors[0], 100, 40, session=50, told=50) == (
         100,
