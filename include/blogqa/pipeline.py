@@ -203,6 +203,18 @@ def _survivors(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
     return [lease.ref() for lease in leases if lease.id not in gone]
 
 
+def _load_breaker(conn, settings: Settings, items, todo, stage: str):
+    """The model endpoint's breaker as other tasks left it. When it is open, the rows this
+    stage would call the model for go back untried, and the refs that go on are returned
+    with it (else None)."""
+    breaker = CircuitBreaker(settings)
+    breaker.load(conn)
+    if not todo or breaker.seconds_left() == 0:
+        return breaker, None
+    released = _release(conn, [item.lease for item in todo], breaker, stage)
+    return breaker, _survivors([item.lease for item in items], [], released)
+
+
 def _release(conn, leases: list[Lease], breaker: CircuitBreaker, stage: str) -> set[int]:
     """Put untried rows back (the breaker is open) without spending their attempts."""
     reason = f"model endpoint circuit breaker open; deferred {breaker.seconds_left():.0f}s"
@@ -243,11 +255,9 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
-        breaker = CircuitBreaker(settings)
-        breaker.load(conn)
-        if todo and breaker.seconds_left() > 0:
-            released = _release(conn, [i.lease for i in todo], breaker, "summarize")
-            return _survivors([i.lease for i in items], [], released)
+        breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
+        if passed_on is not None:
+            return passed_on
         outcomes = asyncio.run(_summarize_all(todo, settings, breaker)) if todo else []
         results, failures, calls, deferred, lost = [], [], [], [], set()
         for item, outcome in zip(todo, outcomes, strict=True):
@@ -302,11 +312,9 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
-        breaker = CircuitBreaker(settings)
-        breaker.load(conn)
-        if todo and breaker.seconds_left() > 0:
-            released = _release(conn, [i.lease for i in todo], breaker, "embed")
-            return _survivors([i.lease for i in items], [], released)
+        breaker, passed_on = _load_breaker(conn, settings, items, todo, "embed")
+        if passed_on is not None:
+            return passed_on
         texts: list[str] = []
         spans, chunk_lists = [], []
         for item in todo:
@@ -327,9 +335,13 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
             if texts
             else []
         )
-        results, failures = _assemble_vectors(todo, spans, chunk_lists, batches, provider.dim)
+        batches = [
+            (span, _as_page_error(outcome) if isinstance(outcome, Exception) else outcome, call)
+            for span, outcome, call in batches
+        ]
         for _, outcome, _ in batches:
-            breaker.record(_as_page_error(outcome) if isinstance(outcome, Exception) else None)
+            breaker.record(outcome if isinstance(outcome, PageError) else None)
+        results, failures = _assemble_vectors(todo, spans, chunk_lists, batches, provider.dim)
         calls = [(todo[0].lease, call) for _, _, call in batches if call is not None]
         store.save_vectors(conn, results)
         store.record_usage(conn, calls)
@@ -340,15 +352,15 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
 
 
 def _assemble_vectors(todo, spans, chunk_lists, batches, dim):
-    """Per document: its rows of the batch matrices, or the error of a batch it fell into."""
+    """Per document: its rows of the batch matrices, or the PageError of a batch it fell
+    into (batches carry matrices or PageErrors)."""
     import numpy as np
 
     matrix = np.zeros((sum(len(s) for s in spans), dim), dtype=np.float32)
     broken: list[tuple[range, PageError]] = []
     for span, outcome, _ in batches:
-        if isinstance(outcome, Exception):
-            error = outcome if isinstance(outcome, PageError) else _as_page_error(outcome)
-            broken.append((span, error))
+        if isinstance(outcome, PageError):
+            broken.append((span, outcome))
         else:
             matrix[span.start : span.stop] = outcome
     results, failures = [], []
