@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -26,6 +28,21 @@ log = logging.getLogger(__name__)
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def _forget_inherited_pool() -> None:
+    """A forked child must not use its parent's pool (its queues and manager thread belong
+    to the parent); it starts its own on first use. Nor its parent's fork server: CPython
+    checks on that server with waitpid(), which fails outside the process that started it."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+    server = multiprocessing.forkserver._forkserver
+    if server._forkserver_pid is not None:
+        os.close(server._forkserver_alive_fd)
+        server.__init__()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_pool)
 
 
 def _get_pool(workers: int) -> ProcessPoolExecutor:
@@ -50,6 +67,16 @@ def discard_pool() -> None:
     for process in list(getattr(pool, "_processes", {}).values()):
         process.kill()
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def close_pool() -> None:
+    """Let the workers finish and exit. A process that leaves without the interpreter's
+    exit hooks (a forked `blogqa run` task) must call this, or it waits on them forever."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _timeout_error(settings: Settings) -> PageError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from blogqa.pipeline import MAX_URLS_PER_RUN
 log = logging.getLogger(__name__)
 
 DAG_ID = "blogqa_pipeline"
+EXECUTOR_PATH = "blogqa.pipeline_executor.PipelineExecutor"  # imported by Airflow, after set-up
 DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 
 
@@ -101,6 +103,32 @@ def ensure_pools(settings: Settings) -> None:
         )
 
 
+def _not_waiting_on_workers(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("No tasks to run")
+
+
+def use_pipeline_executor() -> None:
+    """Point this process's Airflow at blogqa's executor (`dag.test` uses the configured one).
+
+    Only `blogqa run`'s own process is affected: a deployment's scheduler keeps its executor.
+    """
+    os.environ["AIRFLOW__CORE__EXECUTOR"] = EXECUTOR_PATH
+    # Executors sign a token per task; the in-process execution API never checks it, so a
+    # per-process secret does (and keeps Airflow from warning about an empty one).
+    os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))
+    from airflow.executors.executor_loader import ExecutorLoader
+
+    # dag.test() warns "No tasks to run" every second while the workers run them: expected
+    # here, so kept out of the user's log.
+    logging.getLogger("airflow.sdk.definitions.dag").addFilter(_not_waiting_on_workers)
+    configured = ExecutorLoader.get_default_executor_name().module_path
+    if configured != EXECUTOR_PATH:
+        raise PipelineRunError(
+            f"Airflow in this process already chose the executor {configured}; run the "
+            "pipeline from a fresh `blogqa run` process."
+        )
+
+
 def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
     """True once a row is claimable; False when none is, or none falls due in time."""
     deadline = time.monotonic() + wait_seconds
@@ -158,9 +186,14 @@ def run_pipeline(
     that many seconds, so one command drains it.
     """
     configure_airflow(settings)
+    use_pipeline_executor()
     ensure_airflow_db()
     ensure_pools(settings)
     dag = load_dag()
+    from blogqa import pipeline_executor
+
+    pipeline_executor.configure(dag, parallelism=settings.run_parallelism)
+    pipeline_executor.prepare_workers()
     tally = RunTally()
     started = time.perf_counter()
     remaining = max_urls if max_urls is not None else float("inf")
@@ -176,7 +209,7 @@ def run_pipeline(
             "chunk_size": chunk_size,
         }
         first = False
-        dag_run = dag.test(run_conf=conf)
+        dag_run = dag.test(run_conf=conf, use_executor=True)
         tally.runs += 1
         ids = _claimed_in(dag_run)
         claimed_ids.update(ids)
