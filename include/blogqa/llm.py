@@ -245,6 +245,17 @@ def openai_client(settings: Settings, *, timeout: float | None = None):  # -> As
     )
 
 
+def preload(settings: Settings) -> None:
+    """Load now what every summarize and embed task would load for itself: the tokenizers
+    and the openai package (imported lazily, about a second). `blogqa run` calls this once
+    before it forks its task processes, which then inherit them."""
+    tokenizer_for(settings.chat_model)
+    tokenizer_for(settings.embed_model)
+    if settings.llm_provider == "openai":
+        client = openai_client(settings)
+        client.chat.completions, client.embeddings  # noqa: B018 - their modules load lazily
+
+
 class LLMConfigurationError(RuntimeError):
     """The endpoint refused our credentials or model: fix the settings, retrying won't help."""
 

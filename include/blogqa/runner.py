@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blogqa import db, queue
+from blogqa import db, llm, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings
 from blogqa.pipeline import MAX_URLS_PER_RUN
 
@@ -194,6 +194,7 @@ def run_pipeline(
 
     pipeline_executor.configure(dag, parallelism=settings.run_parallelism)
     pipeline_executor.prepare_workers()
+    llm.preload(settings)
     tally = RunTally()
     started = time.perf_counter()
     remaining = max_urls if max_urls is not None else float("inf")
