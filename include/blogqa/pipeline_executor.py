@@ -30,7 +30,11 @@ from airflow.executors.base_executor import BaseExecutor
 
 log = logging.getLogger(__name__)
 
-SYNC_WAIT_SECONDS = 0.5  # most a heartbeat waits for a task to end before the loop looks again
+# Most a heartbeat waits for a running task to end. dag.test()'s loop sleeps a second
+# whenever nothing new became ready, and a task that ends during that sleep waits for it; the
+# loop spends its time here instead, where an ending task is seen at once. Waiting longer
+# only delays noticing a retry's delay running out while other tasks are still running.
+SYNC_WAIT_SECONDS = 5.0
 
 _dags: dict[str, Any] = {}  # dag_id -> the parsed DAG the workers run tasks of
 _parallelism = 4
