@@ -190,11 +190,6 @@ def run_pipeline(
     ensure_airflow_db()
     ensure_pools(settings)
     dag = load_dag()
-    from blogqa import pipeline_executor
-
-    pipeline_executor.configure(dag, parallelism=settings.run_parallelism)
-    pipeline_executor.prepare_workers()
-    llm.preload(settings)
     tally = RunTally()
     started = time.perf_counter()
     remaining = max_urls if max_urls is not None else float("inf")
@@ -209,6 +204,8 @@ def run_pipeline(
             "max_urls": batch,
             "chunk_size": chunk_size,
         }
+        if first:  # only once there is work: the preparation costs seconds
+            _prepare_workers(dag, settings)
         first = False
         dag_run = dag.test(run_conf=conf, use_executor=True)
         tally.runs += 1
@@ -231,6 +228,15 @@ def run_pipeline(
             ).fetchall()
         )
     return tally
+
+
+def _prepare_workers(dag, settings: Settings) -> None:
+    """Load in this process what every forked task would otherwise load for itself."""
+    from blogqa import pipeline_executor
+
+    pipeline_executor.configure(dag, parallelism=settings.run_parallelism)
+    pipeline_executor.prepare_workers()
+    llm.preload(settings)
 
 
 def _claimed_in(dag_run) -> list[int]:
