@@ -178,8 +178,8 @@ def run_pipeline(
     urls: list[str] | None = None,
     wait_seconds: float = 0.0,
 ) -> RunTally:
-    """Trigger DAG runs (real task instances, in this process) until nothing is claimable
-    or `max_urls` have been claimed.
+    """Trigger DAG runs until nothing is claimable or `max_urls` have been claimed: real task
+    instances, run by workers forked from this process (`blogqa.pipeline_executor`).
 
     With `wait_seconds`, a queue whose rows are all waiting (a retry's backoff, an open
     circuit breaker, a dead worker's lease) is waited for when the next one falls due within
