@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import sys
@@ -37,8 +36,10 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from blogqa.crawl import content_hash
+from blogqa.embed import dimensions_kwargs
 from blogqa.extract import NothingExtractedError, extract_article
-from blogqa.llm import RESPONSE_SCHEMA, SYSTEM_PROMPT, fit_to_budget, user_message
+from blogqa.llm import CHAT_TEMPERATURE, RESPONSE_FORMAT, chat_messages, fit_to_budget
 from blogqa.tokens import chunk_text, tokenizer_for
 
 SCHEMA = "bench_minimal"
@@ -77,12 +78,9 @@ class Doc:
     chunks: list[str]
     summary: str = ""
     qa: list[dict] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # summary, questions, chunks: to embed
     vectors: np.ndarray | None = None
     missing: int = 0
-
-    @property
-    def inputs(self) -> list[str]:
-        return [self.summary] + [p["question"] for p in self.qa] + self.chunks
 
 
 def prepare(url: str, body: bytes, charset: str | None, settings: dict) -> dict | None:
@@ -208,27 +206,20 @@ class Minimal:
         except Exception as exc:  # noqa: BLE001 - counted and reported, like a failed URL
             self.failed.append((url, repr(exc)))
             return
-        for i in range(len(doc.inputs)):
-            self.pending.append((doc, i))
+        doc.inputs = [doc.summary] + [p["question"] for p in doc.qa] + doc.chunks
+        self.pending.extend((doc, i) for i in range(len(doc.inputs)))
         doc.missing = len(doc.inputs)
         self.flush()
 
     async def chat(self, doc: Doc) -> None:
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(doc.title, doc.prompt_text)},
-        ]
         async with self.model_gate:
             self.mark("first_chat_sent")
             self.counts["chat_calls"] += 1
             response = await self.client.chat.completions.create(
                 model=self.args.chat_model,
-                messages=messages,
-                response_format={
-                    "type": "json_schema",
-                    "json_schema": {"name": "page_qa", "strict": True, "schema": RESPONSE_SCHEMA},
-                },
-                temperature=0.2,
+                messages=chat_messages(doc.title, doc.prompt_text),
+                response_format=RESPONSE_FORMAT,
+                temperature=CHAT_TEMPERATURE,
             )
         parsed = json.loads(response.choices[0].message.content or "{}")
         doc.summary, doc.qa = parsed["summary"], parsed["qa"]
@@ -242,9 +233,7 @@ class Minimal:
 
     async def embed(self, batch: list[tuple[Doc, int]]) -> None:
         texts = [doc.inputs[i] for doc, i in batch]
-        kwargs: dict = (
-            {"dimensions": self.args.dim} if self.args.embed_model.startswith("text-") else {}
-        )
+        kwargs = dimensions_kwargs(self.args.embed_model, self.args.dim)
         if self.args.encoding_format != "default":
             kwargs["encoding_format"] = self.args.encoding_format
         async with self.model_gate:
@@ -269,36 +258,41 @@ class Minimal:
         as soon as it is ready. Stops at the None each writer is sent at the end."""
         written = 0
         while (doc := await self.done.get()) is not None:
-            await self.insert(conn, [doc])
+            await self.insert(conn, doc)
             written += 1
         return written
 
-    async def insert(self, conn: psycopg.AsyncConnection, docs: list[Doc]) -> None:
+    async def insert(self, conn: psycopg.AsyncConnection, doc: Doc) -> None:
         schema = sql.Identifier(SCHEMA)
         async with conn.transaction(), conn.cursor() as cur:
-            for doc in docs:
-                digest = hashlib.sha256(" ".join(doc.text.split()).encode()).hexdigest()
-                await cur.execute(
-                    sql.SQL(
-                        "INSERT INTO {}.documents (url, title, text, content_hash, summary, qa)"
-                        " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id"
-                    ).format(schema),
-                    (doc.url, doc.title, doc.text, digest, doc.summary, json.dumps(doc.qa)),
-                )
-                (document_id,) = await cur.fetchone()
-                kinds = ["summary"] + ["question"] * len(doc.qa) + ["chunk"] * len(doc.chunks)
-                await cur.executemany(
-                    sql.SQL(
-                        "INSERT INTO {}.vectors (document_id, position, kind, text, embedding)"
-                        " VALUES (%s, %s, %s, %s, %s)"
-                    ).format(schema),
-                    [
-                        (document_id, i, kind, text, vector)
-                        for i, (kind, text, vector) in enumerate(
-                            zip(kinds, doc.inputs, doc.vectors, strict=True)
-                        )
-                    ],
-                )
+            await cur.execute(
+                sql.SQL(
+                    "INSERT INTO {}.documents (url, title, text, content_hash, summary, qa)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id"
+                ).format(schema),
+                (
+                    doc.url,
+                    doc.title,
+                    doc.text,
+                    content_hash(doc.text),
+                    doc.summary,
+                    json.dumps(doc.qa),
+                ),
+            )
+            (document_id,) = await cur.fetchone()
+            kinds = ["summary"] + ["question"] * len(doc.qa) + ["chunk"] * len(doc.chunks)
+            await cur.executemany(
+                sql.SQL(
+                    "INSERT INTO {}.vectors (document_id, position, kind, text, embedding)"
+                    " VALUES (%s, %s, %s, %s, %s)"
+                ).format(schema),
+                [
+                    (document_id, i, kind, text, vector)
+                    for i, (kind, text, vector) in enumerate(
+                        zip(kinds, doc.inputs, doc.vectors, strict=True)
+                    )
+                ],
+            )
 
 
 def create_tables(dsn: str, dim: int) -> None:

@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psycopg
@@ -47,12 +48,12 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, queue, store
+from blogqa import db, pipeline, queue, store
 from blogqa.config import Settings, load_settings
 from blogqa.embed import OpenAIEmbedder
 from blogqa.extract import extract_article
 from blogqa.llm import PROMPT_VERSION
-from blogqa.tokens import chunk_text, split_sentences, tokenizer_for
+from blogqa.tokens import split_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # run as a script: the sibling module below
@@ -250,20 +251,10 @@ def work_items(
         lease.url: lease
         for lease in queue.claim(conn, len(urls), owner=OWNER, lease_seconds=settings.lease_seconds)
     }
-    tokenizer = tokenizer_for(settings.embed_model)
     items = []
     for (path, body), url in zip(pages.items(), urls, strict=True):
         article = extract_article(body.decode("utf-8"), url)
         sentences = split_sentences(article.text)
-        chunks = [
-            {"text": text, "tokens": tokens}
-            for text, tokens in chunk_text(
-                article.text,
-                tokenizer,
-                max_tokens=settings.chunk_tokens,
-                overlap_tokens=settings.chunk_overlap_tokens,
-            )
-        ]
         llm = {
             "summary": " ".join(sentences[1:3]),
             "qa": [
@@ -274,67 +265,44 @@ def work_items(
             "prompt_version": PROMPT_VERSION,
             "input_truncated": False,
         }
-        vectors = rng.standard_normal((1 + len(llm["qa"]) + len(chunks), settings.embed_dim))
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        page = {
-            "url": url,
-            "final_url": url,
-            "canonical_url": article.canonical_url,
-            "title": article.title,
-            "author": article.author,
-            "published": article.published.isoformat() if article.published else None,
-            "site_name": article.site_name,
-            "language": article.language,
-            "text": article.text,
-            "content_hash": f"bench-{path}",
-            "etag": None,
-            "last_modified": None,
-        }
-        items.append(
-            store.WorkItem(
-                lease=leases[queue.normalize_url(url)],
-                page=page,
-                unchanged=False,
-                llm_result=llm,
-                chunks=chunks,
-                vectors=vectors.astype(np.float32),
-            )
+        fetched = SimpleNamespace(url=url, final_url=url, etag=None, last_modified=None)
+        item = store.WorkItem(
+            lease=leases[queue.normalize_url(url)],
+            page=pipeline._page(fetched, article, f"bench-{path}"),
+            unchanged=False,
+            llm_result=llm,
+            chunks=None,
+            vectors=None,
         )
+        # the texts the embed stage would send: summary, questions, retrieval chunks
+        texts, chunks = pipeline.embedding_inputs(item, settings)
+        vectors = rng.standard_normal((len(texts), settings.embed_dim))
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        items.append(dataclasses.replace(item, chunks=chunks, vectors=vectors.astype(np.float32)))
     return items
-
-
-def load_batches(items: list[store.WorkItem], batch: int) -> tuple[str, list[list]]:
-    """How the pipeline's load stage writes documents, whichever store API this version has:
-    `load_documents` (a chunk per transaction) or `load_document` (one per transaction)."""
-    if hasattr(store, "load_documents"):
-        return "store.load_documents", [items[i : i + batch] for i in range(0, len(items), batch)]
-    return "store.load_document", [[item] for item in items]
 
 
 def time_loads(
     conn: psycopg.Connection, settings: Settings, items: list[store.WorkItem], batch: int
 ) -> dict:
     now = dt.datetime.now(dt.UTC)
-    api, batches = load_batches(items, batch)
     per_doc = []
-    for group in batches:
+    for start in range(0, len(items), batch):
+        group = items[start : start + batch]
         started = time.perf_counter()
-        if api == "store.load_documents":
-            for item in group:
-                store.check_complete(item)
-            _, lost = store.load_documents(
-                conn, group, embed_model=settings.embed_model, fetched_at=now
-            )
-            if lost:
-                raise RuntimeError(f"{len(lost)} leases lost during the load benchmark")
-        else:
-            store.load_document(conn, group[0], embed_model=settings.embed_model, fetched_at=now)
+        for item in group:
+            store.check_complete(item)
+        _, lost = store.load_documents(
+            conn, group, embed_model=settings.embed_model, fetched_at=now
+        )
+        if lost:
+            raise RuntimeError(f"{len(lost)} leases lost during the load benchmark")
         per_doc += [(time.perf_counter() - started) * 1000 / len(group)] * len(group)
     tenth = max(1, len(per_doc) // 10)
     vectors = sum(len(item.vectors) for item in items)
     return {
-        "api": api,
-        "documents_per_transaction": len(batches[0]),
+        "api": "store.load_documents",
+        "documents_per_transaction": min(batch, len(items)),
         # per document: a batch's time divided by its documents
         **summary_ms(per_doc),
         "vectors_per_document": round(vectors / len(items), 2),

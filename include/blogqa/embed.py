@@ -99,9 +99,7 @@ class OpenAIEmbedder:
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, ModelCall]:
         import openai
 
-        kwargs = {}
-        if self.model.startswith("text-embedding-3"):
-            kwargs["dimensions"] = self.dim  # only these models accept a dimension
+        kwargs = dimensions_kwargs(self.model, self.dim)
         started = time.perf_counter()
         try:
             # base64 float32 is a third of the bytes of JSON floats and decodes without
@@ -124,6 +122,11 @@ class OpenAIEmbedder:
         tokens = usage.prompt_tokens if usage else 0
         call = ModelCall(STAGE, self.provider, self.model, tokens, 0, latency, len(texts))
         return matrix, call
+
+
+def dimensions_kwargs(model: str, dim: int) -> dict:
+    """`dimensions=dim` for the models that accept it (text-embedding-3-*), else nothing."""
+    return {"dimensions": dim} if model.startswith("text-embedding-3") else {}
 
 
 def _vector(embedding: str | list[float]) -> np.ndarray:

@@ -57,11 +57,17 @@ def _get_pool(workers: int) -> ProcessPoolExecutor:
         return _pool
 
 
-def discard_pool() -> None:
-    """Kill the workers (a stuck one included) and start afresh on the next call."""
+def _take_pool() -> ProcessPoolExecutor | None:
+    """The current pool, detached: the next call starts a new one."""
     global _pool
     with _pool_lock:
         pool, _pool = _pool, None
+    return pool
+
+
+def discard_pool() -> None:
+    """Kill the workers (a stuck one included) and start afresh on the next call."""
+    pool = _take_pool()
     if pool is None:
         return
     for process in list(getattr(pool, "_processes", {}).values()):
@@ -72,9 +78,7 @@ def discard_pool() -> None:
 def close_pool() -> None:
     """Let the workers finish and exit. A process that leaves without the interpreter's
     exit hooks (a forked `blogqa run` task) must call this, or it waits on them forever."""
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
+    pool = _take_pool()
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -127,6 +127,22 @@ def fit_to_budget(text: str, model: str, budget: int) -> tuple[str, bool]:
     return kept, truncated
 
 
+# The Chat Completions response_format of a summary request: the reply must match the schema.
+CHAT_TEMPERATURE = 0.2
+RESPONSE_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "page_qa", "strict": True, "schema": RESPONSE_SCHEMA},
+}
+
+
+def chat_messages(title: str | None, text: str) -> list[dict]:
+    """The system prompt and the article, as one summary request sends them."""
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user_message(title, text)},
+    ]
+
+
 def user_message(title: str | None, text: str) -> str:
     return f"Title: {title or '(none)'}\n\nArticle:\n{text}"
 
@@ -315,10 +331,7 @@ class OpenAIChat:
         import openai
 
         body, truncated = fit_to_budget(text, self.model, self.budget)
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": user_message(title, body)},
-        ]
+        messages = chat_messages(title, body)
         calls: list[ModelCall] = []
         for attempt in (1, 2):  # the second attempt repairs an invalid reply
             started = time.perf_counter()
@@ -326,15 +339,8 @@ class OpenAIChat:
                 response = await self.client.chat.completions.create(
                     model=self.model,
                     messages=messages,
-                    response_format={
-                        "type": "json_schema",
-                        "json_schema": {
-                            "name": "page_qa",
-                            "strict": True,
-                            "schema": RESPONSE_SCHEMA,
-                        },
-                    },
-                    temperature=0.2,
+                    response_format=RESPONSE_FORMAT,
+                    temperature=CHAT_TEMPERATURE,
                 )
             except openai.OpenAIError as exc:
                 raise classify_openai_error(exc, STAGE) from exc

@@ -473,15 +473,6 @@ def has_claimable(conn: psycopg.Connection) -> bool:
     return bool(row[0])
 
 
-def claimable_count(conn: psycopg.Connection) -> int:
-    """Rows a claim would take now (due queued rows plus expired leases)."""
-    row = conn.execute(
-        "SELECT count(*) FROM blogqa.url_queue WHERE (status = 'queued' AND run_after <= now())"
-        " OR (status = 'processing' AND lease_until < now())"
-    ).fetchone()
-    return int(row[0])
-
-
 # ---------------------------------------------------------------- operator actions
 # cancel, redrive (requeue_dead) and the error report behind `blogqa cancel|requeue|errors`.
 
