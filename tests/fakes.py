@@ -216,6 +216,19 @@ def _base64_floats(vector: list[float]) -> str:
 
 
 class OpenAIHandler(_Handler):
+    def do_GET(self):
+        server = self.server.owner  # type: ignore[attr-defined]
+        if self.headers.get("Authorization") != f"Bearer {server.api_key}":
+            return self._error(401, "invalid api key")
+        if self.path.split("?", 1)[0] == "/v1/models":  # `blogqa init` checks the endpoint
+            data = [
+                {"id": model, "object": "model", "created": 0, "owned_by": "test"}
+                for model in server.models
+            ]
+            payload = {"object": "list", "data": data}
+            return self.send(200, json.dumps(payload).encode(), "application/json")
+        return self._error(404, "no such route")
+
     def do_POST(self):
         server = self.server.owner  # type: ignore[attr-defined]
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
@@ -326,5 +339,6 @@ def start_openai_server(api_key: str = "test-key"):
     server.slow_seconds = 3.0
     server.latency = 0.0
     server.floats_only = False  # like servers that ignore encoding_format
+    server.models = ["test-chat-model", "text-embedding-3-small"]  # GET /v1/models
     server.chat_calls = server.embedding_calls = server.embedding_inputs = 0
     return server.start()

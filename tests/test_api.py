@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from blogqa import db, queue, runner
 from blogqa.api import create_app
@@ -56,7 +60,15 @@ def test_health(client):
     body = client.get("/health").json()
     latest = db.migration_files()[-1][0]
     assert latest >= 4
-    assert body == {"status": "ok", "database": True, "schema_version": latest, "queue_depth": 0}
+    assert body == {
+        "status": "ok",
+        "database": True,
+        "schema_status": "ready",
+        "schema_version": latest,
+        "schema_expected_version": latest,
+        "queue_depth": 0,
+        "detail": None,
+    }
 
 
 def test_openapi_documents_every_route(client):
@@ -357,7 +369,7 @@ def test_reader_role_cannot_insert(pipeline):
 
 
 def test_reader_role_migration_is_idempotent(pipeline):
-    ddl = (PROJECT_ROOT / "sql" / "003_reader_role.sql").read_text()
+    (ddl,) = [path.read_text() for version, _, path in db.migration_files() if version == 3]
     with db.connect(pipeline["settings"]) as conn:
         conn.execute(ddl)  # the role exists already: no error
         assert conn.execute(
@@ -428,13 +440,119 @@ def test_unreachable_database_is_503_without_details(pipeline, monkeypatch):
         assert health.json() == {
             "status": "unavailable",
             "database": False,
+            "schema_status": None,
             "schema_version": None,
+            "schema_expected_version": None,
             "queue_depth": None,
+            "detail": "database unavailable",
         }
         response = test_client.get("/api/v1/jobs/stats")
         assert response.status_code == 503
         assert response.json() == {"detail": "database unavailable"}
         assert "pw" not in response.text
+
+
+def _other_database(dsn: str, name: str) -> str:
+    """The same server and credentials, database `name` (URL or key=value DSN)."""
+    if "://" in dsn:
+        return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+    return make_conninfo(dsn, dbname=name)
+
+
+@pytest.fixture
+def fresh_database(settings):
+    """Settings pointing at a new, empty database on the session's server (no schema, no
+    pgvector): what an API deployed before `blogqa init` sees."""
+    name = "blogqa_not_initialised"
+    admin = _other_database(db.database_dsn(settings), "postgres")
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(drop)
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield dataclasses.replace(settings, database_url=_other_database(admin, name))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(drop)
+
+
+# every kind of route: health aside, reads, a list, a POST that embeds, the POST that writes
+SCHEMA_GATED_ROUTES = [
+    ("GET", "/api/v1/jobs/stats", None),
+    ("GET", "/api/v1/documents", None),
+    ("GET", "/api/v1/jobs/1", None),
+    ("POST", "/api/v1/search/similar", {"text": "sourdough starter", "k": 3}),
+    ("POST", "/api/v1/qa/ask", {"question": "How do I feed a starter?"}),
+]
+
+
+def test_api_before_blogqa_init_is_503_naming_it_until_migrated(fresh_database):
+    latest = db.migration_files()[-1][0]
+    not_initialised = (
+        f"the blogqa schema is not initialised (version 0 of {latest}): run `blogqa init`"
+    )
+    app = create_app(fresh_database, api_token="")
+    database = app.state.database
+    database.schema_recheck_seconds = 3600.0  # the verdict holds until the test lowers this
+    with TestClient(app) as client:  # raises on any 500
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert health.json() == {
+            "status": "unavailable",
+            "database": True,
+            "schema_status": "missing",
+            "schema_version": 0,
+            "schema_expected_version": latest,
+            "queue_depth": None,
+            "detail": not_initialised,
+        }
+        for method, path, body in SCHEMA_GATED_ROUTES:
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json() == {"detail": not_initialised}, path
+
+        db.migrate(fresh_database)  # what `blogqa init` does
+        # within the re-check interval the last verdict stands: no query per request
+        assert client.get("/api/v1/jobs/stats").status_code == 503
+        database.schema_recheck_seconds = 0.0
+        assert client.get("/api/v1/jobs/stats").json()["total"] == 0
+        assert client.get("/api/v1/documents").json()["total"] == 0
+        # pgvector arrived after the pool's connections were opened: registered on use
+        similar = client.post("/api/v1/search/similar", json={"text": "sourdough", "k": 3})
+        assert similar.status_code == 200 and similar.json()["results"] == []
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["schema_status"] == "ready"
+
+        # dropped under the running API: ready was remembered, so the query itself fails;
+        # UndefinedTable is the same 503, never a 500
+        with psycopg.connect(fresh_database.database_url, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA blogqa CASCADE")
+        for method, path, body in SCHEMA_GATED_ROUTES[:2]:
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert response.json() == {"detail": not_initialised}, path
+
+        # migrated, then the newest migration missing: "behind"
+        db.migrate(fresh_database)
+        with psycopg.connect(fresh_database.database_url, autocommit=True) as conn:
+            conn.execute("DELETE FROM blogqa.schema_migrations WHERE version = %s", (latest,))
+        health = client.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["database"] is True and body["schema_status"] == "behind"
+        assert body["schema_version"] == latest - 1
+        behind = client.get("/api/v1/documents")
+        assert behind.status_code == 503
+        assert behind.json()["detail"] == body["detail"]
+        assert f"version {latest - 1} of {latest}" in body["detail"]
+        assert "run `blogqa init`" in body["detail"]
+
+
+def test_api_checks_credentials_before_the_schema(fresh_database):
+    app = create_app(fresh_database, api_token="t0ken")
+    with TestClient(app) as client:
+        assert client.get("/api/v1/jobs/stats").status_code == 401
+        token = {"Authorization": "Bearer t0ken"}
+        response = client.get("/api/v1/jobs/stats", headers=token)
+        assert response.status_code == 503 and "blogqa init" in response.json()["detail"]
 
 
 def _free_port() -> int:

@@ -78,14 +78,3 @@ def test_run_drains_the_queue_through_airflow(conn, page_server):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "claimed 1 url(s) in 1 run(s)" in result.stdout and "done 1" in result.stdout
     assert conn.execute("SELECT count(*) FROM blogqa.documents").fetchone()[0] == 1
-
-
-def test_init_creates_the_schema_and_the_llm_pool(conn, monkeypatch):
-    monkeypatch.setenv("BLOGQA_LLM_POOL_SLOTS", "5")
-    result = run_cli("init")
-    assert result.returncode == 0, result.stderr
-    assert "schema ready" in result.stdout
-    assert "Airflow pool blogqa_llm has 5 slots" in result.stdout
-    from airflow.models.pool import Pool
-
-    assert Pool.get_pool("blogqa_llm").slots == 5

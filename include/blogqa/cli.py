@@ -42,21 +42,86 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+INIT_DESCRIPTION = """\
+Set up a deployment, in one step: apply the schema migrations to the results database,
+create or resize the Airflow pool blogqa_llm (BLOGQA_LLM_POOL_SLOTS slots, through `airflow
+pools set`), then check that the results database and the model endpoint answer.
+
+Exit status: 0 when ready; 1 when a step or the database check failed (with --strict, also
+when the endpoint check failed); 2 for invalid settings."""
+
+
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
-    applied = db.migrate(settings)
+    """Every step runs and reports even when an earlier one failed, so one run shows every
+    problem; the exit status says whether the deployment is ready."""
+    from blogqa import checks
+
+    steps_ok = True
+    if not args.check:
+        schema_ok = _init_schema(settings)
+        pool_ok = _init_pool(settings)  # also after a failed migration: Airflow's own database
+        steps_ok = schema_ok and pool_ok
+    database = checks.check_database(settings)
+    endpoint = checks.check_endpoint(settings)
+    for check in (database, endpoint):
+        mark = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
+        if not check.used:
+            mark = "[dim]none[/dim]"
+        out.print(f"check: {check.name}: {mark} - {escape(check.detail)}", soft_wrap=True)
+    if not endpoint.ok:
+        effect = "init fails (--strict)" if args.strict else "not fatal without --strict"
+        err.print(
+            f"[yellow]warning:[/yellow] the model endpoint check failed ({effect}); summarize"
+            " and embed tasks fail until it answers"
+        )
+    if not (steps_ok and database.ok) or (args.strict and not endpoint.ok):
+        return 1
+    return 0
+
+
+def _init_schema(settings: Settings) -> bool:
+    """Apply pending migrations; False (reported) when the database refuses."""
+    import psycopg
+
+    from blogqa import checks
+
+    try:
+        applied = db.migrate(settings)
+    except psycopg.OperationalError as exc:
+        err.print(
+            "[red]error:[/red] schema migrations failed, the results database did not answer"
+            f" ({escape(checks.first_line(exc))}): {checks.DATABASE_HINT}"
+        )
+        return False
+    except (psycopg.Error, BlogqaError) as exc:
+        err.print(
+            f"[red]error:[/red] schema migrations failed: {escape(str(exc).strip())}; fix that,"
+            " then run `blogqa init` again"
+        )
+        return False
     where = (
         f"embedded PostgreSQL in {settings.pgdata}" if settings.embedded else "configured server"
     )
     out.print(
         f"schema ready on the {where}; migrations applied now: {', '.join(applied) or 'none'}"
     )
+    return True
+
+
+def _init_pool(settings: Settings) -> bool:
+    """Airflow's metadata schema, then the pool through Airflow's CLI; False (reported) when
+    either fails."""
     from blogqa import runner
 
-    runner.configure_airflow(settings, log_level="WARNING")
-    runner.ensure_airflow_db()
-    runner.ensure_pools(settings)
+    try:
+        runner.configure_airflow(settings, log_level="WARNING")
+        runner.ensure_airflow_db()
+        runner.ensure_pools(settings, read_first=False)
+    except BlogqaError as exc:
+        err.print(f"[red]error:[/red] Airflow pool {runner.LLM_POOL}: {escape(str(exc))}")
+        return False
     out.print(f"Airflow pool {runner.LLM_POOL} has {settings.llm_pool_slots} slots")
-    return 0
+    return True
 
 
 def _read_urls(args: argparse.Namespace) -> list[str]:
@@ -422,7 +487,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show INFO logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("init", help="create or upgrade the schema").set_defaults(func=cmd_init)
+    p = sub.add_parser(
+        "init",
+        help="set up a deployment: schema, Airflow pool, database and model endpoint checks",
+        description=INIT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--check", action="store_true", help="only the checks: change nothing (readiness probe)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 when the model endpoint check fails too. Off by default: the endpoint is"
+        " often set up after the database or reachable only from the workers, and the pipeline"
+        " rides out an endpoint outage (retries, circuit breaker), so a failed endpoint check"
+        " is a warning, not a failed set-up",
+    )
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("enqueue", help="add URLs to the queue")
     p.add_argument("urls", nargs="*", metavar="URL")

@@ -88,19 +88,33 @@ def _metadata_revision() -> str | None:
 LLM_POOL = "blogqa_llm"
 
 
-def ensure_pools(settings: Settings) -> None:
+def ensure_pools(settings: Settings, *, read_first: bool = True) -> None:
     """Create (or resize) the Airflow pool that caps concurrent LLM tasks across runs and
-    workers (BLOGQA_LLM_POOL_SLOTS)."""
-    from airflow.models.pool import Pool
+    workers (BLOGQA_LLM_POOL_SLOTS).
 
-    pool = Pool.get_pool(LLM_POOL)
-    if pool is None or pool.slots != settings.llm_pool_slots:
-        Pool.create_or_update_pool(
-            LLM_POOL,
-            slots=settings.llm_pool_slots,
-            description="blogqa: concurrent summarize/embed tasks calling the model endpoint",
-            include_deferred=False,
-        )
+    The pool is always written through Airflow's public CLI (`airflow pools set`), a
+    subprocess of 4-5 s. `blogqa init` passes `read_first=False` and always writes.
+    `blogqa run` calls this before every run, so by default it first reads the pool
+    in-process (`Pool.get_pool`, milliseconds; that process already runs Airflow in-process:
+    `dag.test`, XComs, sessions) and calls the CLI only when the pool is missing or has other
+    slots. Should that private model move in a later Airflow, the CLI is used every time."""
+    from blogqa import airflow_cli
+
+    if read_first:
+        try:
+            from airflow.models.pool import Pool
+
+            pool = Pool.get_pool(LLM_POOL)
+        except (ImportError, AttributeError) as exc:
+            log.info("cannot read Airflow pools in-process (%s); setting %s", exc, LLM_POOL)
+        else:
+            if pool is not None and pool.slots == settings.llm_pool_slots:
+                return
+    airflow_cli.set_pool(
+        LLM_POOL,
+        settings.llm_pool_slots,
+        "blogqa: concurrent summarize/embed tasks calling the model endpoint",
+    )
 
 
 def _not_waiting_on_workers(record: logging.LogRecord) -> bool:

@@ -10,6 +10,11 @@ statement). The one write, the `ask` route's usage ledger, goes through a separa
 at most LEDGER_POOL_MAX_SIZE connections that only `queries.write_usage` uses. The pools open
 on first use (a sub-application mounted by Airflow gets no lifespan events) and close on
 shutdown.
+
+The API never migrates. On a database that answers but whose schema is missing or older than
+the newest migration it ships, every route answers 503 naming `blogqa init`
+(`Database.require_schema`): a set-up step still to do, told apart from "database
+unavailable". A ready schema is remembered per process, so it costs nothing per request.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import asyncio
 import hmac
 import logging
 import os
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -28,6 +35,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pgvector.psycopg import register_vector_async
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool
 
 from blogqa import db, search
@@ -48,15 +56,20 @@ ERRORS = {
     401: {"model": models.ErrorBody, "description": "missing or wrong credentials"},
     404: {"model": models.ErrorBody, "description": "no such row"},
     413: {"model": models.ErrorBody, "description": "request body over 64 KB"},
+    503: {
+        "model": models.ErrorBody,
+        "description": "database unavailable, or its schema not initialised or behind"
+        " (the detail names `blogqa init`)",
+    },
 }
 
 
 # ---------------------------------------------------------------- database
 
 
-async def _configure(conn: psycopg.AsyncConnection) -> None:
-    """Every pooled connection: pgvector types."""
-    await register_vector_async(conn)
+class SchemaNotReadyError(Exception):
+    """The database answers but blogqa's schema is missing, behind, or lacks a table or
+    column this API reads; the message (shown to clients) names the fix."""
 
 
 def session_options(dsn: str, settings: Settings) -> str:
@@ -70,9 +83,12 @@ def session_options(dsn: str, settings: Settings) -> str:
 
 class Database:
     """The settings, the DSN, a lazily opened read-only connection pool and the ledger's
-    small write pool."""
+    small write pool, and whether the schema is ready."""
 
     open_timeout = 10.0  # seconds a request waits for the first connection
+    # While the schema is not ready, requests reuse the last verdict for this long, so a
+    # client retrying in a loop costs one query per interval, not one per request.
+    schema_recheck_seconds = 3.0
 
     def __init__(self, settings: Settings | None) -> None:
         self._settings = settings
@@ -80,6 +96,11 @@ class Database:
         self._pool: AsyncConnectionPool | None = None
         self._ledger: AsyncConnectionPool | None = None
         self._lock = asyncio.Lock()
+        self._expected: int | None = None
+        self._schema: queries.SchemaState | None = None  # the last verdict
+        self._schema_checked = float("-inf")  # time.monotonic() of that verdict
+        # pooled connections opened before pgvector was installed (`blogqa init` not run yet)
+        self._without_vector: weakref.WeakSet = weakref.WeakSet()
 
     @property
     def settings(self) -> Settings:
@@ -125,8 +146,19 @@ class Database:
                         "application_name": "blogqa-api",
                         "options": options,
                     }
-                    self._pool = await self._open(POOL_MAX_SIZE, kwargs, _configure)
+                    self._pool = await self._open(POOL_MAX_SIZE, kwargs, self._configure)
         return self._pool
+
+    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
+        """Every pooled connection: pgvector types. On a database without the extension yet
+        (before `blogqa init`) the connection is kept without them, so requests get the
+        schema's 503 instead of a pool that can never connect; it registers them on first
+        use once the extension exists."""
+        if await TypeInfo.fetch(conn, "vector") is None:
+            self._without_vector.add(conn)
+        else:
+            await register_vector_async(conn)
+            self._without_vector.discard(conn)
 
     async def ledger(self) -> AsyncConnectionPool:
         """The write pool of the usage ledger (opened on the first `ask`)."""
@@ -141,7 +173,60 @@ class Database:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection]:
         pool = await self.pool()
         async with pool.connection() as conn:
+            if self._without_vector and conn in self._without_vector:
+                await self._configure(conn)
             yield conn
+
+    # ------------------------------------------------------------ schema
+
+    @property
+    def expected_schema_version(self) -> int:
+        """The newest migration this code ships (what `blogqa init` migrates to)."""
+        if self._expected is None:
+            files = db.migration_files()
+            if not files:
+                log.warning("no migration files found in the blogqa package: schema unchecked")
+            self._expected = files[-1][0] if files else 0
+        return self._expected
+
+    def note_schema(self, state: queries.SchemaState) -> None:
+        """Remember a verdict (logging changes only, not every request)."""
+        previous = self._schema
+        if previous is None or previous.status != state.status:
+            if state.ready:
+                log.info("blogqa schema ready (version %d)", state.version)
+            else:
+                log.warning("%s", state.message)
+        self._schema = state
+        self._schema_checked = time.monotonic()
+
+    def forget_schema(self) -> None:
+        """The schema changed under us (a table went missing): check again on next use."""
+        self._schema = None
+        self._schema_checked = float("-inf")
+
+    async def check_schema(self) -> queries.SchemaState:
+        """Query the schema's state now, on a pooled connection."""
+        async with self.connection() as conn:
+            state = await queries.schema_state(conn, self.expected_schema_version)
+        self.note_schema(state)
+        return state
+
+    async def require_schema(self) -> None:
+        """SchemaNotReadyError unless the schema is at the newest migration.
+
+        Free once the schema was seen ready in this process. While it is not, the last
+        verdict is reused for `schema_recheck_seconds`; the request that finds it stale
+        claims the re-check, so concurrent requests do not query too."""
+        state = self._schema
+        if state is not None and state.ready:
+            return
+        if state is None or time.monotonic() - self._schema_checked >= self.schema_recheck_seconds:
+            if state is not None:
+                self._schema_checked = time.monotonic()  # claim the re-check
+            state = await self.check_schema()
+        if not state.ready:
+            raise SchemaNotReadyError(state.message)
 
     async def record_usage(self, calls: list[ModelCall]) -> None:
         """Append model calls to blogqa.llm_usage through the ledger pool."""
@@ -236,6 +321,26 @@ async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSO
     return JSONResponse({"detail": "database unavailable"}, status_code=503)
 
 
+async def _schema_not_ready(request: Request, exc: SchemaNotReadyError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
+async def _schema_changed(request: Request, exc: psycopg.errors.UndefinedTable) -> JSONResponse:
+    """A table or column went missing under a running API (schema dropped or changed after
+    it was seen ready): the same 503 as a schema never initialised, not a 500. The cached
+    verdict is dropped and the schema checked now, so the detail says what is wrong."""
+    log.error("schema changed under the API (%s %s): %s", request.method, request.url.path, exc)
+    database: Database = request.app.state.database
+    database.forget_schema()
+    try:
+        state = await database.check_schema()
+    except (psycopg.OperationalError, OSError, TimeoutError) as check_error:
+        log.error("database unavailable: %s", check_error)
+        return JSONResponse({"detail": "database unavailable"}, status_code=503)
+    detail = queries.SCHEMA_MISMATCH if state.ready else state.message
+    return JSONResponse({"detail": detail}, status_code=503)
+
+
 async def _model_failed(request: Request, exc: Exception) -> JSONResponse:
     log.error("model endpoint failed: %s", exc)
     return JSONResponse({"detail": "the model endpoint could not answer"}, status_code=502)
@@ -276,19 +381,50 @@ Limit = Annotated[int, Query(ge=1, le=models.MAX_LIMIT, description="at most 100
 Offset = Annotated[int, Query(ge=0)]
 
 health_router = APIRouter(tags=["health"])
-router = APIRouter(prefix="/api/v1", responses={k: ERRORS[k] for k in (401, 413)})
+router = APIRouter(prefix="/api/v1", responses={k: ERRORS[k] for k in (401, 413, 503)})
 
 
-@health_router.get("/health", response_model=models.Health)
+async def _schema_ready(request: Request) -> None:
+    """Every /api/v1 route: 503 naming `blogqa init` until the schema is ready."""
+    await request.app.state.database.require_schema()
+
+
+@health_router.get(
+    "/health",
+    response_model=models.Health,
+    responses={
+        503: {
+            "model": models.Health,
+            "description": "database unreachable (`database` false), or its schema not ready"
+            " (`schema_status`; `detail` names the fix)",
+        }
+    },
+)
 async def health(database: DatabaseDep) -> models.Health | JSONResponse:
-    """Database reachable, schema version, queue depth (queued + processing)."""
+    """Database reachable, schema ready, queue depth (queued + processing). It checks the
+    schema on every call (it is the probe) and updates the verdict the other routes reuse."""
     try:
         async with database.connection() as conn:
-            return await queries.health(conn)
+            body, state = await queries.health(conn, database.expected_schema_version)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        log.error("health check: schema changed under the API: %s", exc)
+        database.forget_schema()
+        body = models.Health(
+            status="unavailable",
+            database=True,
+            schema_status="mismatch",
+            schema_expected_version=database.expected_schema_version,
+            detail=queries.SCHEMA_MISMATCH,
+        )
+        return JSONResponse(body.model_dump(), status_code=503)
     except (psycopg.Error, OSError, TimeoutError) as exc:
         log.error("health check: database unavailable: %s", exc)
-        body = models.Health(status="unavailable", database=False)
+        body = models.Health(status="unavailable", database=False, detail="database unavailable")
         return JSONResponse(body.model_dump(), status_code=503)
+    database.note_schema(state)
+    if not state.ready:
+        return JSONResponse(body.model_dump(), status_code=503)
+    return body
 
 
 @router.get("/documents", response_model=models.DocumentList, tags=["documents"])
@@ -437,11 +573,15 @@ def create_app(
         token = api_token if api_token is not None else os.environ.get(TOKEN_ENV, "")
         dependencies = [Depends(token_auth(token))] if token else []
     app.include_router(health_router)
-    app.include_router(router, dependencies=dependencies)
+    # after the credentials: an anonymous caller learns nothing beyond what /health says
+    app.include_router(router, dependencies=[*dependencies, Depends(_schema_ready)])
     app.add_middleware(BodyLimitMiddleware)
     app.add_exception_handler(queries.NotFoundError, _not_found)
     app.add_exception_handler(queries.InvalidInputError, _invalid)
     app.add_exception_handler(psycopg.OperationalError, _database_down)
+    app.add_exception_handler(SchemaNotReadyError, _schema_not_ready)
+    app.add_exception_handler(psycopg.errors.UndefinedTable, _schema_changed)
+    app.add_exception_handler(psycopg.errors.UndefinedColumn, _schema_changed)
     app.add_exception_handler(AnswerError, _model_failed)
     app.add_exception_handler(LLMConfigurationError, _model_failed)
     app.add_exception_handler(Exception, _internal_error)

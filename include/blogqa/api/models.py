@@ -15,10 +15,21 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description="`ok`, or `unavailable` when the database is unreachable")
-    database: bool
-    schema_version: int | None = None
+    status: str = Field(
+        description="`ok`, or `unavailable` (503) when the database is unreachable or its"
+        " schema is not ready"
+    )
+    database: bool = Field(description="the database answered")
+    schema_status: str | None = Field(
+        None,
+        description="`ready`; `missing` (never initialised), `behind` (older than this API) or"
+        " `mismatch` (a table or column missing although the version is current): run"
+        " `blogqa init`; null when the database is unreachable",
+    )
+    schema_version: int | None = Field(None, description="newest migration applied")
+    schema_expected_version: int | None = Field(None, description="newest migration this API ships")
     queue_depth: int | None = Field(None, description="rows queued or processing")
+    detail: str | None = Field(None, description="what is wrong and what to do, when not ok")
 
 
 class DocumentSummary(BaseModel):

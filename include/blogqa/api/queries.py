@@ -57,15 +57,80 @@ def normalized(url: str) -> str:
 # ---------------------------------------------------------------- health
 
 
-async def health(conn: psycopg.AsyncConnection) -> models.Health:
+INIT_HINT = "run `blogqa init`"
+SCHEMA_MISMATCH = (
+    "the blogqa schema lacks a table or column this API reads although its version is current:"
+    f" {INIT_HINT}, and look for manual changes to schema blogqa"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchemaState:
+    """The schema version found against the newest migration this code ships.
+
+    The API is read-only and never migrates; a database that is reachable but not migrated is
+    a set-up step still to do (`blogqa init`), not an outage, so it gets its own answer."""
+
+    version: int  # 0: no blogqa.schema_migrations
+    expected: int
+
+    @property
+    def status(self) -> str:
+        if self.version >= self.expected:
+            return "ready"
+        return "missing" if self.version == 0 else "behind"
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def message(self) -> str:
+        if self.status == "missing":
+            return (
+                f"the blogqa schema is not initialised (version 0 of {self.expected}): {INIT_HINT}"
+            )
+        if self.status == "behind":
+            return (
+                f"the blogqa schema is at version {self.version} of {self.expected}, older than"
+                f" this API: {INIT_HINT} to upgrade it"
+            )
+        return f"the blogqa schema is at version {self.version}"
+
+
+async def schema_state(conn: psycopg.AsyncConnection, expected: int) -> SchemaState:
+    """The schema's version, 0 when blogqa.schema_migrations does not exist. `to_regclass`
+    first, so a database nobody has initialised is an answer here rather than an error (and
+    works on a read-only connection)."""
     from blogqa.db import schema_version_async
 
-    version = await schema_version_async(conn)
+    present = await _row(
+        conn, "SELECT to_regclass('blogqa.schema_migrations') IS NOT NULL AS present"
+    )
+    version = await schema_version_async(conn) if present["present"] else 0
+    return SchemaState(version=version, expected=expected)
+
+
+async def health(conn: psycopg.AsyncConnection, expected: int) -> tuple[models.Health, SchemaState]:
+    """The health body (status `unavailable` when the schema is not ready) and the schema
+    state it saw, for the caller's cache."""
+    state = await schema_state(conn, expected)
+    body = models.Health(
+        status="ok" if state.ready else "unavailable",
+        database=True,
+        schema_status=state.status,
+        schema_version=state.version,
+        schema_expected_version=expected,
+    )
+    if not state.ready:
+        body.detail = state.message
+        return body, state
     row = await _row(
         conn,
         "SELECT count(*) AS n FROM blogqa.url_queue WHERE status IN ('queued', 'processing')",
     )
-    return models.Health(status="ok", database=True, schema_version=version, queue_depth=row["n"])
+    body.queue_depth = row["n"]
+    return body, state
 
 
 # ---------------------------------------------------------------- documents
