@@ -135,6 +135,7 @@ class Settings:
     llm_pool_slots: int
     extract_timeout: float
     extract_workers: int
+    stage_stall_seconds: float
     embed_timeout: float
     load_timeout: float
     load_parallelism: int
@@ -175,11 +176,25 @@ def _llm_provider() -> str:
     return "openai" if has_endpoint else "local"
 
 
+def _stall_seconds(*timeouts: tuple[str, float]) -> float:
+    """BLOGQA_STAGE_STALL_SECONDS, which must outlast every per-item timeout: a watchdog that
+    fired first would fail healthy tasks whose items are merely slow."""
+    name = "BLOGQA_STAGE_STALL_SECONDS"
+    value = _env_float(name, 300.0, minimum=1.0)
+    for other, limit in timeouts:
+        if value <= limit:
+            raise ConfigError(f"{name}={value:g} must be more than {other}={limit:g}.")
+    return value
+
+
 def load_settings() -> Settings:
     """Read every BLOGQA_* variable (and the OpenAI ones) once, validating as it goes."""
     home = Path(os.environ.get("BLOGQA_HOME") or ".blogqa").expanduser().resolve()
     url = _airflow_connection_url() or os.environ.get("BLOGQA_DATABASE_URL", "").strip() or None
     provider = _llm_provider()
+    fetch_timeout = _env_float("BLOGQA_FETCH_TIMEOUT_SECONDS", 20.0, minimum=0.1)
+    llm_timeout = _env_float("BLOGQA_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.1)
+    extract_timeout = _env_float("BLOGQA_EXTRACT_TIMEOUT_SECONDS", 30.0, minimum=0.1)
     default_chat = "local-extractive-v1" if provider == "local" else "gpt-4o-mini"
     default_embed = "local-hash-v1" if provider == "local" else "text-embedding-3-small"
     return Settings(
@@ -197,14 +212,19 @@ def load_settings() -> Settings:
         robots_ttl_seconds=_env_int("BLOGQA_ROBOTS_TTL_SECONDS", 3600, minimum=0),
         per_host_concurrency=_env_int("BLOGQA_PER_HOST_CONCURRENCY", 2, maximum=64),
         max_crawl_delay=_env_float("BLOGQA_MAX_CRAWL_DELAY_SECONDS", 30.0),
-        fetch_timeout=_env_float("BLOGQA_FETCH_TIMEOUT_SECONDS", 20.0, minimum=0.1),
-        llm_timeout=_env_float("BLOGQA_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+        fetch_timeout=fetch_timeout,
+        llm_timeout=llm_timeout,
         llm_max_retries=_env_int("BLOGQA_LLM_MAX_RETRIES", 2, minimum=0, maximum=10),
         breaker_threshold=_env_int("BLOGQA_LLM_BREAKER_THRESHOLD", 5, maximum=1000),
         breaker_cooldown=_env_float("BLOGQA_LLM_BREAKER_COOLDOWN_SECONDS", 60.0),
         llm_pool_slots=_env_int("BLOGQA_LLM_POOL_SLOTS", 4, maximum=1024),
-        extract_timeout=_env_float("BLOGQA_EXTRACT_TIMEOUT_SECONDS", 30.0, minimum=0.1),
+        extract_timeout=extract_timeout,
         extract_workers=_env_int("BLOGQA_EXTRACT_WORKERS", os.cpu_count() or 1, maximum=64),
+        stage_stall_seconds=_stall_seconds(
+            ("BLOGQA_FETCH_TIMEOUT_SECONDS", fetch_timeout),
+            ("BLOGQA_LLM_TIMEOUT_SECONDS", llm_timeout),
+            ("BLOGQA_EXTRACT_TIMEOUT_SECONDS", extract_timeout),
+        ),
         embed_timeout=_env_float("BLOGQA_EMBED_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_timeout=_env_float("BLOGQA_LOAD_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_parallelism=_env_int("BLOGQA_LOAD_PARALLELISM", os.cpu_count() or 1, maximum=32),

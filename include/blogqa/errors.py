@@ -20,6 +20,18 @@ class SchemaMismatchError(BlogqaError):
     """The database was built for different settings than the current ones."""
 
 
+class ExtractionPoolError(BlogqaError):
+    """The extraction workers cannot run: one could not start, or they keep dying whatever the
+    page. This is the environment's fault, not the pages', so it fails the task (Airflow
+    retries it) instead of being recorded against every URL of the chunk."""
+
+
+class StageStalledError(BlogqaError):
+    """No item of a stage finished for BLOGQA_STAGE_STALL_SECONDS. Raised so the task fails
+    (and is retried) at once instead of hanging until Airflow's execution_timeout, which a
+    process stuck in C code may never honour."""
+
+
 class PageError(BlogqaError):
     """One URL could not be processed at one stage.
 

@@ -24,8 +24,8 @@ from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import Settings, load_settings
 from blogqa.crawl import Validators, content_hash, fetch, http_client
 from blogqa.embed import embed_many, embedder
-from blogqa.errors import PageError
-from blogqa.extraction_pool import extract_async
+from blogqa.errors import PageError, StageStalledError
+from blogqa.extraction_pool import ExtractionPool
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
 from blogqa.politeness import CrawlPolicy
@@ -120,7 +120,9 @@ def _page(fetched, article, text_hash: str) -> dict:
     }
 
 
-async def _crawl_one(client, lease: Lease, previous, policy: CrawlPolicy, settings) -> dict:
+async def _crawl_one(
+    client, pool: ExtractionPool, lease: Lease, previous, policy: CrawlPolicy, settings
+) -> dict:
     validators = Validators(previous.etag, previous.last_modified) if previous else None
     fetched = await fetch(client, lease.url, settings, validators, policy)
     if fetched.not_modified:
@@ -128,36 +130,91 @@ async def _crawl_one(client, lease: Lease, previous, policy: CrawlPolicy, settin
             raise PageError("HTTP 304 without a stored copy", stage="crawl", permanent=False)
         log.info("url=%s stage=crawl not modified (conditional GET)", lease.url)
         return dict(previous.page)
-    article = await extract_async(fetched, settings)
+    article = await pool.extract(fetched)
     page = _page(fetched, article, content_hash(article.text))
     log.info("url=%s stage=crawl extracted %d words", lease.url, len(article.text.split()))
     return page
 
 
-async def _each_bounded(work, items: list, limit: int) -> list:
+async def _each_bounded(work, items: list, limit: int, *, stage: str, stall_seconds: float) -> list:
     """`await work(item)` for every item, at most `limit` at a time. A PageError or
     LeaseLostError is returned in the item's place so one URL's failure never stops the
-    others."""
+    others. Any other exception stops the stage (the other items are cancelled) and is
+    raised, failing the task; so is StageStalledError when no item has finished for
+    `stall_seconds`, so a stuck stage fails now instead of at Airflow's execution_timeout."""
     gate = asyncio.Semaphore(limit)
+    loop = asyncio.get_running_loop()
+    last_finish = loop.time()
 
     async def one(item):
+        nonlocal last_finish
         async with gate:
             try:
-                return await work(item)
+                outcome = await work(item)
             except (PageError, LeaseLostError) as exc:
-                return exc
+                outcome = exc
+        last_finish = loop.time()
+        return outcome
 
-    return await asyncio.gather(*(one(item) for item in items))
+    tasks = [asyncio.create_task(one(item)) for item in items]
+    try:
+        await _until_done(tasks, lambda: last_finish, stage, stall_seconds)
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for the finished ones
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return [task.result() for task in tasks]
+
+
+async def _until_done(tasks, last_finish, stage: str, stall_seconds: float) -> None:
+    """Wait for every task, raising the first exception one raises, or StageStalledError once
+    `last_finish()` (a loop time) is `stall_seconds` old."""
+    loop = asyncio.get_running_loop()
+    pending = set(tasks)
+    while pending:
+        idle = loop.time() - last_finish()
+        if idle >= stall_seconds:
+            finished = len(tasks) - len(pending)
+            log.error(
+                "stage=%s no item finished in %gs (%d of %d done); failing the task",
+                stage,
+                stall_seconds,
+                finished,
+                len(tasks),
+            )
+            raise StageStalledError(
+                f"stage {stage}: no item finished in {stall_seconds:g}s "
+                f"(BLOGQA_STAGE_STALL_SECONDS), {finished} of {len(tasks)} done"
+            )
+        done, pending = await asyncio.wait(
+            pending, timeout=stall_seconds - idle, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for task in done:
+            task.result()
 
 
 async def _crawl_all(leases, previous, policy, settings):
-    async with http_client(settings) as client, LeaseKeeper(settings, leases) as keeper:
+    """Fetch and extract every lease's page. The extraction workers live as long as this
+    stage (started while the first pages are fetched, stopped when it ends)."""
+    workers = min(settings.extract_workers, len(leases))
+    async with (
+        http_client(settings) as client,
+        LeaseKeeper(settings, leases) as keeper,
+        ExtractionPool(settings, size=workers) as pool,
+    ):
 
         async def work(lease):
             keeper.ensure_held(lease)
-            return await _crawl_one(client, lease, previous.get(lease.url), policy, settings)
+            previous_page = previous.get(lease.url)
+            return await _crawl_one(client, pool, lease, previous_page, policy, settings)
 
-        return await _each_bounded(work, leases, settings.crawl_concurrency)
+        return await _each_bounded(
+            work,
+            leases,
+            settings.crawl_concurrency,
+            stage="crawl",
+            stall_seconds=settings.stage_stall_seconds,
+        )
 
 
 def _origins(urls: list[str]) -> list[str]:
@@ -244,7 +301,13 @@ async def _summarize_all(items, settings, breaker: CircuitBreaker):
 
     try:
         async with LeaseKeeper(settings, [item.lease for item in items]) as keeper:
-            return await _each_bounded(work, items, settings.llm_concurrency)
+            return await _each_bounded(
+                work,
+                items,
+                settings.llm_concurrency,
+                stage="summarize",
+                stall_seconds=settings.stage_stall_seconds,
+            )
     finally:
         await provider.aclose()
 

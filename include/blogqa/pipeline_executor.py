@@ -82,25 +82,20 @@ def _run_workload(workload) -> None:
     from airflow.sdk.api.datamodels._generated import TaskInstance as TaskInstanceSDK
     from airflow.sdk.execution_time.supervisor import run_task_in_process
 
-    from blogqa import extraction_pool
-
     ti = workload.ti
     task = _dags[ti.dag_id].task_dict[ti.task_id]
-    try:
-        result = run_task_in_process(
-            ti=TaskInstanceSDK(
-                id=ti.id,
-                task_id=ti.task_id,
-                dag_id=ti.dag_id,
-                run_id=ti.run_id,
-                try_number=ti.try_number,
-                map_index=ti.map_index,
-                dag_version_id=ti.dag_version_id,
-            ),
-            task=task,
-        )
-    finally:
-        extraction_pool.close_pool()
+    result = run_task_in_process(
+        ti=TaskInstanceSDK(
+            id=ti.id,
+            task_id=ti.task_id,
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            try_number=ti.try_number,
+            map_index=ti.map_index,
+            dag_version_id=ti.dag_version_id,
+        ),
+        task=task,
+    )
     log.info("task %s[%s] ended %s", ti.task_id, ti.map_index, result.ti.state)
 
 
