@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench clean venv airflow
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	BLOGQA_CRAWL_ALLOW_PRIVATE=true $(BIN)/blogqa demo
+
+# A local Airflow (api-server, scheduler, dag-processor, triggerer; LocalExecutor) on the
+# embedded database, with the DAG and the plugin; prints the UI address and login; Ctrl-C stops it.
+airflow: $(STAMP)
+	$(BIN)/blogqa airflow --port $(or $(PORT),8080)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -48,7 +48,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, queue
+from blogqa import db, embedded, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.runner import DAG_ID
 
@@ -492,9 +492,7 @@ def bench_one(n: int, site: ArticleSite, api: LatencyOpenAI, opts: Options, stam
                 f"pipeline / minimal = {result['pipeline_over_minimal']}"
             )
     finally:
-        server = db._servers.pop(settings.pgdata, None)
-        if server is not None:
-            server.cleanup()  # stops the embedded PostgreSQL of this home
+        embedded.release(settings)  # stops the embedded PostgreSQL of this home
         if not opts.keep_homes:
             shutil.rmtree(home, ignore_errors=True)
     return result

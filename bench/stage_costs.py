@@ -48,7 +48,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, pipeline, queue, store
+from blogqa import db, embedded, pipeline, queue, store
 from blogqa.config import Settings, load_settings
 from blogqa.embed import OpenAIEmbedder
 from blogqa.extract import extract_article
@@ -445,9 +445,7 @@ def main() -> int:
             not args.no_hnsw_comparison,
         )
     finally:
-        server = db._servers.pop(settings.pgdata, None)
-        if server is not None:
-            server.cleanup()
+        embedded.release(settings)  # stops the embedded PostgreSQL of this home
         if not args.keep_home:
             with contextlib.suppress(OSError):
                 shutil.rmtree(home)

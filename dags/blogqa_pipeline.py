@@ -2,6 +2,9 @@
 
 Wiring only: every task calls a function of `blogqa.pipeline`. XCom carries queue ids and
 lease tokens, never page text; intermediate results live in Postgres (blogqa.work_items).
+The dag-processor re-parses this file every 30 s, so it imports only `airflow.sdk` and
+blogqa's settings module; the pipeline (httpx, psycopg, openai, tokenizers) is imported
+inside the tasks.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException
 
-from blogqa import pipeline
-from blogqa.config import DEFAULT_CHUNK_SIZE
+from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN
 
 # Task retries cover infrastructure failures (database restarted, worker lost); per-URL
 # failures are retried through the queue instead. BLOGQA_TASK_RETRY_DELAY_SECONDS shortens
@@ -32,9 +35,19 @@ CHUNK_LABEL = "{{ chunk_label }}"
 LLM_POOL = "blogqa_llm"  # created by `blogqa init` / `blogqa run` (BLOGQA_LLM_POOL_SLOTS)
 
 
+def _pipeline():
+    """The task bodies' module, imported when a task runs, never at parse time. The task
+    process is bound to its supervisor: if that dies (a Celery worker killed), so does the
+    task, instead of running on as an orphan."""
+    from blogqa import lifecycle, pipeline
+
+    lifecycle.die_with_parent()
+    return pipeline
+
+
 def _label(chunk: list[dict]) -> None:
     """Name the mapped instance in the UI (rendered through map_index_template)."""
-    get_current_context()["chunk_label"] = pipeline.chunk_label(chunk)
+    get_current_context()["chunk_label"] = _pipeline().chunk_label(chunk)
 
 
 # Nightly by default: each run refreshes pages older than `refresh_days` (conditional GET:
@@ -59,6 +72,13 @@ SCHEDULE = os.environ.get("BLOGQA_SCHEDULE", "0 2 * * *").strip()
             title="URLs to enqueue",
             description="Added to the queue before claiming (one per line). May be empty.",
         ),
+        "force": Param(
+            False,
+            type="boolean",
+            title="Reprocess URLs already done",
+            description="Put the given URLs back in the queue even when already processed. "
+            "Each is refetched with a conditional GET: an unchanged page costs no model call.",
+        ),
         "refresh_days": Param(
             30,
             type="integer",
@@ -71,7 +91,7 @@ SCHEDULE = os.environ.get("BLOGQA_SCHEDULE", "0 2 * * *").strip()
             500,
             type="integer",
             minimum=1,
-            maximum=pipeline.MAX_URLS_PER_RUN,
+            maximum=MAX_URLS_PER_RUN,
             title="Most URLs to claim in this run",
         ),
         "chunk_size": Param(
@@ -87,21 +107,22 @@ def blogqa_pipeline():
     @task(execution_timeout=timedelta(minutes=2))
     def enqueue() -> dict:
         params = get_current_context()["params"]
-        enqueued = pipeline.enqueue_urls(params["urls"])
+        pipeline = _pipeline()
+        enqueued = pipeline.enqueue_urls(params["urls"], force=params.get("force", False))
         enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
         return enqueued
 
     @task(execution_timeout=timedelta(minutes=2))
     def claim(enqueued: dict) -> list[list[dict]]:
         params = get_current_context()["params"]
-        return pipeline.claim_chunks(params["max_urls"], params["chunk_size"])
+        return _pipeline().claim_chunks(params["max_urls"], params["chunk_size"])
 
     @task_group(group_id="process")
     def process(chunk: list[dict]):
         @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
         def crawl(chunk: list[dict]) -> list[dict]:
             _label(chunk)
-            return pipeline.crawl_chunk(chunk)
+            return _pipeline().crawl_chunk(chunk)
 
         @task(
             map_index_template=CHUNK_LABEL,
@@ -110,7 +131,7 @@ def blogqa_pipeline():
         )
         def summarize(chunk: list[dict]) -> list[dict]:
             _label(chunk)
-            return pipeline.summarize_chunk(chunk)
+            return _pipeline().summarize_chunk(chunk)
 
         @task(
             map_index_template=CHUNK_LABEL,
@@ -119,18 +140,22 @@ def blogqa_pipeline():
         )
         def embed(chunk: list[dict]) -> list[dict]:
             _label(chunk)
-            return pipeline.embed_chunk(chunk)
+            return _pipeline().embed_chunk(chunk)
 
         @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
         def load(chunk: list[dict]) -> list[int]:
             _label(chunk)
-            return pipeline.load_chunk(chunk)
+            return _pipeline().load_chunk(chunk)
 
         return load(embed(summarize(crawl(chunk))))
 
     @task(execution_timeout=timedelta(minutes=2))
     def finalize(chunks: list[list[dict]], loaded) -> dict:
-        return pipeline.finalize(chunks)
+        pipeline = _pipeline()
+        try:
+            return pipeline.finalize(chunks)
+        except pipeline.NothingProcessedError as exc:
+            raise AirflowFailException(str(exc)) from None  # a retry would find the same
 
     chunks = claim(enqueue())
     finalize(chunks, process.expand(chunk=chunks))

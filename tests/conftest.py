@@ -25,7 +25,7 @@ os.environ.update(
     }
 )
 
-from blogqa import db, runner
+from blogqa import db, embedded, runner
 from blogqa.config import load_settings
 from tests.fakes import start_openai_server, start_page_server
 
@@ -39,8 +39,7 @@ def blogqa_home():
     settings = load_settings()
     runner.configure_airflow(settings, log_level="WARNING")
     yield _HOME
-    for server in list(db._servers.values()):
-        server.cleanup()
+    embedded.release_all()
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
@@ -110,3 +109,13 @@ def queue_row(conn, url: str) -> dict:
     row = cur.fetchone()
     assert row is not None, url
     return dict(zip(names, row, strict=True))
+
+
+@pytest.fixture(scope="session")
+def airflow_base(openai_server):
+    """Airflow's api-server and dag-processor on the test PostgreSQL, shared by the
+    deployment tests; each module adds the scheduler (and workers) it tests."""
+    from tests.deployment import deployment
+
+    with deployment(openai_server) as airflow:
+        yield airflow

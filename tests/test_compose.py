@@ -380,12 +380,6 @@ def test_commands_and_settings_work_with_the_installed_airflow(compose, dotenv, 
     assert probe["conn"] == ["postgres", "pgvector", 5432, "blogqa", password, "blogqa"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="celery==5.7.0 (requirements.txt) removed celery.backends.database.retry, which "
-    "apache-airflow-providers-celery 3.26.0 imports, so `airflow celery worker` cannot start; "
-    "celery==5.6.3 works. Remove this mark when the pin is fixed.",
-)
 def test_worker_healthcheck_celery_app_loads(compose, tmp_path):
     test = compose["services"]["airflow-worker"]["healthcheck"]["test"][1]
     app_path = re.search(r"celery --app (\S+) inspect ping", test).group(1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from blogqa import db, runner
+from blogqa import db, embedded, runner
 from blogqa.config import load_settings
 from tests.fakes import ARTICLE_FILES
 
@@ -190,7 +190,7 @@ def _restart_database(settings, down_seconds: float) -> None:
     """Stop the embedded server (fast shutdown: sessions cut) and start it again."""
     from pgserver._commands import pg_ctl
 
-    server = db._servers[settings.pgdata]
+    server = embedded.handle(settings)
     socket_dir = (settings.pgdata / "postmaster.pid").read_text().splitlines()[4]
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
     time.sleep(down_seconds)

@@ -357,6 +357,57 @@ def _print_example(conn, urls: list[str]) -> None:
     out.print()
 
 
+# ---------------------------------------------------------------- the embedded database
+
+
+def cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    """The embedded PostgreSQL's lifetime, for a scheduler, the API and SQL tools."""
+    from blogqa import embedded
+
+    if args.action in ("start", "stop", "psql") and not settings.embedded:
+        err.print(
+            f"[red]error:[/red] `blogqa db {args.action}` manages the embedded PostgreSQL, but"
+            " BLOGQA_DATABASE_URL (or the Airflow connection blogqa_db) points at another"
+            " server; unset it to use the embedded one"
+        )
+        return 2
+    if args.action == "start":
+        embedded.start(settings)
+        out.print(f"embedded PostgreSQL running in {settings.pgdata} until `blogqa db stop`")
+        out.print(f"BLOGQA_DATABASE_URL={db.database_dsn(settings)}", soft_wrap=True)
+        return 0
+    if args.action == "stop":
+        stopped = embedded.stop(settings)
+        out.print("stopped" if stopped else f"not running ({settings.pgdata})")
+        return 0
+    if args.action == "url":
+        out.print(db.database_dsn(settings), soft_wrap=True)
+        return 0
+    if args.action == "psql":
+        dsn = db.database_dsn(settings)
+        os.execv(embedded.psql_path(), ["psql", dsn, *args.psql_args])
+    status = embedded.status(settings)
+    if not settings.embedded:
+        out.print("configured server (not embedded): " + _redacted(settings.database_url or ""))
+        return 0
+    if not status.running:
+        out.print(f"not running ({status.pgdata}); start it with `blogqa db start`")
+        return 3
+    lifetime = "kept running" if status.kept else "stops with the last blogqa command using it"
+    out.print(f"running, pid {status.pid}, {lifetime}\n{status.uri}", soft_wrap=True)
+    return 0
+
+
+def _redacted(dsn: str) -> str:
+    return re.sub(r"(password=|://[^:/@]*:)[^@\s]*", r"\1***", dsn)
+
+
+def cmd_airflow(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa import local_airflow
+
+    return local_airflow.serve(settings, port=args.port)
+
+
 # ---------------------------------------------------------------- the results API
 
 
@@ -571,6 +622,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=_positive, default=5)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "db", help="the embedded PostgreSQL: start (keep running), stop, status, url, psql"
+    )
+    p.add_argument("action", choices=("start", "stop", "status", "url", "psql"))
+    p.add_argument("psql_args", nargs=argparse.REMAINDER, help="passed to psql")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser(
+        "airflow",
+        help="a local Airflow (api-server, scheduler, dag-processor, triggerer, LocalExecutor)"
+        " with the DAG and the plugin, on the embedded database, until Ctrl-C",
+    )
+    p.add_argument("--port", type=_positive, default=8080, help="api-server port (UI and API)")
+    p.set_defaults(func=cmd_airflow)
+
     p = sub.add_parser("serve", help="run the read-only results API (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive, default=8000)
@@ -626,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             # the sample site is on loopback, which the crawler refuses by default
             os.environ.setdefault("BLOGQA_CRAWL_ALLOW_PRIVATE", "true")
-        settings = load_settings()
+        settings = db.resolve(load_settings())
         return args.func(args, settings)
     except BlogqaError as exc:
         err.print(f"[red]error:[/red] {exc}")

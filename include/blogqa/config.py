@@ -7,11 +7,9 @@ shell, in Airflow's environment or in docker-compose applies everywhere.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from blogqa.errors import ConfigError
 
@@ -20,6 +18,8 @@ from blogqa.errors import ConfigError
 # halve the wall time against 25 and are within 2 % of each other; 100 keeps retries and
 # the grid fine-grained.
 DEFAULT_CHUNK_SIZE = 100
+MAX_URLS_PER_RUN = 10_000
+MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -79,26 +79,6 @@ def _env_networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
                 f"{name}: {part!r} is not an IP network; use CIDRs like 10.0.0.0/8,127.0.0.1/32."
             ) from None
     return tuple(networks)
-
-
-def _airflow_connection_url() -> str | None:
-    """The `blogqa_db` Airflow connection given as AIRFLOW_CONN_BLOGQA_DB (URI or JSON form)."""
-    raw = os.environ.get("AIRFLOW_CONN_BLOGQA_DB", "").strip()
-    if not raw:
-        return None
-    if not raw.startswith("{"):
-        return raw.replace("postgres://", "postgresql://", 1)
-    try:
-        spec = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"AIRFLOW_CONN_BLOGQA_DB is neither a URI nor valid JSON: {exc}"
-        ) from None
-    user = quote(spec.get("login") or "", safe="")
-    password = quote(spec.get("password") or "", safe="")
-    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-    port = f":{spec['port']}" if spec.get("port") else ""
-    return f"postgresql://{auth}{spec.get('host') or ''}{port}/{spec.get('schema') or ''}"
 
 
 def _normalize_dsn(url: str) -> str:
@@ -190,7 +170,7 @@ def _stall_seconds(*timeouts: tuple[str, float]) -> float:
 def load_settings() -> Settings:
     """Read every BLOGQA_* variable (and the OpenAI ones) once, validating as it goes."""
     home = Path(os.environ.get("BLOGQA_HOME") or ".blogqa").expanduser().resolve()
-    url = _airflow_connection_url() or os.environ.get("BLOGQA_DATABASE_URL", "").strip() or None
+    url = os.environ.get("BLOGQA_DATABASE_URL", "").strip() or None
     provider = _llm_provider()
     fetch_timeout = _env_float("BLOGQA_FETCH_TIMEOUT_SECONDS", 20.0, minimum=0.1)
     llm_timeout = _env_float("BLOGQA_LLM_TIMEOUT_SECONDS", 60.0, minimum=0.1)

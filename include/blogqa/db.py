@@ -1,54 +1,98 @@
-"""Database access: the embedded server, connections and migrations.
+"""Database access: where the results database is, connections and migrations.
 
-With no server configured, blogqa starts PostgreSQL 16 + pgvector from the `pgserver` package
-under $BLOGQA_HOME/pgdata on first use; every later command and task process reuses it (it
-stops when the last process using it exits).
+The results database is, in order: BLOGQA_DATABASE_URL; else the Airflow connection
+`blogqa_db`, resolved the way Airflow resolves connections (AIRFLOW_CONN_BLOGQA_DB, a
+connection made in the UI, a secrets backend) through the postgres provider's hook; else, for
+the `blogqa` command only, the embedded PostgreSQL (`blogqa.embedded`). An Airflow component
+(a task, the API plugin) with neither fails with a message naming both, rather than starting
+a private database in a worker's working directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
+from blogqa import embedded
 from blogqa.config import Settings
 from blogqa.errors import ConfigError, SchemaMismatchError
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "sql"
 MIGRATION_LOCK_ID = 0x626C6F67  # pg_advisory_xact_lock key: "blog"
 APP_DATABASE = "blogqa"
 AIRFLOW_DATABASE = "airflow"
+AIRFLOW_CONN_ID = "blogqa_db"
 
-_servers: dict[Path, object] = {}
 _created: set[str] = set()  # databases known to exist, by DSN
 _migrated: set[str] = set()  # databases migrated by this process, by DSN
 
 
-def _embedded_server(settings: Settings):  # -> pgserver.PostgresServer
-    """Start (or attach to) the bundled PostgreSQL under $BLOGQA_HOME/pgdata."""
-    server = _servers.get(settings.pgdata)
-    if server is None:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            import pgserver  # imported lazily: only the embedded default needs it
+class DatabaseNotConfiguredError(ConfigError):
+    """An Airflow component has no results database: neither setting is there."""
 
-        settings.home.mkdir(parents=True, exist_ok=True)
-        log.info("starting embedded PostgreSQL in %s", settings.pgdata)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            server = pgserver.get_server(settings.pgdata, cleanup_mode="stop")
-        _servers[settings.pgdata] = server
-    return server
+
+def airflow_connection_dsn(conn_id: str = AIRFLOW_CONN_ID) -> str | None:
+    """libpq conninfo of an Airflow connection (None when it is not defined), built the way
+    the postgres provider's hook connects: host, port, login, password, schema as the
+    database, and every extra (sslmode, sslrootcert, options, ...) but the hook's own."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    hook = PostgresHook(postgres_conn_id=conn_id)
+    try:
+        conn = hook.connection
+    except AirflowNotFoundException:
+        return None
+    extras = conn.extra_dejson
+    login, password, port = conn.login, conn.password, conn.port
+    if extras.get("iam", False):  # short-lived cloud IAM token, as the hook gets it
+        login, password, port = hook.get_iam_token(conn)
+    args = {"host": conn.host, "port": port, "user": login, "password": password}
+    args["dbname"] = conn.schema or APP_DATABASE
+    args.update((k, v) for k, v in extras.items() if k not in PostgresHook.ignored_extra_options)
+    return make_conninfo(**{k: str(v) for k, v in args.items() if v not in (None, "")})
+
+
+def _airflow_is_configured() -> bool:
+    env = os.environ
+    return bool(
+        env.get(f"AIRFLOW_CONN_{AIRFLOW_CONN_ID.upper()}")
+        or env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    )
+
+
+def resolve(settings: Settings, *, in_airflow: bool = False) -> Settings:
+    """`settings` with the results database filled in from Airflow's connection `blogqa_db`
+    when BLOGQA_DATABASE_URL is unset. `in_airflow` (tasks, the API plugin) forbids the
+    embedded fallback; elsewhere the connection is looked up only when Airflow is configured
+    in this environment, so a plain `blogqa` command never pays for importing Airflow."""
+    if settings.database_url is not None:
+        return settings
+    if in_airflow or _airflow_is_configured():
+        dsn = airflow_connection_dsn()
+        if dsn is not None:
+            return dataclasses.replace(settings, database_url=dsn)
+    if in_airflow:
+        raise DatabaseNotConfiguredError(
+            "no results database configured: set BLOGQA_DATABASE_URL, or create the Airflow "
+            f"connection `{AIRFLOW_CONN_ID}` (AIRFLOW_CONN_{AIRFLOW_CONN_ID.upper()}, Admin > "
+            "Connections in the UI, or a secrets backend), where this component runs: the "
+            "scheduler's and workers' environment for tasks, the api-server's for the plugin"
+        )
+    return settings
 
 
 def _ensure_database(admin_dsn: str, name: str) -> None:
@@ -59,35 +103,37 @@ def _ensure_database(admin_dsn: str, name: str) -> None:
 
 
 def _with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
+    """The same server and credentials, another database (URL or key=value form)."""
+    if "://" in dsn:
+        return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+    return make_conninfo(dsn, dbname=name)
 
 
 def database_dsn(settings: Settings) -> str:
     """libpq URL of blogqa's own database (starting the embedded server when needed)."""
     if settings.database_url is not None:
         return settings.database_url
-    server = _embedded_server(settings)
-    dsn = server.get_uri(APP_DATABASE)
+    dsn = embedded.uri(settings, APP_DATABASE)
     if dsn not in _created:
-        _ensure_database(server.get_uri("postgres"), APP_DATABASE)
+        _ensure_database(embedded.uri(settings, "postgres"), APP_DATABASE)
         _created.add(dsn)
     return dsn
 
 
-def airflow_dsn(settings: Settings) -> str:
-    """libpq URL for Airflow's metadata database: its own database on the same server."""
+def airflow_dsn(settings: Settings, name: str = AIRFLOW_DATABASE) -> str:
+    """libpq URL for Airflow's metadata database: its own database (`name`) on the results
+    database's server, created when missing."""
     if settings.database_url is not None:
-        dsn = _with_database(settings.database_url, AIRFLOW_DATABASE)
+        dsn = _with_database(settings.database_url, name)
         admin = _with_database(settings.database_url, "postgres")
     else:
-        server = _embedded_server(settings)
-        dsn, admin = server.get_uri(AIRFLOW_DATABASE), server.get_uri("postgres")
+        dsn = embedded.uri(settings, name)
+        admin = embedded.uri(settings, "postgres")
     try:
-        _ensure_database(admin, AIRFLOW_DATABASE)
+        _ensure_database(admin, name)
     except psycopg.Error as exc:
         raise ConfigError(
-            f"could not create the Airflow metadata database '{AIRFLOW_DATABASE}' ({exc}); "
+            f"could not create the Airflow metadata database '{name}' ({exc}); "
             "create it yourself or set AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
         ) from exc
     return dsn
@@ -105,10 +151,12 @@ def connect(settings: Settings, *, migrate_first: bool = True) -> Iterator[psyco
         yield conn
 
 
-def migration_files() -> list[tuple[int, str, Path]]:
-    """The numbered files of sql/, in order."""
+def migration_files() -> list[tuple[int, str, Traversable]]:
+    """The numbered files of the package's sql/ folder, in order (package data, so a wheel
+    installed into Airflow's image carries them)."""
     found = []
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    folder = resources.files("blogqa") / "sql"
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
         match = re.match(r"^(\d+)_([\w-]+)\.sql$", path.name)
         if match:
             found.append((int(match.group(1)), match.group(2), path))

@@ -21,10 +21,10 @@ import psycopg
 
 from blogqa import db, politeness, queue, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
-from blogqa.config import Settings, load_settings
+from blogqa.config import MAX_CHUNKS_PER_RUN, MAX_URLS_PER_RUN, Settings, load_settings
 from blogqa.crawl import Validators, content_hash, fetch, http_client
 from blogqa.embed import embed_many, embedder
-from blogqa.errors import PageError, StageStalledError
+from blogqa.errors import BlogqaError, PageError, StageStalledError
 from blogqa.extraction_pool import ExtractionPool
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
@@ -34,8 +34,16 @@ from blogqa.tokens import chunk_text, tokenizer_for
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
-MAX_URLS_PER_RUN = 10_000
+
+class NothingProcessedError(BlogqaError):
+    """A run claimed URLs and not one of them reached a final status: every one is waiting
+    to be retried (site or model endpoint down, leases lost). The run must not look green."""
+
+
+def task_settings() -> Settings:
+    """Settings of a DAG task: the results database must be configured (BLOGQA_DATABASE_URL
+    or the Airflow connection `blogqa_db`); no embedded fallback in a worker."""
+    return db.resolve(load_settings(), in_airflow=True)
 
 
 def worker_name() -> str:
@@ -47,12 +55,14 @@ def plan_chunks(n: int, chunk_size: int, max_chunks: int = MAX_CHUNKS_PER_RUN) -
     return max(chunk_size, math.ceil(n / max_chunks)) if n else chunk_size
 
 
-def enqueue_urls(urls: list[str], settings: Settings | None = None) -> dict:
-    settings = settings or load_settings()
+def enqueue_urls(urls: list[str], settings: Settings | None = None, *, force: bool = False) -> dict:
+    """Add URLs; with `force`, URLs already finished go back to the queue (a refetch is a
+    conditional GET, so an unchanged page still costs no model call)."""
+    settings = settings or task_settings()
     if not urls:
         return queue.EnqueueResult().as_dict()
     with db.connect(settings) as conn:
-        result = queue.enqueue(conn, list(urls), max_attempts=settings.max_attempts)
+        result = queue.enqueue(conn, list(urls), force=force, max_attempts=settings.max_attempts)
     for url, reason in result.rejected:
         log.warning("url=%s stage=enqueue rejected: %s", url, reason)
     return result.as_dict()
@@ -62,7 +72,7 @@ def refresh_stale(days: int, limit: int, settings: Settings | None = None) -> in
     """Requeue up to `limit` done URLs last finished more than `days` ago (0: none)."""
     if days <= 0 or limit <= 0:
         return 0
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     with db.connect(settings) as conn:
         count = queue.requeue_stale(conn, older_than=dt.timedelta(days=days), limit=limit)
     log.info("stage=enqueue requeued %d urls done more than %d days ago", count, days)
@@ -71,7 +81,7 @@ def refresh_stale(days: int, limit: int, settings: Settings | None = None) -> in
 
 def claim_chunks(max_urls: int, chunk_size: int, settings: Settings | None = None) -> list[list]:
     """Claim up to `max_urls` rows and split them into chunks for the mapped task group."""
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     max_urls = max(0, min(int(max_urls), MAX_URLS_PER_RUN))
     with db.connect(settings) as conn:
         leases = queue.claim(
@@ -222,7 +232,7 @@ def _origins(urls: list[str]) -> list[str]:
 
 
 def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         done = {item.lease.id for item in store.work_items(conn, leases, settings.embed_dim)}
@@ -313,7 +323,7 @@ async def _summarize_all(items, settings, breaker: CircuitBreaker):
 
 
 def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
@@ -370,7 +380,7 @@ def embedding_inputs(item: store.WorkItem, settings: Settings) -> tuple[list[str
 
 
 def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
@@ -459,7 +469,7 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
     on one core: the items are split into BLOGQA_LOAD_PARALLELISM groups, each loaded in one
     transaction on its own connection.
     """
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         ready, failures = [], []
@@ -510,7 +520,7 @@ def _load_group(items: list[store.WorkItem], settings: Settings):
 
 def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:
     """Tally what became of this run's URLs (by status)."""
-    settings = settings or load_settings()
+    settings = settings or task_settings()
     ids = [int(ref["id"]) for chunk in chunks for ref in chunk]
     tally = {"claimed": len(ids)}
     with db.connect(settings) as conn:
@@ -520,4 +530,10 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
         ):
             tally[status] = count
     log.info("stage=finalize %s", tally)
+    final = sum(tally.get(status, 0) for status in queue.TERMINAL_STATUSES)
+    if ids and final == 0:
+        raise NothingProcessedError(
+            f"none of the {len(ids)} claimed URLs reached a final status ({tally}); they wait "
+            "in the queue for a retry: see `blogqa errors` for the reasons"
+        )
     return tally

@@ -16,17 +16,16 @@ the run's limits, as if one worker ran each stage.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import multiprocessing
-import signal
 from collections.abc import Sequence
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from airflow.executors.base_executor import BaseExecutor
+
+from blogqa.lifecycle import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,9 @@ def prepare_workers() -> None:
     asyncio.run(first_request())
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker when `blogqa run` dies (SIGKILL included), so an
-    orphan never keeps working on rows the next run will take over."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _run_workload(workload) -> None:
     """Worker body: run one task instance in this (forked) process."""
-    _die_with_parent()
+    die_with_parent()  # a worker dies with `blogqa run`
     from airflow.sdk.api.datamodels._generated import TaskInstance as TaskInstanceSDK
     from airflow.sdk.execution_time.supervisor import run_task_in_process
 

@@ -13,17 +13,19 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from blogqa import db, llm, queue
-from blogqa.config import DEFAULT_CHUNK_SIZE, Settings
-from blogqa.pipeline import MAX_URLS_PER_RUN
+from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "blogqa_pipeline"
 EXECUTOR_PATH = "blogqa.pipeline_executor.PipelineExecutor"  # imported by Airflow, after set-up
-DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
+# The DAG file travels as package data (a link to the repository's dags/ file), so a wheel
+# installed without the checkout still has it.
+DAGS_FOLDER = Path(str(resources.files("blogqa") / "dags"))
 
 
 class PipelineRunError(RuntimeError):
@@ -33,6 +35,9 @@ class PipelineRunError(RuntimeError):
 def configure_airflow(settings: Settings, *, log_level: str | None = None) -> None:
     """Fill in Airflow's settings from BLOGQA_HOME where the user has not set them."""
     env = os.environ
+    # Task processes (forked here, or started by a local scheduler) must find the same
+    # results database without an embedded fallback of their own.
+    env.setdefault("BLOGQA_DATABASE_URL", db.database_dsn(settings))
     env.setdefault("AIRFLOW_HOME", str(settings.home / "airflow"))
     env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_FOLDER))
     env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")

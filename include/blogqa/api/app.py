@@ -90,8 +90,9 @@ class Database:
     # client retrying in a loop costs one query per interval, not one per request.
     schema_recheck_seconds = 3.0
 
-    def __init__(self, settings: Settings | None) -> None:
+    def __init__(self, settings: Settings | None, *, in_airflow: bool = False) -> None:
         self._settings = settings
+        self._in_airflow = in_airflow  # no embedded fallback inside Airflow's api-server
         self._dsn: str | None = None
         self._pool: AsyncConnectionPool | None = None
         self._ledger: AsyncConnectionPool | None = None
@@ -115,8 +116,11 @@ class Database:
 
     async def dsn(self) -> str:
         if self._dsn is None:
-            # may start the embedded server: blocking, so off the event loop
-            self._dsn = await asyncio.to_thread(db.database_dsn, self.settings)
+            # Airflow's connection lookup and the embedded server's start block: off the loop
+            settings = await asyncio.to_thread(
+                db.resolve, self.settings, in_airflow=self._in_airflow
+            )
+            self._dsn = await asyncio.to_thread(db.database_dsn, settings)
         return self._dsn
 
     async def _open(self, max_size: int, kwargs: dict, configure=None) -> AsyncConnectionPool:
@@ -321,6 +325,11 @@ async def _database_down(request: Request, exc: psycopg.OperationalError) -> JSO
     return JSONResponse({"detail": "database unavailable"}, status_code=503)
 
 
+async def _not_configured(request: Request, exc: db.DatabaseNotConfiguredError) -> JSONResponse:
+    log.error("%s", exc)
+    return JSONResponse({"detail": str(exc)}, status_code=503)
+
+
 async def _schema_not_ready(request: Request, exc: SchemaNotReadyError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503)
 
@@ -420,6 +429,9 @@ async def health(database: DatabaseDep) -> models.Health | JSONResponse:
     except (psycopg.Error, OSError, TimeoutError) as exc:
         log.error("health check: database unavailable: %s", exc)
         body = models.Health(status="unavailable", database=False, detail="database unavailable")
+        return JSONResponse(body.model_dump(), status_code=503)
+    except db.DatabaseNotConfiguredError as exc:
+        body = models.Health(status="unavailable", database=False, detail=str(exc))
         return JSONResponse(body.model_dump(), status_code=503)
     database.note_schema(state)
     if not state.ready:
@@ -552,7 +564,7 @@ def create_app(
     """The API. `airflow_auth` (for the plugin) requires an authenticated Airflow user;
     otherwise `api_token` (default: $BLOGQA_API_TOKEN), when set, is required as a bearer
     token. /health is always open."""
-    database = Database(settings)
+    database = Database(settings, in_airflow=airflow_auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -580,6 +592,7 @@ def create_app(
     app.add_exception_handler(queries.InvalidInputError, _invalid)
     app.add_exception_handler(psycopg.OperationalError, _database_down)
     app.add_exception_handler(SchemaNotReadyError, _schema_not_ready)
+    app.add_exception_handler(db.DatabaseNotConfiguredError, _not_configured)
     app.add_exception_handler(psycopg.errors.UndefinedTable, _schema_changed)
     app.add_exception_handler(psycopg.errors.UndefinedColumn, _schema_changed)
     app.add_exception_handler(AnswerError, _model_failed)

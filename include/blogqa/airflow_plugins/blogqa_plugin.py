@@ -1,0 +1,1 @@
+../../../plugins/blogqa_plugin.py

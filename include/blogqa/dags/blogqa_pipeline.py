@@ -1,0 +1,1 @@
+../../../dags/blogqa_pipeline.py

@@ -1,0 +1,329 @@
+"""A real Airflow 3 deployment on this machine, started from Airflow's own commands.
+
+`blogqa airflow` (and `make airflow`) runs api-server, scheduler, dag-processor and triggerer
+with LocalExecutor on the embedded PostgreSQL, with this package's DAG and plugin; the tests
+start the same commands (and `airflow celery worker` processes with CeleryExecutor), so what
+is tested is what a user runs. Everything goes through public interfaces: the `airflow` CLI,
+environment settings, and the REST API with a JWT from the simple auth manager.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from blogqa import db
+from blogqa.config import Settings
+from blogqa.errors import BlogqaError
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "blogqa_pipeline"
+ADMIN_USER = "admin"
+LOCAL_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+PLUGINS_FOLDER = Path(__file__).resolve().parent / "airflow_plugins"
+FINISHED_RUN_STATES = ("success", "failed")
+
+
+class LocalAirflowError(BlogqaError):
+    """A component did not start or answer; the message names its log file."""
+
+
+def executable(name: str) -> str:
+    """A console script of this environment (`airflow`, `blogqa`), else one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise LocalAirflowError(f"`{name}` is not installed in this environment")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def airflow_env(
+    settings: Settings,
+    home: Path,
+    *,
+    port: int,
+    executor: str = "LocalExecutor",
+    metadata_database: str = db.AIRFLOW_DATABASE,
+) -> dict[str, str]:
+    """The environment every component gets: one metadata database, one JWT secret, the
+    execution API at this api-server, the DAG and plugin of this package, and the results
+    database for tasks (scheduler/workers) and the plugin (api-server) alike."""
+    from blogqa import runner
+
+    results = db.database_dsn(settings)
+    metadata = db.airflow_dsn(settings, metadata_database)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("AIRFLOW__") and name not in ("AIRFLOW_HOME",)
+    }
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata.replace(
+                "postgresql://", "postgresql+psycopg://", 1
+            ),
+            "AIRFLOW__CORE__EXECUTOR": executor,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(runner.DAGS_FOLDER),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API_AUTH__JWT_SECRET": _secret(home),
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+            # Only the local DAGs folder, no versioned bundles to clean: without this every
+            # Celery worker forks a clean-up process that outlives a killed worker.
+            "AIRFLOW__DAG_PROCESSOR__STALE_BUNDLE_CLEANUP_INTERVAL": "0",
+            "BLOGQA_DATABASE_URL": results,
+        }
+    )
+    return env
+
+
+def _secret(home: Path) -> str:
+    """One JWT secret per AIRFLOW_HOME, kept so components restarted later still agree."""
+    path = home / ".jwt-secret"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(48))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class LocalAirflow:
+    """Airflow's components as child processes, each in its own process group and with its
+    own log file under AIRFLOW_HOME/logs."""
+
+    home: Path
+    env: dict[str, str]
+    port: int
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_path(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """Run `airflow ARGS` with this deployment's environment; its output."""
+        result = subprocess.run(
+            [executable("airflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LocalAirflowError(
+                f"`airflow {' '.join(args)}` exited {result.returncode}: {result.stderr[-2000:]}"
+            )
+        return result.stdout
+
+    def prepare(self) -> None:
+        """Airflow's metadata schema, then `blogqa init` (schema, pool, checks)."""
+        self.cli("db", "migrate", timeout=300)
+        result = subprocess.run(
+            [executable("blogqa"), "init"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LocalAirflowError(f"`blogqa init` failed: {result.stdout}{result.stderr}")
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Start `airflow ARGS` (default: `airflow NAME`) as component `name`."""
+        path = self.log_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as out:
+            self.processes[name] = subprocess.Popen(
+                [executable("airflow"), *(args or (name,))],
+                env={**self.env, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        log.info("started airflow %s (pid %d), log %s", name, self.processes[name].pid, path)
+
+    def start_components(self, names: tuple[str, ...] = LOCAL_COMPONENTS) -> None:
+        for name in names:
+            self.start(name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a component's whole process group (its task processes included)."""
+        process = self.processes.pop(name)
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every component's process group, then SIGKILL what is left."""
+        for process in self.processes.values():
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        for process in self.processes.values():
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        self.processes.clear()
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise LocalAirflowError(
+                    f"airflow {name} exited with {process.returncode}; see {self.log_path(name)}"
+                )
+
+    def wait_ready(self, timeout: float = 180, *, components: tuple[str, ...] = ()) -> None:
+        """Until the API answers and every named component reports healthy."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
+                waiting = [c for c in components if health.get(c, {}).get("status") != "healthy"]
+                if not waiting:
+                    return
+                last = f"waiting for {', '.join(waiting)}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = repr(exc)
+            time.sleep(1)
+        raise LocalAirflowError(f"Airflow not ready after {timeout:.0f}s ({last})")
+
+    def admin_password(self) -> str:
+        """The password the simple auth manager generated for the admin user."""
+        path = self.home / "simple_auth_manager_passwords.json.generated"
+        return json.loads(path.read_text())[ADMIN_USER]
+
+    def client(self) -> httpx.Client:
+        """A REST client authenticated with a JWT from POST /auth/token."""
+        answer = httpx.post(
+            f"{self.base_url}/auth/token",
+            json={"username": ADMIN_USER, "password": self.admin_password()},
+            timeout=30,
+        )
+        answer.raise_for_status()
+        token = answer.json()["access_token"]
+        return httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+
+    def wait_dag(self, client: httpx.Client, dag_id: str = DAG_ID, timeout: float = 120) -> None:
+        """Until the dag-processor has stored the DAG."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if client.get(f"/api/v2/dags/{dag_id}").status_code == 200:
+                return
+            time.sleep(1)
+        raise LocalAirflowError(f"DAG {dag_id} not parsed after {timeout:.0f}s")
+
+
+def trigger(client: httpx.Client, conf: dict, dag_id: str = DAG_ID) -> str:
+    """Trigger a run now (no logical date); its run id."""
+    answer = client.post(
+        f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf}
+    )
+    answer.raise_for_status()
+    return answer.json()["dag_run_id"]
+
+
+def wait_run(
+    client: httpx.Client, run_id: str, *, timeout: float, dag_id: str = DAG_ID, check=None
+) -> str:
+    """The run's final state (success/failed), polling; `check()` is called between polls
+    (e.g. to fail fast when a component died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"]
+        if state in FINISHED_RUN_STATES:
+            return state
+        if check is not None:
+            check()
+        time.sleep(0.5)
+    raise LocalAirflowError(f"run {run_id} not finished after {timeout:.0f}s")
+
+
+def task_states(client: httpx.Client, run_id: str, dag_id: str = DAG_ID) -> list[dict]:
+    """Every task instance of a run: task_id, map_index, state, try_number."""
+    answer = client.get(
+        f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}
+    )
+    answer.raise_for_status()
+    return answer.json()["task_instances"]
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def serve(settings: Settings, *, port: int) -> int:
+    """`blogqa airflow`: run a local deployment until Ctrl-C."""
+    from blogqa import embedded
+
+    if settings.embedded:
+        embedded.start(settings)
+    home = Path(os.environ.get("AIRFLOW_HOME") or settings.home / "airflow-local")
+    deployment = LocalAirflow(home, airflow_env(settings, home, port=port), port)
+    log.warning("preparing Airflow in %s (metadata migrations, blogqa init)…", home)
+    deployment.prepare()
+    deployment.start_components()
+    try:
+        deployment.wait_ready(components=("scheduler", "dag_processor", "triggerer"))
+        log.warning(
+            "Airflow UI: %s  (login %s / %s); DAG %s; logs in %s; Ctrl-C stops everything",
+            deployment.base_url,
+            ADMIN_USER,
+            deployment.admin_password(),
+            DAG_ID,
+            home / "logs",
+        )
+        while True:
+            deployment.check_alive()
+            time.sleep(2)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        deployment.stop()

@@ -1,0 +1,121 @@
+"""Real Airflow deployments for the tests: the commands `blogqa airflow` and the compose file
+run (api-server, scheduler, dag-processor, Celery workers), on the test PostgreSQL, with the
+test page server and the OpenAI-compatible test server."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from blogqa import local_airflow
+from blogqa.config import load_settings
+from tests.fakes import ARTICLE_FILES
+
+# One metadata database for every deployment test: migrated once, reused (runs are keyed
+# by run id, so a later test never mistakes an earlier test's runs for its own).
+METADATA_DATABASE = "airflow_deployment"
+CHAT_MODEL = "test-chat-model"
+
+
+def pipeline_env(openai_server, **extra: str) -> dict[str, str]:
+    """What tasks and the plugin need: the model endpoint, loopback crawling (the test
+    servers), a short retry delay, no schedule."""
+    return {
+        "OPENAI_BASE_URL": f"{openai_server.base_url}/v1",
+        "OPENAI_API_KEY": openai_server.api_key,
+        "BLOGQA_LLM_PROVIDER": "openai",
+        "BLOGQA_CHAT_MODEL": CHAT_MODEL,
+        "BLOGQA_EMBED_MODEL": "text-embedding-3-small",
+        "BLOGQA_CRAWL_ALLOW_PRIVATE": "true",
+        "BLOGQA_TASK_RETRY_DELAY_SECONDS": "1",
+        "BLOGQA_SCHEDULE": "none",
+        # a killed worker's task instances are noticed in seconds, not the default 5 minutes
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def deployment(
+    openai_server,
+    *,
+    executor: str = "LocalExecutor",
+    components: tuple[str, ...] = ("api-server", "dag-processor"),
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[local_airflow.LocalAirflow]:
+    """A prepared deployment running `components`; the test modules add a scheduler with
+    the executor they test (and Celery workers). Every process is stopped on the way out;
+    their logs are printed when a test fails, through pytest's captured output."""
+    settings = load_settings()
+    home = Path(tempfile.mkdtemp(prefix="blogqa-airflow-"))
+    port = local_airflow.free_port()
+    env = local_airflow.airflow_env(
+        settings, home, port=port, executor=executor, metadata_database=METADATA_DATABASE
+    )
+    env.update(pipeline_env(openai_server, **(extra_env or {})))
+    airflow = local_airflow.LocalAirflow(home, env, port)
+    try:
+        airflow.prepare()
+        airflow.start_components(components)
+        airflow.wait_ready(components=("dag_processor",))
+        yield airflow
+    except BaseException:
+        print_logs(airflow)
+        raise
+    finally:
+        airflow.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def print_logs(airflow: local_airflow.LocalAirflow) -> None:
+    """The tail of every component's log, for a failing test's report."""
+    for path in sorted((airflow.home / "logs").glob("*.log")):
+        print(f"----- {path}\n{path.read_text(errors='replace')[-6000:]}")
+
+
+@contextlib.contextmanager
+def scheduler(
+    airflow: local_airflow.LocalAirflow, name: str = "scheduler", env: dict | None = None
+) -> Iterator[None]:
+    """A scheduler (its executor from `env`) for the duration of a test module."""
+    airflow.start(name, "scheduler", env=env)
+    try:
+        airflow.wait_ready(components=("scheduler",))
+        yield
+    except BaseException:
+        print_logs(airflow)
+        raise
+    finally:
+        if name in airflow.processes:
+            airflow.kill(name, signal.SIGTERM)
+
+
+def article_urls(page_server, names: list[str] | None = None, query: str = "") -> list[str]:
+    """The test articles' URLs; a `query` makes them new URLs for the queue (the page
+    server ignores it)."""
+    suffix = f"?{query}" if query else ""
+    return [f"{page_server.base_url}/articles/{name}{suffix}" for name in names or ARTICLE_FILES]
+
+
+def run_to_end(
+    airflow: local_airflow.LocalAirflow, client: httpx.Client, conf: dict, timeout: float = 240
+) -> tuple[str, str]:
+    """Trigger a run through the REST API and wait for it: (run id, final state)."""
+    run_id = local_airflow.trigger(client, conf)
+    state = local_airflow.wait_run(client, run_id, timeout=timeout, check=airflow.check_alive)
+    return run_id, state
+
+
+def states_by_task(client: httpx.Client, run_id: str) -> dict[str, list[str]]:
+    """task id -> the states of its instances (one per chunk for mapped tasks)."""
+    states: dict[str, list[str]] = {}
+    for ti in local_airflow.task_states(client, run_id):
+        states.setdefault(ti["task_id"], []).append(ti["state"])
+    return states

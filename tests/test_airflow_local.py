@@ -1,0 +1,120 @@
+"""The first-class path: Airflow's own api-server, scheduler and dag-processor with
+LocalExecutor, started by the test as `blogqa airflow` starts them, driven through the REST
+API with a JWT, on the test PostgreSQL."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+
+from blogqa import local_airflow
+from tests.conftest import table_counts
+from tests.deployment import CHAT_MODEL, article_urls, run_to_end, scheduler, states_by_task
+
+pytestmark = pytest.mark.timeout(900)
+local = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+
+
+@pytest.fixture(scope="module")
+def airflow(airflow_base):
+    with scheduler(airflow_base, env=local):
+        yield airflow_base
+
+
+@pytest.fixture(scope="module")
+def client(airflow):
+    with airflow.client() as rest:
+        airflow.wait_dag(rest)
+        yield rest
+
+
+def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
+    airflow, client, conn, page_server, openai_env
+):
+    urls = article_urls(page_server)
+    gone = f"{page_server.base_url}/gone"
+    chat_before = openai_env.chat_calls
+
+    run_id, state = run_to_end(airflow, client, {"urls": [*urls, gone], "chunk_size": 5})
+
+    assert state == "success"
+    states = states_by_task(client, run_id)
+    assert len(states["process.crawl"]) == 3  # 15 URLs in chunks of 5, mapped
+    assert all(s == ["success"] * len(s) for s in states.values()), states
+    assert openai_env.chat_calls - chat_before == len(urls)  # one chat call per new page
+    counts = table_counts(conn)
+    assert counts["documents"] == counts["summaries"] == len(urls)
+    assert counts["work_items"] == 0
+    assert counts["chunks"] >= 2 * len(urls) and counts["llm_usage"] > len(urls)
+    assert conn.execute(
+        "SELECT count(*) FILTER (WHERE n BETWEEN 3 AND 5), count(*) FROM ("
+        " SELECT count(q.id) AS n FROM blogqa.documents d"
+        " LEFT JOIN blogqa.questions q ON q.document_id = d.id GROUP BY d.id) per_doc"
+    ).fetchone() == (len(urls), len(urls))
+    assert conn.execute(
+        "SELECT count(*) FROM blogqa.questions WHERE embedding IS NULL"
+    ).fetchone() == (0,)
+    assert conn.execute("SELECT DISTINCT model FROM blogqa.summaries").fetchall() == [(CHAT_MODEL,)]
+    # the per-URL failure is data on its queue row, and the run is still green
+    status, stage, error = conn.execute(
+        "SELECT status, last_stage, last_error FROM blogqa.url_queue WHERE url = %s", (gone,)
+    ).fetchone()
+    assert (status, stage) == ("dead", "crawl") and "HTTP 404" in error
+
+    # The plugin: health open, the API closed to anonymous callers, open with Airflow's JWT.
+    health = httpx.get(f"{airflow.base_url}/blogqa/health", timeout=10)
+    assert health.status_code == 200 and health.json()["database"] is True
+    anonymous = httpx.get(f"{airflow.base_url}/blogqa/api/v1/jobs/stats", timeout=10)
+    assert anonymous.status_code == 401
+    stats = client.get("/blogqa/api/v1/jobs/stats").json()
+    assert stats["counts"]["done"] == len(urls) and stats["counts"]["dead"] == 1
+
+    # Triggering the same URLs again with `force`: they are refetched by conditional GET and
+    # cost no model call. (Without it, done URLs are not enqueued again: test_operations.)
+    chat, embeddings, not_modified = (
+        openai_env.chat_calls,
+        openai_env.embedding_calls,
+        page_server.not_modified,
+    )
+    run_id, state = run_to_end(airflow, client, {"urls": urls, "force": True, "chunk_size": 7})
+    assert state == "success"
+    assert page_server.not_modified - not_modified == len(urls)
+    assert (openai_env.chat_calls, openai_env.embedding_calls) == (chat, embeddings)
+    assert table_counts(conn) == counts
+
+
+def test_a_run_in_which_nothing_could_be_processed_is_red(airflow, client, conn, page_server):
+    """Every claimed URL only waits for a retry (the site answers 503): the URLs keep their
+    reason on the queue row, and the run is failed, not green."""
+    url = f"{page_server.base_url}/unavailable"
+
+    run_id, state = run_to_end(airflow, client, {"urls": [url]})
+
+    assert state == "failed"
+    states = states_by_task(client, run_id)
+    assert states["process.load"] == ["success"] and states["finalize"] == ["failed"]
+    status, error = conn.execute(
+        "SELECT status, last_error FROM blogqa.url_queue WHERE url = %s", (url,)
+    ).fetchone()
+    assert status == "queued" and "HTTP 503" in error
+
+
+def test_unreachable_results_database_fails_the_tasks_and_the_run(
+    airflow, client, conn, page_server
+):
+    """Infrastructure failure: a scheduler whose tasks cannot reach the results database.
+    The tasks fail (after their retries) and the run is red; no URL is charged an attempt."""
+    url = article_urls(page_server, ["07-raised-bed-soil.html"])[0]
+    airflow.kill("scheduler", signal.SIGTERM)
+    no_db = {"BLOGQA_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/blogqa"}
+    with scheduler(airflow, "scheduler-no-db", env={**local, **no_db}):
+        run_id, state = run_to_end(airflow, client, {"urls": [url]}, timeout=180)
+    assert state == "failed"
+    [enqueue] = [t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "enqueue"]
+    assert enqueue["state"] == "failed"
+    assert enqueue["try_number"] == 4  # the first try and Airflow's 3 retries
+    assert conn.execute(
+        "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
+    ).fetchone() == (0,)
