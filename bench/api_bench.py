@@ -20,7 +20,7 @@ What it does, and why:
    (sub-topics, near-duplicates) and a lower intrinsic dimension, which usually makes HNSW
    recall higher than on isotropic noise, so the recall measured here is on the hard side.
    Loading uses binary COPY with the HNSW indexes dropped, then rebuilds them (the definitions
-   of sql/002_outputs.sql) with a large maintenance_work_mem and times each build. A row in
+   of include/blogqa/sql/002_outputs.sql) with a large maintenance_work_mem and times each build. A row in
    blogqa.settings marks a complete load: later runs reuse it (`--rebuild` regenerates).
 3. Recall@10 of the HNSW search against exact search, on 200 held-out query vectors from the
    same distribution (half new questions about stored documents, half questions of documents
@@ -84,7 +84,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO / ".blogqa" / "bench-api"
 RESULTS = REPO / "bench" / "results" / "api_bench.json"
 MARKER_KEY = "bench_api_corpus"  # blogqa.settings row written once a load is complete
-# The HNSW indexes of sql/002_outputs.sql (pgvector defaults: m = 16, ef_construction = 64).
+# The HNSW indexes of include/blogqa/sql/002_outputs.sql (pgvector defaults: m = 16, ef_construction = 64).
 HNSW_INDEXES = (
     ("summaries_embedding_idx", "summaries"),
     ("questions_embedding_idx", "questions"),

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_GLOBS = ("include/blogqa/**/*.py", "include/blogqa/**/*.sql", "dags/*.py", "sql/*.sql")
-CODE_DIRS = ("include", "dags", "sql")  # what `blogqa run` imports and reads
+CODE_GLOBS = ("include/blogqa/**/*.py", "include/blogqa/**/*.sql", "dags/*.py", "plugins/*.py")
+CODE_DIRS = ("include", "dags", "plugins")  # what `blogqa run` and Airflow import and read
 
 
 def code_fingerprint(root: Path = ROOT) -> str:

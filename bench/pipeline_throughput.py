@@ -16,7 +16,7 @@ and Airflow metadata database, migrated before the clock starts):
 3. run bench/minimal_pipeline.py on the same URLs, servers and LLM concurrency: the limit.
    pipeline / minimal is the overhead factor the issue asks about.
 
-Every measured process runs a snapshot of include/, dags/ and sql/ copied at the start (first
+Every measured process runs a snapshot of include/, dags/ and plugins/ copied at the start (first
 on PYTHONPATH), so edits made while the benchmark runs do not split it between code versions;
 the result records the snapshot's fingerprint (`--no-snapshot` runs the working tree). The
 homes and the snapshot are removed at the end unless `--keep-homes`.

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from blogqa import local_airflow, queue
+from blogqa import airflow_cli, local_airflow, queue
 from tests.conftest import table_counts
 from tests.deployment import article_urls, run_to_end, scheduler, states_by_task
 
@@ -100,7 +100,7 @@ def _wait_for_workers(airflow, redis_url: str, timeout: float = 90) -> None:
     while time.monotonic() < deadline:
         airflow.check_alive()
         replies = subprocess.run(
-            [local_airflow.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
+            [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
             capture_output=True,
             text=True,
             check=False,

@@ -27,30 +27,30 @@ class AirflowCLIError(BlogqaError):
     """An `airflow` command could not run or failed; the message has its output's tail."""
 
 
-def executable() -> str:
-    """`airflow` of this interpreter's environment (the Airflow blogqa imports, whatever PATH
-    says), else the one on PATH."""
-    beside = Path(sys.executable).with_name("airflow")
+def executable(name: str = "airflow") -> str:
+    """A console script (`airflow`, `blogqa`, `celery`) of this interpreter's environment (the
+    Airflow blogqa imports, whatever PATH says), else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    found = shutil.which("airflow")
+    found = shutil.which(name)
     if found is None:
         raise AirflowCLIError(
-            f"the `airflow` command is neither next to {sys.executable} nor on PATH: install"
-            " apache-airflow in this environment"
+            f"the `{name}` command is neither next to {sys.executable} nor on PATH: install"
+            " it in this environment"
         )
     return found
 
 
-def run(*args: str, timeout: float = TIMEOUT_SECONDS) -> str:
-    """Run `airflow ARGS` with this process's environment; its standard output."""
+def run(*args: str, timeout: float = TIMEOUT_SECONDS, env: dict[str, str] | None = None) -> str:
+    """Run `airflow ARGS` with `env` (default: this process's environment); its output."""
     shown = shlex.join(["airflow", *args])
     command = [executable(), *args]
     log.info("running %s", shown)
     try:
         result = subprocess.run(
             command,
-            env=dict(os.environ),
+            env=dict(os.environ) if env is None else env,
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -17,8 +17,6 @@ stuck on a page, so the log shows where it was stuck.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import faulthandler
 import logging
 import os
@@ -31,6 +29,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from blogqa.errors import PageError
+from blogqa.lifecycle import die_with_parent
 
 READY = b"blogqa-extraction-worker ready\n"
 HEADER = struct.Struct(">Q")  # byte length of the pickle that follows
@@ -41,9 +40,7 @@ log = logging.getLogger("blogqa.extraction_worker")
 def _die_with_parent(parent_pid: int | None) -> None:
     """Ask Linux to SIGKILL this worker when the process that started it ends, however it ends;
     if that already happened before the request took effect, leave now."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent()
     if parent_pid is not None and os.getppid() != parent_pid:
         sys.exit(0)
 

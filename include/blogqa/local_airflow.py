@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from blogqa import db
+from blogqa import airflow_cli, db
 from blogqa.config import Settings
 from blogqa.errors import BlogqaError
 
@@ -39,17 +38,6 @@ FINISHED_RUN_STATES = ("success", "failed")
 
 class LocalAirflowError(BlogqaError):
     """A component did not start or answer; the message names its log file."""
-
-
-def executable(name: str) -> str:
-    """A console script of this environment (`airflow`, `blogqa`), else one on PATH."""
-    beside = Path(sys.executable).with_name(name)
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise LocalAirflowError(f"`{name}` is not installed in this environment")
-    return found
 
 
 def free_port() -> int:
@@ -85,6 +73,10 @@ def airflow_env(
                 "postgresql://", "postgresql+psycopg://", 1
             ),
             "AIRFLOW__CORE__EXECUTOR": executor,
+            # task instances at once (LocalExecutor keeps one process for each): sized for a
+            # small machine, as the pipeline's own limits (model requests, extraction workers)
+            # are per task
+            "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGS_FOLDER": str(runner.DAGS_FOLDER),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -132,27 +124,11 @@ class LocalAirflow:
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        """Run `airflow ARGS` with this deployment's environment; its output."""
-        result = subprocess.run(
-            [executable("airflow"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise LocalAirflowError(
-                f"`airflow {' '.join(args)}` exited {result.returncode}: {result.stderr[-2000:]}"
-            )
-        return result.stdout
-
     def prepare(self) -> None:
         """Airflow's metadata schema, then `blogqa init` (schema, pool, checks)."""
-        self.cli("db", "migrate", timeout=300)
+        airflow_cli.run("db", "migrate", timeout=300, env=self.env)
         result = subprocess.run(
-            [executable("blogqa"), "init"],
+            [airflow_cli.executable("blogqa"), "init"],
             env=self.env,
             capture_output=True,
             text=True,
@@ -168,7 +144,15 @@ class LocalAirflow:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as out:
             self.processes[name] = subprocess.Popen(
-                [executable("airflow"), *(args or (name,))],
+                # bound to this process: stopped with it, even when it is killed
+                [
+                    sys.executable,
+                    "-m",
+                    "blogqa.lifecycle",
+                    str(os.getpid()),
+                    airflow_cli.executable(),
+                ]
+                + list(args or (name,)),
                 env={**self.env, **(env or {})},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -299,18 +283,25 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(settings: Settings, *, port: int) -> int:
-    """`blogqa airflow`: run a local deployment until Ctrl-C."""
+    """`blogqa airflow`: run a local deployment until Ctrl-C (or SIGTERM); an embedded
+    database it had to start is stopped with it."""
     from blogqa import embedded
 
+    started_db = settings.embedded and not embedded.status(settings).running
     if settings.embedded:
-        embedded.start(settings)
+        embedded.start(settings)  # kept running while the components use it
     home = Path(os.environ.get("AIRFLOW_HOME") or settings.home / "airflow-local")
     deployment = LocalAirflow(home, airflow_env(settings, home, port=port), port)
-    log.warning("preparing Airflow in %s (metadata migrations, blogqa init)…", home)
-    deployment.prepare()
-    deployment.start_components()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops everything like Ctrl-C
     try:
+        log.warning("preparing Airflow in %s (metadata migrations, blogqa init)…", home)
+        deployment.prepare()
+        deployment.start_components()
         deployment.wait_ready(components=("scheduler", "dag_processor", "triggerer"))
         log.warning(
             "Airflow UI: %s  (login %s / %s); DAG %s; logs in %s; Ctrl-C stops everything",
@@ -327,3 +318,5 @@ def serve(settings: Settings, *, port: int) -> int:
         return 0
     finally:
         deployment.stop()
+        if started_db:
+            embedded.stop(settings)
