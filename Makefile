@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/api_bench.py
 	$(BIN)/python bench/stage_costs.py
 	$(BIN)/python bench/pipeline_throughput.py --n $(BENCH_N)
+	$(BIN)/python bench/airflow_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

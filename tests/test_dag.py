@@ -60,7 +60,7 @@ def test_end_to_end_run_fills_every_table_and_rerun_costs_nothing(
 
     settings = load_settings()
     urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_NAMES]
-    calls_before = openai_env.chat_calls
+    calls_before, embeddings_before = openai_env.chat_calls, openai_env.embedding_calls
 
     tally = runner.run_pipeline(settings, urls=urls, chunk_size=2)
 
@@ -90,7 +90,7 @@ def test_end_to_end_run_fills_every_table_and_rerun_costs_nothing(
         ).fetchall()
     )
     assert usage["summarize"] == len(urls)
-    assert usage["embed"] == openai_env.embedding_calls
+    assert usage["embed"] == openai_env.embedding_calls - embeddings_before
     # answers come from the article text
     for answer, text in conn.execute(
         "SELECT q.answer, d.text FROM blogqa.questions q JOIN blogqa.documents d"
