@@ -1,8 +1,14 @@
 """Fetch pages politely and safely, then extract the article.
 
-httpx with connect/read timeouts, a streamed body cap, manual redirects (each hop re-checked),
-a content-type check, a descriptive User-Agent and conditional GET for pages seen before.
-Loopback/private/link-local/multicast addresses are refused unless BLOGQA_CRAWL_ALLOW_PRIVATE.
+httpx with connect/read timeouts, a streamed body cap, manual redirects (each hop connected
+afresh through the vetting transport), a content-type check, a descriptive User-Agent and
+conditional GET for pages seen before. Loopback/private/link-local/multicast addresses are
+refused unless BLOGQA_CRAWL_ALLOW_PRIVATE (or BLOGQA_CRAWL_ALLOW_NETWORKS covers them).
+
+The address check happens where the connection is made (`VettingBackend`): the host is
+resolved once, every address it answers is vetted, and the socket is opened to a vetted IP.
+Checking first and letting httpx resolve again to connect would leave a DNS-rebinding window
+(a name answering a public address to the check and 169.254.169.254 to the connection).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import hashlib
 import ipaddress
 import logging
 import socket
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 
 from blogqa.config import Settings
@@ -82,25 +90,182 @@ def _blocked(address: str, allowed: tuple = ()) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
-async def check_address(url: str, settings: Settings) -> None:
-    """Refuse hosts that resolve to non-public addresses (SSRF guard) unless allowed."""
-    if settings.crawl_allow_private:
-        return
-    host = urlsplit(url).hostname or ""
-    loop = asyncio.get_running_loop()
+class VettingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore network backend that connects only to addresses it has vetted itself.
+
+    httpcore calls `connect_tcp` with the URL's host name for every new connection (each
+    redirect hop, each robots.txt fetch, each origin); keep-alive reuse stays on the socket
+    already opened to a vetted IP. The name is resolved exactly once per connection attempt;
+    if any answer is non-public (the `_blocked` rules) the whole host is refused with a
+    permanent PageError before any socket is opened. Otherwise the vetted IPs are tried in
+    resolver order within the connect timeout (no happy-eyeballs racing: a blackholed first
+    address can use up the timeout). TLS is layered on afterwards by httpcore with
+    `server_hostname` = the URL host, so SNI and certificate verification still use the name,
+    and the Host header comes from the URL as before.
+    """
+
+    def __init__(
+        self, settings: Settings, inner: httpcore.AsyncNetworkBackend | None = None
+    ) -> None:
+        self._allow_private = settings.crawl_allow_private
+        self._allowed = settings.crawl_allow_networks
+        self._inner = inner if inner is not None else httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        addresses = await self._vetted_addresses(host, port, timeout)
+        failure = httpcore.ConnectError(f"host {host!r} resolved to no address")
+        for address in addresses:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise httpcore.ConnectTimeout(f"connecting to {host!r} timed out")
+            log.debug("stage=crawl host=%s connecting to vetted address %s", host, address)
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, remaining, local_address, socket_options
+                )
+            except httpcore.ConnectError as exc:  # refused/unreachable: try the next address
+                failure = exc
+        raise failure
+
+    async def _vetted_addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
+        """The host's addresses from one resolution, all vetted, in resolver order."""
+        try:
+            async with asyncio.timeout(timeout):
+                infos = await asyncio.get_running_loop().getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM
+                )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving host {host!r} timed out") from None
+        except socket.gaierror as exc:  # transient: DNS may answer next time
+            raise httpcore.ConnectError(f"cannot resolve host {host!r}: {exc}") from exc
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        if not self._allow_private:
+            for address in addresses:
+                if _blocked(address, self._allowed):
+                    log.warning(
+                        "stage=crawl host=%s resolves to non-public address %s; refused",
+                        host,
+                        address,
+                    )
+                    raise PageError(
+                        f"host {host!r} resolves to non-public address {address}; refused "
+                        "(set BLOGQA_CRAWL_ALLOW_PRIVATE=true to crawl private networks)",
+                        stage=STAGE,
+                        permanent=True,
+                    )
+        return addresses
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("the crawler does not connect to unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+# httpcore exception -> the httpx one callers catch; subclasses before their bases.
+_HTTPX_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    """Re-raise httpcore errors as httpx's, as httpx's own transport does; anything else
+    (our PageError refusing an address) passes through unchanged."""
     try:
-        infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise PageError(f"cannot resolve host {host!r}: {exc}", stage=STAGE, permanent=False)
-    for info in infos:
-        address = info[4][0]
-        if _blocked(address, settings.crawl_allow_networks):
-            raise PageError(
-                f"host {host!r} resolves to non-public address {address}; refused "
-                "(set BLOGQA_CRAWL_ALLOW_PRIVATE=true to crawl private networks)",
-                stage=STAGE,
-                permanent=True,
-            )
+        yield
+    except Exception as exc:
+        for core_error, httpx_error in _HTTPX_ERRORS:
+            if isinstance(exc, core_error):
+                raise httpx_error(str(exc)) from exc
+        raise
+
+
+class _ResponseBody(httpx.AsyncByteStream):
+    def __init__(self, stream: AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _as_httpx_errors():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        if hasattr(self._stream, "aclose"):
+            with _as_httpx_errors():
+                await self._stream.aclose()
+
+
+class VettingTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over an httpcore pool that connects through `VettingBackend`.
+
+    httpx 0.28's AsyncHTTPTransport builds its httpcore pool itself and takes no network
+    backend, so this does the same small request/response translation around a pool of our
+    own (HTTP/1.1, system CA bundle with SSL_CERT_FILE/SSL_CERT_DIR honoured, as before).
+    Proxies are out of scope: a client given a transport ignores HTTP(S)_PROXY, and a proxy
+    would resolve the name itself, defeating the pinning; the crawler always connects direct.
+    """
+
+    def __init__(self, settings: Settings, limits: httpx.Limits) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=VettingBackend(settings),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(
+                scheme=request.url.raw_scheme,
+                host=request.url.raw_host,
+                port=request.url.port,
+                target=request.url.raw_path,
+            ),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _as_httpx_errors():
+            response = await self._pool.handle_async_request(core_request)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseBody(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
 
 
 def _charset(content_type: str) -> str | None:
@@ -118,8 +283,10 @@ async def fetch(
     validators: Validators | None = None,
     policy: CrawlPolicy | None = None,
 ) -> Fetched:
-    """GET `url` following at most `max_redirects` redirects, each hop address-checked and,
-    with a `policy`, allowed by robots.txt and paced per host."""
+    """GET `url` following at most `max_redirects` redirects, each hop allowed by robots.txt
+    and paced per host when there is a `policy`. Addresses are vetted by the client's
+    transport (`http_client`) as each hop connects; a refused one raises a permanent
+    PageError from inside the request."""
     headers = {"User-Agent": settings.user_agent, "Accept": "text/html,application/xhtml+xml"}
     if validators and validators.etag:
         headers["If-None-Match"] = validators.etag
@@ -129,10 +296,7 @@ async def fetch(
     for _hop in range(settings.max_redirects + 1):
         if urlsplit(current).scheme not in ("http", "https"):
             raise PageError(f"redirected to unsupported URL {current}", stage=STAGE, permanent=True)
-        await check_address(current, settings)
-        delay = 0.0
-        if policy is not None:
-            delay = await policy.check(client, current, lambda u: check_address(u, settings))
+        delay = await policy.check(client, current) if policy is not None else 0.0
         paced = policy.slot(current, delay) if policy is not None else contextlib.nullcontext()
         try:
             async with paced, client.stream("GET", current, headers=headers) as response:
@@ -231,6 +395,10 @@ def content_hash(text: str) -> str:
 
 
 def http_client(settings: Settings) -> httpx.AsyncClient:
+    """The crawler's client: every connection it opens goes to an address vetted at connect
+    time (`VettingTransport`), for pages and robots.txt alike."""
     timeout = httpx.Timeout(settings.fetch_timeout, connect=min(settings.fetch_timeout, 10.0))
     limits = httpx.Limits(max_connections=settings.crawl_concurrency)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+    return httpx.AsyncClient(
+        transport=VettingTransport(settings, limits), timeout=timeout, follow_redirects=False
+    )

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -93,11 +93,16 @@ class CrawlPolicy:
     _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
     _next_start: dict[str, float] = field(default_factory=dict)
 
-    async def check(self, client: httpx.AsyncClient, url: str, check_address) -> float:
-        """Raise a `skipped` PageError when robots.txt forbids `url`; return its Crawl-delay."""
+    async def check(self, client: httpx.AsyncClient, url: str) -> float:
+        """Raise a `skipped` PageError when robots.txt forbids `url`; return its Crawl-delay.
+
+        `client` is the crawler's (`blogqa.crawl.http_client`): its transport vets the address
+        of every connection, so a robots.txt host (or redirect) that resolves to a refused
+        address raises the same permanent PageError as a page would.
+        """
         if not self.settings.respect_robots:
             return 0.0
-        rules = await self._rules(client, origin_of(url), check_address)
+        rules = await self._rules(client, origin_of(url))
         agent = self.settings.user_agent.split("/", 1)[0].strip()  # the product token
         if not rules.can_fetch(url, agent):
             raise PageError(
@@ -123,12 +128,7 @@ class CrawlPolicy:
                     await asyncio.sleep(start - now)
             yield
 
-    async def _rules(
-        self,
-        client: httpx.AsyncClient,
-        origin: str,
-        check_address: Callable[[str], Awaitable[None]],
-    ) -> Protego:
+    async def _rules(self, client: httpx.AsyncClient, origin: str) -> Protego:
         if origin in self._parsers:
             return self._parsers[origin]
         if origin in self._pending:  # another page of this host is fetching it right now
@@ -138,7 +138,7 @@ class CrawlPolicy:
         try:
             robots = self.cached.get(origin)
             if robots is None:
-                robots = await self._download(client, origin, check_address)
+                robots = await self._download(client, origin)
                 self.fetched[origin] = robots
             rules = robots.parser()
         except BaseException as exc:
@@ -151,16 +151,11 @@ class CrawlPolicy:
         future.set_result(rules)
         return rules
 
-    async def _download(
-        self,
-        client: httpx.AsyncClient,
-        origin: str,
-        check_address: Callable[[str], Awaitable[None]],
-    ) -> RobotsFile:
-        """GET /robots.txt following a few redirects (each address-checked)."""
+    async def _download(self, client: httpx.AsyncClient, origin: str) -> RobotsFile:
+        """GET /robots.txt following a few redirects (each hop's address vetted by the
+        client's transport as it connects)."""
         url = origin + "/robots.txt"
         for _hop in range(ROBOTS_MAX_REDIRECTS + 1):
-            await check_address(url)
             try:
                 async with (
                     self.slot(url),
