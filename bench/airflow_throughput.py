@@ -676,9 +676,7 @@ def main() -> int:
     started = time.perf_counter()
     site = start_article_site(args.n * args.runs * len(executors), seed=args.seed)
     api = start_latency_openai(args.chat_latency, args.embed_latency, API_KEY)
-    # what GET /v1/models lists (tests.fakes' handler reads it; `blogqa init` checks the
-    # endpoint with it), which servers.LatencyOpenAI does not set
-    api.models = [CHAT_MODEL, EMBED_MODEL]
+    api.models = [CHAT_MODEL, EMBED_MODEL]  # `blogqa init` checks the endpoint lists them
     env = component_env(home, api, args.code)
     with environment(env):
         settings = load_settings()

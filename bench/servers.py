@@ -471,6 +471,7 @@ class LatencyOpenAI(BenchServer):
         self.chat_latency = chat_latency
         self.embed_latency = embed_latency
         self.api_key = api_key
+        self.models: list[str] = []  # what GET /v1/models lists (`blogqa init` checks it)
         self.lock = threading.Lock()
         self.chat_calls = self.embedding_calls = self.embedding_inputs = 0
         self.largest_embedding_request = 0
