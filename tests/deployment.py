@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,9 +86,10 @@ def scheduler(
     airflow: local_airflow.LocalAirflow, name: str = "scheduler", env: dict | None = None
 ) -> Iterator[None]:
     """A scheduler (its executor from `env`) for the duration of a test module."""
+    launched = time.time()
     airflow.start(name, "scheduler", env=env)
     try:
-        airflow.wait_ready(components=("scheduler",))
+        airflow.wait_scheduler(launched)
         yield
     except BaseException:
         print_logs(airflow)

