@@ -61,7 +61,11 @@ sys.path.insert(0, str(ROOT / "bench"))  # run as a script: the sibling modules 
 
 from common import code_fingerprint, load_average, machine_facts, snapshot_code
 from pipeline_throughput import (
+    API_KEY,
+    CHAT_MODEL,
+    EMBED_MODEL,
     BenchFailure,
+    child_env,
     delta,
     environment,
     require_all_done,
@@ -77,9 +81,6 @@ from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings, load_s
 RESULTS = ROOT / "bench" / "results" / "airflow_throughput.json"
 HOMES = ROOT / ".blogqa" / "bench-airflow"
 DAG_ID = local_airflow.DAG_ID
-CHAT_MODEL = "gpt-4o-mini"  # as pipeline_throughput: same tokenizer choice and cost rows
-EMBED_MODEL = "text-embedding-3-small"
-API_KEY = "bench-key"
 WORKERS = ("worker-1", "worker-2")
 WORKER_CONCURRENCY = 4
 PARALLELISM = 8
@@ -164,27 +165,10 @@ class LoadSampler:
 
 
 def component_env(home: Path, api: LatencyOpenAI, code: Path | None) -> dict[str, str]:
-    """This shell's environment minus any blogqa, OpenAI or Airflow settings, plus the
-    benchmark's; local_airflow.airflow_env adds Airflow's on top (read under this one)."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("BLOGQA_", "OPENAI_", "AIRFLOW"))
-    }
-    env.update(
-        BLOGQA_HOME=str(home),
-        BLOGQA_LLM_PROVIDER="openai",
-        OPENAI_BASE_URL=f"{api.base_url}/v1",
-        OPENAI_API_KEY=API_KEY,
-        BLOGQA_CHAT_MODEL=CHAT_MODEL,
-        BLOGQA_EMBED_MODEL=EMBED_MODEL,
-        BLOGQA_CRAWL_ALLOW_PRIVATE="true",
-        BLOGQA_SCHEDULE="none",
-        # as pipeline_throughput: the synthetic site is one host standing for many
-        BLOGQA_PER_HOST_CONCURRENCY="16",
-    )
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
+    """pipeline_throughput's environment for the measured processes (same models, servers
+    and per-host limit), without a schedule; local_airflow.airflow_env adds Airflow's."""
+    env = child_env(home, api, None, code)
+    env["BLOGQA_SCHEDULE"] = "none"
     return env
 
 
