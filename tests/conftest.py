@@ -75,6 +75,7 @@ def openai_server():
 def openai_env(openai_server, monkeypatch):
     """Point the real `openai` client at the test server."""
     openai_server.script.clear()
+    openai_server.embedding_script.clear()
     openai_server.draw_fault.rates = {}
     openai_server.faults.clear()
     openai_server.latency = 0.0

@@ -2,7 +2,8 @@
 
 The OpenAI-compatible server answers like a chat model would (a summary and question/answer
 pairs taken from the article in the prompt) and counts every call, so tests can assert how
-many model calls the pipeline made. `script` makes the next calls misbehave on purpose.
+many model calls the pipeline made. `script` makes the next chat calls misbehave on purpose,
+`embedding_script` the next embedding requests.
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ class OpenAIHandler(_Handler):
             with server.lock:
                 server.embedding_calls += 1
                 server.embedding_inputs += len(body["input"])
+                behaviour = server.embedding_script.pop(0) if server.embedding_script else "ok"
+            if behaviour == "garbage":
+                return self._garbage()
             dim = body.get("dimensions", 1536)
             wants_base64 = body.get("encoding_format") == "base64" and not server.floats_only
             encode = _base64_floats if wants_base64 else list
@@ -268,7 +272,14 @@ class OpenAIHandler(_Handler):
         payload = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
         return self.send(status, json.dumps(payload).encode(), "application/json", headers)
 
+    def _garbage(self):
+        """A 200 whose body is not JSON (a misconfigured proxy): an error the pipeline does
+        not classify, so it fails the task instead of one URL."""
+        return self.send(200, b"<html>502 Bad Gateway</html>", "application/json")
+
     def _chat(self, body: dict, behaviour: str):
+        if behaviour == "garbage":
+            return self._garbage()
         if behaviour == "400":
             return self._error(400, "context length exceeded")
         if behaviour == "500":
@@ -332,6 +343,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.api_key = api_key
     server.lock = threading.Lock()
     server.script = []
+    server.embedding_script = []
     server.requests = []
     server.draw_fault = _FaultRates()
     server.faults = {}

@@ -86,7 +86,8 @@ def test_end_to_end_run_fills_every_table_and_rerun_costs_nothing(
         assert dims == 1536
     usage = dict(
         conn.execute(
-            "SELECT stage, count(*) FROM blogqa.llm_usage WHERE prompt_tokens > 0 GROUP BY stage"
+            "SELECT stage, count(DISTINCT request_id) FROM blogqa.llm_usage"
+            " WHERE prompt_tokens > 0 GROUP BY stage"
         ).fetchall()
     )
     assert usage["summarize"] == len(urls)

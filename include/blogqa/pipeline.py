@@ -2,7 +2,9 @@
 
 Each stage takes the chunk's lease refs ({"id", "token"}), renews the leases still held,
 does its work for the rows that need it (so an Airflow retry of the task redoes nothing that
-is already stored), records per-URL failures on the queue, and returns the refs that go on.
+is already stored; summarize and embed store each model result as it arrives, so a task that
+fails half-way keeps what it paid for), records per-URL failures on the queue, and returns
+the refs that go on.
 Exceptions other than per-URL `PageError` (database down, bad credentials) fail the task so
 Airflow retries it.
 """
@@ -16,6 +18,8 @@ import math
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Self
 
 import psycopg
 
@@ -23,7 +27,7 @@ from blogqa import db, politeness, queue, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import MAX_CHUNKS_PER_RUN, MAX_URLS_PER_RUN, Settings, load_settings
 from blogqa.crawl import Validators, content_hash, fetch, http_client
-from blogqa.embed import embed_many, embedder
+from blogqa.embed import EmbeddingDimensionError, embedder
 from blogqa.errors import BlogqaError, PageError, StageStalledError
 from blogqa.extraction_pool import ExtractionPool
 from blogqa.leases import LeaseKeeper, LeaseLostError
@@ -289,10 +293,96 @@ def _release(conn, leases: list[Lease], breaker: CircuitBreaker, stage: str) -> 
     return {lease.id for lease in leases}
 
 
+# ---------------------------------------------------------------- results as they arrive
+
+
+class ProgressWriter:
+    """Saves a stage's model results, with the charges of their calls, as they arrive.
+
+    Saving only when a stage ended meant that a task failing half-way (the stall watchdog, an
+    unclassified error, a timeout, a killed worker) threw away every result already paid for,
+    and Airflow's retry of the task paid for them again. Now the item that got a result awaits
+    `save`: when it returns, the result is committed (fenced by the lease) and the item
+    counts as finished, so the retry's `todo` leaves it out.
+
+    The writes go through the stage's own connection, idle while the event loop runs, in a
+    worker thread (psycopg's sync calls must stay off the loop), one transaction at a time:
+    no second connection per task against max_connections. Results that arrive while a write
+    is in flight go together in the next one, so the batches grow with the arrival rate and
+    no fixed wait is added to a result that arrives alone. Whatever was handed over is
+    written before the block exits, even when the stage is failing and its items are being
+    cancelled. A failed write fails every save waiting for it, and so the stage (the database
+    is down: the task fails and is retried).
+    """
+
+    def __init__(self, conn: psycopg.Connection, stage: str) -> None:
+        self.conn = conn
+        self.stage = stage
+        self.lost: list[Lease] = []  # results not written: their lease is gone
+        self._pending: list[tuple[store.Progress, asyncio.Future]] = []
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._error: BaseException | None = None
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self._closing = True
+        self._arrived.set()
+        await asyncio.shield(self._task)
+        if exc is None and self._error is not None:
+            raise self._error
+
+    async def save(self, progress: store.Progress) -> None:
+        """Hand results over and wait until they are committed. Shielded: an item cancelled
+        while it waits still has its results written."""
+        if self._error is not None:
+            raise self._error
+        if not (progress.llm_results or progress.vectors or progress.usage):
+            return
+        written = asyncio.get_running_loop().create_future()
+        self._pending.append((progress, written))
+        self._arrived.set()
+        error = await asyncio.shield(written)
+        if error is not None:
+            raise error
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                merged = store.Progress.merge([progress for progress, _ in batch])
+                try:
+                    lost = await asyncio.to_thread(store.save_progress, self.conn, merged)
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting item
+                    self._error = exc
+                    for _, written in batch + self._pending:
+                        written.set_result(exc)
+                    self._pending = []
+                    return
+                for lease in lost:
+                    log.warning(
+                        "url=%s stage=%s lease gone; result not saved", lease.url, self.stage
+                    )
+                self.lost += lost
+                for _, written in batch:
+                    written.set_result(None)
+            if self._closing and not self._pending:
+                return
+
+
 # ---------------------------------------------------------------- summarize
 
 
-async def _summarize_all(items, settings, breaker: CircuitBreaker):
+async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
+    """Each item's QAResult, or its PageError/LeaseLostError, and the leases whose results
+    were not saved. Every result and its calls are saved as soon as they arrive, failed calls'
+    usage too (it was paid for); the failures themselves are recorded by the caller."""
     provider = chat_provider(settings)
 
     async def work(item):
@@ -305,19 +395,33 @@ async def _summarize_all(items, settings, breaker: CircuitBreaker):
             )
         except PageError as exc:
             breaker.record(exc)
+            calls = getattr(exc, "calls", [])
+            if calls:
+                usage = [store.whole_charge(item.lease, call) for call in calls]
+                await writer.save(store.Progress(usage=usage))
             raise
         breaker.record(None)
+        await writer.save(
+            store.Progress(
+                llm_results=[(item.lease, result.as_json())],
+                usage=[store.whole_charge(item.lease, call) for call in result.calls],
+            )
+        )
         return result
 
     try:
-        async with LeaseKeeper(settings, [item.lease for item in items]) as keeper:
-            return await _each_bounded(
+        async with (
+            LeaseKeeper(settings, [item.lease for item in items]) as keeper,
+            ProgressWriter(conn, "summarize") as writer,
+        ):
+            outcomes = await _each_bounded(
                 work,
                 items,
                 settings.llm_concurrency,
                 stage="summarize",
                 stall_seconds=settings.stage_stall_seconds,
             )
+        return outcomes, writer.lost
     finally:
         await provider.aclose()
 
@@ -327,12 +431,16 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
+        # Rows whose result a failed earlier try of this task saved are not called again.
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
         if passed_on is not None:
             return passed_on
-        outcomes = asyncio.run(_summarize_all(todo, settings, breaker)) if todo else []
-        results, failures, calls, deferred, lost = [], [], [], [], set()
+        outcomes, unsaved = (
+            asyncio.run(_summarize_all(conn, todo, settings, breaker)) if todo else ([], [])
+        )
+        lost = {lease.id for lease in unsaved}
+        results, failures, deferred, calls = 0, [], [], 0
         for item, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, LeaseLostError):
                 lost.add(item.lease.id)
@@ -340,19 +448,17 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
                 deferred.append(item.lease)
             elif isinstance(outcome, PageError):
                 failures.append((item.lease, outcome))
-                calls += [(item.lease, c) for c in getattr(outcome, "calls", [])]
+                calls += len(getattr(outcome, "calls", []))
             else:
-                results.append((item.lease, outcome.as_json()))
-                calls += [(item.lease, c) for c in outcome.calls]
-        store.save_llm_results(conn, results)
-        store.record_usage(conn, calls)
+                results += 1
+                calls += len(outcome.calls)
         _fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
         released = _release(conn, deferred, breaker, "summarize") if deferred else set()
     log.info(
         "stage=summarize %d documents, %d model calls, %d deferred, %d failed",
-        len(results),
-        len(calls),
+        results,
+        calls,
         len(deferred),
         len(failures),
     )
@@ -379,71 +485,128 @@ def embedding_inputs(item: store.WorkItem, settings: Settings) -> tuple[list[str
     return texts, chunks
 
 
+@dataclass
+class _EmbedDoc:
+    """One document's part of the embed stage."""
+
+    item: store.WorkItem
+    chunks: list[dict]
+    span: range  # its inputs' positions in the stage's list of texts
+    tokens: list[int]  # per input, as counted by the embed model's tokenizer
+    waiting: int = 0  # requests with its inputs not back yet
+    error: PageError | None = None
+
+    def share_of(self, request: range) -> tuple[int, int]:
+        """(inputs, tokens) of this document in `request`."""
+        start, stop = max(request.start, self.span.start), min(request.stop, self.span.stop)
+        if start >= stop:
+            return 0, 0
+        offset = self.span.start
+        return stop - start, sum(self.tokens[start - offset : stop - offset])
+
+
+def _embed_docs(
+    todo: list[store.WorkItem], settings: Settings
+) -> tuple[list[_EmbedDoc], list[str]]:
+    tokenizer = tokenizer_for(settings.embed_model)
+    docs, texts = [], []
+    for item in todo:
+        doc_texts, chunks = embedding_inputs(item, settings)
+        head = doc_texts[: len(doc_texts) - len(chunks)]  # the summary and the questions
+        tokens = [tokenizer.count(text) for text in head] + [c["tokens"] for c in chunks]
+        span = range(len(texts), len(texts) + len(doc_texts))
+        docs.append(_EmbedDoc(item, chunks, span, [max(t, 1) for t in tokens]))
+        texts += doc_texts
+    return docs, texts
+
+
+async def _embed_all(
+    conn, docs: list[_EmbedDoc], texts: list[str], settings, breaker
+) -> list[Lease]:
+    """Embed the chunk's inputs in requests of up to BLOGQA_EMBED_BATCH_SIZE inputs, which
+    carry inputs of several documents. As each request comes back, its usage is charged to
+    the documents it served (`store.split_charges`: shares in proportion to their inputs'
+    tokens) and every document whose last request it was is saved, both at once; a document
+    with an input in a failed request gets that request's PageError. Returns the leases whose
+    vectors were not saved (lease gone)."""
+    import numpy as np
+
+    provider = embedder(settings)
+    size = settings.embed_batch_size
+    matrix = np.zeros((len(texts), provider.dim), dtype=np.float32)
+    requests = []  # (input range, [(document, its inputs in it, their tokens)])
+    for start in range(0, len(texts), size):
+        request = range(start, min(start + size, len(texts)))
+        shares = [(doc, *doc.share_of(request)) for doc in docs]
+        requests.append((request, [share for share in shares if share[1]]))
+        for doc, _, _ in requests[-1][1]:
+            doc.waiting += 1
+
+    async def work(job: tuple[range, list]) -> None:
+        request, shares = job
+        try:
+            block, call = await provider.embed([texts[i] for i in request])
+            error = None
+        except EmbeddingDimensionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified: per-URL error, or raised
+            block, call, error = None, None, _as_page_error(exc)
+        breaker.record(error)
+        progress = store.Progress()
+        if call is not None:
+            progress.usage = store.split_charges(call, [(d.item.lease, n, t) for d, n, t in shares])
+        if block is not None:
+            matrix[request.start : request.stop] = block
+        for doc, _, _ in shares:
+            doc.waiting -= 1
+            doc.error = doc.error or error
+            if doc.waiting == 0 and doc.error is None:
+                vectors = matrix[doc.span.start : doc.span.stop]
+                progress.vectors.append((doc.item.lease, doc.chunks, vectors))
+        await writer.save(progress)
+
+    try:
+        async with ProgressWriter(conn, "embed") as writer:
+            await _each_bounded(
+                work,
+                requests,
+                settings.llm_concurrency,
+                stage="embed",
+                stall_seconds=_embed_stall_seconds(settings),
+            )
+        return writer.lost
+    finally:
+        await provider.aclose()
+
+
+def _embed_stall_seconds(settings: Settings) -> float:
+    """The stall watchdog's limit for the embed stage: BLOGQA_STAGE_STALL_SECONDS, but never
+    less than a healthy request may take with its client retries (the settings check the
+    stall time against the other stages' timeouts, not BLOGQA_EMBED_TIMEOUT_SECONDS)."""
+    return max(
+        settings.stage_stall_seconds, settings.embed_timeout * (1 + settings.llm_max_retries)
+    )
+
+
 def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
     settings = settings or task_settings()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
+        # Documents whose vectors a failed earlier try of this task saved are left out.
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "embed")
         if passed_on is not None:
             return passed_on
-        texts: list[str] = []
-        spans, chunk_lists = [], []
-        for item in todo:
-            doc_texts, chunks = embedding_inputs(item, settings)
-            spans.append(range(len(texts), len(texts) + len(doc_texts)))
-            texts += doc_texts
-            chunk_lists.append(chunks)
-        provider = embedder(settings)
-        batches = (
-            asyncio.run(
-                embed_many(
-                    provider,
-                    texts,
-                    batch_size=settings.embed_batch_size,
-                    concurrency=settings.llm_concurrency,
-                )
-            )
-            if texts
-            else []
-        )
-        batches = [
-            (span, _as_page_error(outcome) if isinstance(outcome, Exception) else outcome, call)
-            for span, outcome, call in batches
-        ]
-        for _, outcome, _ in batches:
-            breaker.record(outcome if isinstance(outcome, PageError) else None)
-        results, failures = _assemble_vectors(todo, spans, chunk_lists, batches, provider.dim)
-        calls = [(todo[0].lease, call) for _, _, call in batches if call is not None]
-        store.save_vectors(conn, results)
-        store.record_usage(conn, calls)
+        docs, texts = _embed_docs(todo, settings)
+        unsaved = asyncio.run(_embed_all(conn, docs, texts, settings, breaker)) if texts else []
+        failures = [(doc.item.lease, doc.error) for doc in docs if doc.error is not None]
         _fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
-    log.info("stage=embed %d inputs in %d requests", len(texts), len(batches))
-    return _survivors([item.lease for item in items], failures, set())
-
-
-def _assemble_vectors(todo, spans, chunk_lists, batches, dim):
-    """Per document: its rows of the batch matrices, or the PageError of a batch it fell
-    into (batches carry matrices or PageErrors)."""
-    import numpy as np
-
-    matrix = np.zeros((sum(len(s) for s in spans), dim), dtype=np.float32)
-    broken: list[tuple[range, PageError]] = []
-    for span, outcome, _ in batches:
-        if isinstance(outcome, PageError):
-            broken.append((span, outcome))
-        else:
-            matrix[span.start : span.stop] = outcome
-    results, failures = [], []
-    for item, span, chunks in zip(todo, spans, chunk_lists, strict=True):
-        error = next((e for b, e in broken if b.start < span.stop and span.start < b.stop), None)
-        if error is not None:
-            failures.append((item.lease, error))
-        else:
-            results.append((item.lease, chunks, matrix[span.start : span.stop]))
-    return results, failures
+    requests = math.ceil(len(texts) / settings.embed_batch_size)
+    log.info("stage=embed %d inputs in %d requests", len(texts), requests)
+    lost = {lease.id for lease in unsaved}
+    return _survivors([item.lease for item in items], failures, lost)
 
 
 def _as_page_error(exc: Exception) -> PageError:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import psycopg
@@ -107,37 +109,60 @@ def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) 
         )
 
 
-def save_llm_results(conn: psycopg.Connection, results: list[tuple[Lease, dict]]) -> None:
+# The work_items row is written only while its lease is still held: the row carries the
+# lease's token (an older lease's leftovers are not overwritten) and the queue row is still
+# processing under that token (a cancel, or an expired lease the claim took back, clears it).
+SAVE_LLM_RESULTS_SQL = """
+UPDATE blogqa.work_items w SET llm_result = v.result, updated_at = now()
+FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[]) AS v(id, token, result)
+JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
+WHERE w.queue_id = v.id AND w.lease_token = v.token
+RETURNING w.queue_id
+"""
+
+SAVE_VECTORS_SQL = """
+UPDATE blogqa.work_items w SET chunks = v.chunks, vectors = v.vectors, updated_at = now()
+FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[], %s::bytea[]) AS v(id, token, chunks, vectors)
+JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
+WHERE w.queue_id = v.id AND w.lease_token = v.token
+RETURNING w.queue_id
+"""
+
+
+def save_llm_results(conn: psycopg.Connection, results: list[tuple[Lease, dict]]) -> set[int]:
+    """Summaries and question/answer pairs; returns the queue ids written (fenced by lease)."""
     if not results:
-        return
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "UPDATE blogqa.work_items SET llm_result = %s, updated_at = now()"
-            " WHERE queue_id = %s AND lease_token = %s",
-            [(Jsonb(result), lease.id, uuid.UUID(lease.token)) for lease, result in results],
-        )
+        return set()
+    with conn.transaction():
+        rows = conn.execute(
+            SAVE_LLM_RESULTS_SQL,
+            (
+                [lease.id for lease, _ in results],
+                [uuid.UUID(lease.token) for lease, _ in results],
+                [Jsonb(result) for _, result in results],
+            ),
+        ).fetchall()
+    return {row[0] for row in rows}
 
 
 def save_vectors(
     conn: psycopg.Connection, results: list[tuple[Lease, list[dict], np.ndarray]]
-) -> None:
-    """Chunk texts (jsonb) and all of a document's vectors as one float32 matrix (bytea)."""
+) -> set[int]:
+    """Chunk texts (jsonb) and all of a document's vectors as one float32 matrix (bytea);
+    returns the queue ids written (fenced by lease)."""
     if not results:
-        return
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "UPDATE blogqa.work_items SET chunks = %s, vectors = %s, updated_at = now()"
-            " WHERE queue_id = %s AND lease_token = %s",
-            [
-                (
-                    Jsonb(chunks),
-                    np.ascontiguousarray(m, dtype=np.float32).tobytes(),
-                    lease.id,
-                    uuid.UUID(lease.token),
-                )
-                for lease, chunks, m in results
-            ],
-        )
+        return set()
+    with conn.transaction():
+        rows = conn.execute(
+            SAVE_VECTORS_SQL,
+            (
+                [lease.id for lease, _, _ in results],
+                [uuid.UUID(lease.token) for lease, _, _ in results],
+                [Jsonb(chunks) for _, chunks, _ in results],
+                [np.ascontiguousarray(m, dtype=np.float32).tobytes() for _, _, m in results],
+            ),
+        ).fetchall()
+    return {row[0] for row in rows}
 
 
 def work_items(conn: psycopg.Connection, leases: list[Lease], dim: int) -> list[WorkItem]:
@@ -186,12 +211,167 @@ def usage_row(call: ModelCall, queue_id: int | None = None, url: str | None = No
     )
 
 
-def record_usage(conn: psycopg.Connection, calls: list[tuple[Lease, ModelCall]]) -> None:
-    """Append model calls to the blogqa.llm_usage ledger."""
-    if not calls:
+# The pipeline's ledger rows name their request: the rows of one request share request_id
+# (006_usage_request.sql), so its totals are the sums over its rows.
+CHARGE_INSERT_SQL = """
+INSERT INTO blogqa.llm_usage (queue_id, url, stage, provider, model, prompt_tokens,
+    completion_tokens, inputs, latency_ms, cost_usd, request_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+MICRO = Decimal("0.000001")  # the precision of llm_usage.cost_usd, numeric(12, 6)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One ledger row: what one URL is charged for one model request.
+
+    A chat request serves one URL and is charged whole. An embedding request carries inputs
+    of several documents, so each of them is charged a share (`split_charges`); the shares of
+    a request carry its request_id and add up exactly to its tokens, inputs and cost.
+    `latency_ms` is the request's own on every share: time is not divided between the inputs.
+    """
+
+    lease: Lease
+    call: ModelCall
+    request_id: uuid.UUID
+    prompt_tokens: int
+    completion_tokens: int
+    inputs: int
+    cost_usd: Decimal | None
+
+    def row(self) -> tuple:
+        """Parameters of CHARGE_INSERT_SQL."""
+        call = self.call
+        return (
+            self.lease.id,
+            self.lease.url,
+            call.stage,
+            call.provider,
+            call.model,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.inputs,
+            call.latency_ms,
+            self.cost_usd,
+            self.request_id,
+        )
+
+
+def _micro_usd(cost: float | None) -> int | None:
+    """A cost in whole micro-dollars, the ledger's unit (half-up, as numeric rounds)."""
+    if cost is None:
+        return None
+    return int((Decimal(repr(cost)) / MICRO).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def whole_charge(lease: Lease, call: ModelCall) -> Charge:
+    """The whole of a request that served one URL (a chat call)."""
+    micro = _micro_usd(call.cost_usd)
+    cost = None if micro is None else micro * MICRO
+    return Charge(
+        lease,
+        call,
+        uuid.uuid4(),
+        call.prompt_tokens,
+        call.completion_tokens,
+        call.inputs,
+        cost,
+    )
+
+
+def apportion(total: int, weights: Sequence[int]) -> list[int]:
+    """`total` in integer parts proportional to `weights` that add up to `total` exactly.
+
+    Largest remainder: every part is its exact share rounded down, and the units that leaves
+    over go one each to the parts with the largest remainders (the earliest on a tie). With
+    no positive weight the parts are equal.
+    """
+    if not weights:
+        return []
+    if sum(weights) <= 0:
+        weights = [1] * len(weights)
+    denominator = sum(weights)
+    parts, remainders = [], []
+    for weight in weights:
+        part, remainder = divmod(total * weight, denominator)
+        parts.append(part)
+        remainders.append(remainder)
+    left = total - sum(parts)
+    for i in sorted(range(len(parts)), key=lambda i: -remainders[i])[:left]:
+        parts[i] += 1
+    return parts
+
+
+def split_charges(call: ModelCall, shares: Sequence[tuple[Lease, int, int]]) -> list[Charge]:
+    """A request that carried inputs of several URLs, as one Charge per URL.
+
+    `shares` holds (lease, inputs, tokens) per URL: how many of the request's inputs were that
+    URL's, and their token count as we estimate it. The request's prompt and completion
+    tokens and its cost (in micro-dollars, the ledger's precision) are divided in proportion
+    to those estimated tokens, since the endpoint bills tokens, not inputs; `apportion` makes
+    the integer parts add up to what the endpoint reported. Inputs are each URL's own count.
+    """
+    if len(shares) == 1:
+        [(lease, _, _)] = shares
+        return [whole_charge(lease, call)]
+    weights = [max(tokens, 0) for _, _, tokens in shares]
+    prompt = apportion(call.prompt_tokens, weights)
+    completion = apportion(call.completion_tokens, weights)
+    micro = _micro_usd(call.cost_usd)
+    costs = [None] * len(shares) if micro is None else apportion(micro, weights)
+    request_id = uuid.uuid4()
+    return [
+        Charge(
+            lease,
+            call,
+            request_id,
+            prompt[i],
+            completion[i],
+            inputs,
+            None if costs[i] is None else costs[i] * MICRO,
+        )
+        for i, (lease, inputs, _) in enumerate(shares)
+    ]
+
+
+def record_usage(conn: psycopg.Connection, charges: Sequence[Charge]) -> None:
+    """Append charges to the blogqa.llm_usage ledger. Not fenced by lease: a call was paid
+    for whether or not its result can still be used."""
+    if not charges:
         return
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(USAGE_INSERT_SQL, [usage_row(c, lease.id, lease.url) for lease, c in calls])
+        cur.executemany(CHARGE_INSERT_SQL, [charge.row() for charge in charges])
+
+
+@dataclass
+class Progress:
+    """Model results that arrived while a stage runs, with the charges of their calls."""
+
+    llm_results: list[tuple[Lease, dict]] = field(default_factory=list)
+    vectors: list[tuple[Lease, list[dict], np.ndarray]] = field(default_factory=list)
+    usage: list[Charge] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, parts: Sequence[Progress]) -> Progress:
+        merged = cls()
+        for part in parts:
+            merged.llm_results += part.llm_results
+            merged.vectors += part.vectors
+            merged.usage += part.usage
+        return merged
+
+
+def save_progress(conn: psycopg.Connection, progress: Progress) -> list[Lease]:
+    """Save results and the charges of their calls in one transaction: a kept result always
+    has its charge, and a retry that finds the result does not pay for it again. Returns the
+    leases whose results were not written because the lease is gone (their charges are
+    written all the same)."""
+    with conn.transaction():
+        written = save_llm_results(conn, progress.llm_results)
+        written |= save_vectors(conn, progress.vectors)
+        record_usage(conn, progress.usage)
+    offered = [r[0] for r in progress.llm_results] + [v[0] for v in progress.vectors]
+    return [lease for lease in offered if lease.id not in written]
 
 
 TOUCH_DOCUMENTS_SQL = """
