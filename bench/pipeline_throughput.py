@@ -216,10 +216,13 @@ def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> No
 
 
 def usage_since(conn: psycopg.Connection, since: dt.datetime) -> dict[str, dict]:
-    """The llm_usage ledger's view of a pass: calls and inputs per stage."""
+    """The llm_usage ledger's view of a pass: calls (requests) and inputs per stage. A request
+    serving several documents has one row per document, sharing its request_id."""
     rows = conn.execute(
-        "SELECT stage, count(*), sum(inputs), avg(latency_ms) FROM blogqa.llm_usage"
-        " WHERE created_at >= %s GROUP BY stage",
+        "SELECT stage, count(*), sum(inputs), avg(latency_ms) FROM ("
+        " SELECT stage, request_id, sum(inputs) AS inputs, max(latency_ms) AS latency_ms"
+        " FROM blogqa.llm_usage WHERE created_at >= %s GROUP BY stage, request_id) requests"
+        " GROUP BY stage",
         (since,),
     ).fetchall()
     return {

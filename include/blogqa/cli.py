@@ -308,7 +308,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         urls = demo.article_urls(base_url)
         with db.connect(settings) as conn:
             queue.enqueue(conn, urls, force=True, max_attempts=settings.max_attempts)
-            calls_before = conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone()[0]
+            calls_before = _model_calls(conn)
         out.print(f"serving {len(urls)} sample articles at {base_url}; running the pipeline DAG…")
         tally = runner.run_pipeline(settings, chunk_size=args.chunk_size)
     out.print(f"[bold]run:[/bold] {tally.line()}")
@@ -338,8 +338,13 @@ def _print_counts(conn, calls_before: int) -> None:
         count = conn.execute(query).fetchone()[0]
         table.add_row(name, str(count))
     out.print(table)
-    calls = conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone()[0] - calls_before
+    calls = _model_calls(conn) - calls_before
     out.print(f"model calls in this demo run: {calls} (0 when every page was unchanged)")
+
+
+def _model_calls(conn) -> int:
+    """Model requests in the ledger (an embedding request has a row per document it served)."""
+    return conn.execute("SELECT count(DISTINCT request_id) FROM blogqa.llm_usage").fetchone()[0]
 
 
 def _print_example(conn, urls: list[str]) -> None:

@@ -8,7 +8,6 @@ similarity only, deterministic, labelled `local-hash` in the stored model name.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import itertools
@@ -140,30 +139,3 @@ def embedder(settings: Settings) -> Embedder:
     if settings.offline:
         return LocalEmbedder(settings.embed_model, settings.embed_dim)
     return OpenAIEmbedder(settings)
-
-
-async def embed_many(
-    provider: Embedder, texts: list[str], *, batch_size: int, concurrency: int
-) -> list[tuple[range, np.ndarray | Exception, ModelCall | None]]:
-    """Embed `texts` in batches, concurrently; each batch's result or its per-URL error.
-
-    Returns (index range, matrix or exception, call) per batch so the caller can fail only
-    the documents whose inputs sat in a failed batch.
-    """
-    gate = asyncio.Semaphore(concurrency)
-    spans = [range(i, min(i + batch_size, len(texts))) for i in range(0, len(texts), batch_size)]
-
-    async def one(span: range):
-        async with gate:
-            try:
-                matrix, call = await provider.embed([texts[i] for i in span])
-                return span, matrix, call
-            except EmbeddingDimensionError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified by the caller
-                return span, exc, None
-
-    try:
-        return list(await asyncio.gather(*(one(span) for span in spans)))
-    finally:
-        await provider.aclose()
