@@ -73,8 +73,8 @@ def _outputs_are_whole(conn, urls: list[str]) -> None:
     assert table_counts(conn)["work_items"] == 0
 
 
-# More runs for a soak: BLOGQA_CELERY_RUNS=10 pytest tests/test_airflow_celery.py
-RUNS = int(os.environ.get("BLOGQA_CELERY_RUNS", "1"))
+# More runs for a soak: CELERY_SOAK_RUNS=10 pytest tests/test_airflow_celery.py
+RUNS = int(os.environ.get("CELERY_SOAK_RUNS", "1"))
 
 
 @pytest.mark.parametrize("repeat", range(1, RUNS + 1))
