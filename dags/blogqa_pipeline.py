@@ -55,12 +55,21 @@ def _label(chunk: list[dict]) -> None:
 # cron expression or "none" (manual and `blogqa run` only); read when the DAG is parsed.
 SCHEDULE = os.environ.get("BLOGQA_SCHEDULE", "0 2 * * *").strip()
 
+# One run at a time. A second run would claim other rows (safe), but it would not finish any
+# sooner: its chunks queue for the same `blogqa_llm` slots and workers, and while they wait
+# nothing of theirs runs to keep their leases alive (a run's own chunks keep each other's
+# alive: queue.renew_claim). A trigger while a run is active is queued, not lost; a bigger
+# backlog takes a bigger `max_urls`. No max_active_tis_per_dag on the model tasks: the pool
+# (BLOGQA_LLM_POOL_SLOTS) is the one limit on model calls, across runs and DAGs alike.
+MAX_ACTIVE_RUNS = 1
+
 
 @dag(
     dag_id="blogqa_pipeline",
     schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=MAX_ACTIVE_RUNS,
     default_args=DEFAULT_ARGS,
     tags=["blogqa"],
     doc_md=__doc__,

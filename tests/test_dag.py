@@ -37,6 +37,7 @@ def test_dag_folder_imports_cleanly():
     assert set(dag.params) >= {"urls", "max_urls", "chunk_size", "refresh_days"}
     assert dag.params["chunk_size"] == 100
     assert dag.schedule == "0 2 * * *"  # nightly refresh and backlog
+    assert dag.max_active_runs == 1  # runs would only compete for the pool and the workers
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id

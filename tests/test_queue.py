@@ -311,6 +311,7 @@ def test_expired_lease_is_reclaimed_and_fenced(conn) -> None:
     queue.enqueue(conn, [url])
     [old] = _claim(conn, owner="crashed-worker")
     assert old.attempts == 1
+    assert queue.renew(conn, [old.ref()], 60) == [old]  # a stage started work on it
     _expire(conn, old.id)
 
     [new] = _claim(conn, owner="rescuer")
@@ -348,9 +349,11 @@ def test_expired_lease_with_attempts_spent_goes_dead(conn) -> None:
     url = "http://example.com/doomed"
     queue.enqueue(conn, [url], max_attempts=2)
     [first] = _claim(conn)
+    queue.renew(conn, [first.ref()], 60)  # work started: the lapse costs the attempt
     _expire(conn, first.id)
     [second] = _claim(conn)
     assert second.attempts == 2
+    queue.renew(conn, [second.ref()], 60)
     _expire(conn, second.id)
 
     assert _claim(conn) == []

@@ -4,7 +4,8 @@ Stages renew their leases when they start, but one stage can outlast a lease (a 
 a long Crawl-delay). Without renewal another worker would reclaim the rows and both would
 do the work. The keeper renews every third of BLOGQA_LEASE_SECONDS on its own connection, and
 learns on the way which rows are no longer ours (cancelled by an operator, or taken over), so
-the stage stops spending effort on them.
+the stage stops spending effort on them. Each beat also renews the rest of the run's claim
+(`queue.renew_claim`): the chunks waiting meanwhile for a pool slot cannot renew their own.
 """
 
 from __future__ import annotations
@@ -70,6 +71,16 @@ class LeaseKeeper:
             if lease.id not in renewed:
                 log.warning("url=%s stage=lease lease lost (cancelled or taken over)", lease.url)
         self.held = renewed
+        held = [lease.ref() for lease in mine if lease.id in renewed]
+        if held:
+            await conn.execute(
+                queue.RENEW_CLAIM_SQL,
+                (
+                    self.settings.lease_seconds,
+                    [int(ref["id"]) for ref in held],
+                    [uuid.UUID(ref["token"]) for ref in held],
+                ),
+            )
 
     async def _run(self) -> None:
         dsn = db.database_dsn(self.settings)

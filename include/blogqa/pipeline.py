@@ -4,7 +4,10 @@ Each stage takes the chunk's lease refs ({"id", "token"}), renews the leases sti
 does its work for the rows that need it (so an Airflow retry of the task redoes nothing that
 is already stored; summarize and embed store each model result as it arrives, so a task that
 fails half-way keeps what it paid for), records per-URL failures on the queue, and returns
-the refs that go on.
+the refs that go on. Every write after the claim is fenced by the lease (the crawl's too), a
+ref whose work item is missing is failed with that reason rather than dropped, and each stage
+end renews the leases of the run's claim (`queue.renew_claim`) so a chunk waiting for its
+next task does not lose its rows.
 Exceptions other than per-URL `PageError` (database down, bad credentials) fail the task so
 Airflow retries it.
 """
@@ -101,6 +104,36 @@ def chunk_label(refs: list[dict]) -> str:
     if not refs:
         return "empty chunk"
     return f"{len(refs)} urls, queue ids {refs[0]['id']}..{refs[-1]['id']}"
+
+
+NO_WORK_ITEM = "no work item for this row: the crawl result was lost or never saved"
+
+
+def _fail_missing(conn, leases: list[Lease], items, stage: str, settings: Settings) -> None:
+    """Record a failure on every held row that has no work item, instead of dropping its ref.
+
+    A held lease past the crawl always has one (a crawl failure, a refused write or a lost
+    lease takes the ref out), so its absence means the result was lost; dropping the ref
+    silently would leave the row `processing` until its lease expires, with no reason given.
+    Transient: the next claim crawls it again. `queue.fail` is fenced, so a row whose lease
+    went meanwhile is left to its new holder.
+    """
+    have = {item.lease.id for item in items}
+    missing = [lease for lease in leases if lease.id not in have]
+    for lease in missing:
+        log.error("url=%s stage=%s %s", lease.url, stage, NO_WORK_ITEM)
+    _fail_all(
+        conn,
+        [(lease, PageError(NO_WORK_ITEM, stage=stage, permanent=False)) for lease in missing],
+        settings,
+    )
+
+
+def _hand_off(conn, refs: list[dict], settings: Settings) -> list[dict]:
+    """The refs that go on, with the leases of their whole claim extended as the stage ends:
+    the next task may wait a long time for a pool slot or a worker (`queue.renew_claim`)."""
+    queue.renew_claim(conn, refs, settings.lease_seconds)
+    return refs
 
 
 def _fail_all(conn, failures: list[tuple[Lease, PageError]], settings: Settings) -> None:
@@ -263,9 +296,11 @@ def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
                     settings.embed_model,
                 )
                 pages.append((lease, outcome, unchanged))
-        store.save_pages(conn, pages)
+        for lease in store.save_pages(conn, pages):
+            log.warning("url=%s stage=crawl lease gone; result not saved", lease.url)
+            lost.add(lease.id)
         _fail_all(conn, failures, settings)
-    return _survivors(leases, failures, lost)
+        return _hand_off(conn, _survivors(leases, failures, lost), settings)
 
 
 def _survivors(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
@@ -431,11 +466,12 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
+        _fail_missing(conn, leases, items, "summarize", settings)
         # Rows whose result a failed earlier try of this task saved are not called again.
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
         if passed_on is not None:
-            return passed_on
+            return _hand_off(conn, passed_on, settings)
         outcomes, unsaved = (
             asyncio.run(_summarize_all(conn, todo, settings, breaker)) if todo else ([], [])
         )
@@ -455,6 +491,8 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
         _fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
         released = _release(conn, deferred, breaker, "summarize") if deferred else set()
+        survivors = _survivors([item.lease for item in items], failures, released | lost)
+        _hand_off(conn, survivors, settings)
     log.info(
         "stage=summarize %d documents, %d model calls, %d deferred, %d failed",
         results,
@@ -462,7 +500,7 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
         len(deferred),
         len(failures),
     )
-    return _survivors([item.lease for item in items], failures, released | lost)
+    return survivors
 
 
 # ---------------------------------------------------------------- embed
@@ -593,20 +631,24 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
+        _fail_missing(conn, leases, items, "embed", settings)
         # Documents whose vectors a failed earlier try of this task saved are left out.
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "embed")
         if passed_on is not None:
-            return passed_on
+            return _hand_off(conn, passed_on, settings)
         docs, texts = _embed_docs(todo, settings)
         unsaved = asyncio.run(_embed_all(conn, docs, texts, settings, breaker)) if texts else []
         failures = [(doc.item.lease, doc.error) for doc in docs if doc.error is not None]
         _fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
+        lost = {lease.id for lease in unsaved}
+        survivors = _hand_off(
+            conn, _survivors([item.lease for item in items], failures, lost), settings
+        )
     requests = math.ceil(len(texts) / settings.embed_batch_size)
     log.info("stage=embed %d inputs in %d requests", len(texts), requests)
-    lost = {lease.id for lease in unsaved}
-    return _survivors([item.lease for item in items], failures, lost)
+    return survivors
 
 
 def _as_page_error(exc: Exception) -> PageError:
@@ -636,7 +678,9 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         ready, failures = [], []
-        for item in store.work_items(conn, leases, settings.embed_dim):
+        items = store.work_items(conn, leases, settings.embed_dim)
+        _fail_missing(conn, leases, items, "load", settings)
+        for item in items:
             try:
                 store.check_complete(item)
                 ready.append(item)

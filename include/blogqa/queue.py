@@ -181,28 +181,51 @@ HISTORY_APPEND_SQL = """(
         WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
     )"""
 
-RECOVER_EXPIRED_SQL = """
+# A lapsed lease costs an attempt only when work had started under it. "Not started" means
+# no stage ever picked the row up since the claim (every stage first renews its leases, which
+# moves updated_at past the claim's started_at; RENEW_CLAIM_SQL, which keeps waiting rows
+# alive, leaves updated_at alone) and no work item was saved under it. Such a row only waited
+# (its chunk's crawl never ran, the run died) and is refunded. A row a stage had started on is
+# charged, even without a work item: a page whose crawl hangs or kills the task every time
+# must still reach `dead` rather than be refunded forever.
+NOT_STARTED_SQL = """(q.updated_at = q.started_at AND NOT EXISTS (
+        SELECT 1 FROM blogqa.work_items w
+        WHERE w.queue_id = q.id AND w.lease_token = q.lease_token))"""
+LAPSED_UNSTARTED_MESSAGE = "lease expired and no work had started on this row: attempt refunded"
+
+RECOVER_EXPIRED_SQL = f"""
 UPDATE blogqa.url_queue q
-SET status = CASE WHEN q.attempts >= q.max_attempts THEN 'dead' ELSE 'queued' END,
-    finished_at = CASE WHEN q.attempts >= q.max_attempts THEN now() END,
+SET status = CASE WHEN NOT r.unstarted AND q.attempts >= q.max_attempts
+                  THEN 'dead' ELSE 'queued' END,
+    finished_at = CASE WHEN NOT r.unstarted AND q.attempts >= q.max_attempts THEN now() END,
+    attempts = CASE WHEN r.unstarted THEN greatest(q.attempts - 1, 0) ELSE q.attempts END,
     run_after = now(),
-    last_error = 'lease expired: the worker holding it stopped or ran out of time',
+    last_error = CASE WHEN r.unstarted THEN %(unstarted)s::text
+                 ELSE 'lease expired: the worker holding it stopped or ran out of time' END,
     last_stage = 'lease',
     error_history = (
         SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
-        FROM jsonb_array_elements(q.error_history || jsonb_build_object(
-                 'attempt', q.attempts, 'stage', 'lease', 'class', 'transient',
-                 'message', 'lease expired (owner ' || coalesce(q.lease_owner, '?') || ')',
-                 'at', now())) WITH ORDINALITY AS t(e, i)
+        FROM jsonb_array_elements(q.error_history || CASE WHEN r.unstarted
+                 THEN jsonb_build_object(
+                     'attempt', q.attempts, 'stage', 'lease', 'class', 'lease',
+                     'message', %(unstarted)s::text || ' (owner '
+                         || coalesce(q.lease_owner, '?') || ')',
+                     'at', now())
+                 ELSE jsonb_build_object(
+                     'attempt', q.attempts, 'stage', 'lease', 'class', 'transient',
+                     'message', 'lease expired (owner ' || coalesce(q.lease_owner, '?') || ')',
+                     'at', now()) END) WITH ORDINALITY AS t(e, i)
         WHERE i > jsonb_array_length(q.error_history) + 1 - %(keep)s
     ),
     lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.id IN (
-    SELECT id FROM blogqa.url_queue
-    WHERE status = 'processing' AND lease_until < now()
-    FOR UPDATE SKIP LOCKED
-)
-RETURNING q.id, q.url
+FROM (
+    SELECT q.id, {NOT_STARTED_SQL} AS unstarted
+    FROM blogqa.url_queue q
+    WHERE q.status = 'processing' AND q.lease_until < now()
+    FOR UPDATE OF q SKIP LOCKED
+) AS r
+WHERE q.id = r.id
+RETURNING q.id, q.url, r.unstarted
 """
 
 CLAIM_SQL = """
@@ -232,13 +255,20 @@ def claim(conn: psycopg.Connection, limit: int, *, owner: str, lease_seconds: in
     only): a claim lost to a server crash loses nothing, since the rows are simply still
     queued, and the worker's later writes are refused by the lease-token fence, so the price
     is redone work after a crash, not lost or duplicated rows. In exchange a claim does not
-    queue behind the disk's fsync latency.
+    queue behind the disk's fsync latency. Expired leases are recovered first; a row on which no
+    work had started under the lapsed lease gets its attempt back (NOT_STARTED_SQL).
     """
     with conn.transaction():
         conn.execute("SET LOCAL synchronous_commit = off")
-        recovered = conn.execute(RECOVER_EXPIRED_SQL, {"keep": ERROR_HISTORY_LIMIT}).fetchall()
-        for row_id, url in recovered:
-            log.warning("url=%s stage=lease queue_id=%s lease expired; row released", url, row_id)
+        recovered = conn.execute(
+            RECOVER_EXPIRED_SQL,
+            {"keep": ERROR_HISTORY_LIMIT, "unstarted": LAPSED_UNSTARTED_MESSAGE},
+        ).fetchall()
+        for row_id, url, unstarted in recovered:
+            refund = "; no work had started, attempt refunded" if unstarted else ""
+            log.warning(
+                "url=%s stage=lease queue_id=%s lease expired; row released%s", url, row_id, refund
+            )
         rows = conn.execute(
             CLAIM_SQL, {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
         ).fetchall()
@@ -267,6 +297,49 @@ def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> lis
     order = {rid: i for i, rid in enumerate(ids)}
     rows.sort(key=lambda r: order[r[0]])
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
+
+
+# Leases of every row of the claims that `refs` came from (a claim is its rows' lease_owner
+# and started_at, both set by CLAIM_SQL in one transaction), still processing under that
+# claim: rows of chunks that are only waiting for their next task included. updated_at is
+# left alone: a row kept alive this way has not been started (see NOT_STARTED_SQL).
+RENEW_CLAIM_SQL = """
+UPDATE blogqa.url_queue q
+SET lease_until = greatest(q.lease_until, now() + make_interval(secs => %s))
+FROM (
+    SELECT DISTINCT s.lease_owner, s.started_at
+    FROM blogqa.url_queue s JOIN unnest(%s::bigint[], %s::uuid[]) AS r(id, token)
+        ON s.id = r.id AND s.lease_token = r.token
+    WHERE s.status = 'processing'
+) AS c
+WHERE q.status = 'processing' AND q.lease_owner = c.lease_owner AND q.started_at = c.started_at
+"""
+
+
+def renew_claim(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> int:
+    """Extend the leases of every row claimed together with the held `refs`; returns how many.
+
+    Nothing runs for a chunk while its next task waits (for a `blogqa_llm` pool slot, a
+    worker), so it cannot renew its own leases, and a wait longer than BLOGQA_LEASE_SECONDS
+    would let another claim take its rows and redo them. What fills the pool and the workers
+    during such a wait is mostly the same run's other chunks, so every stage end and every
+    LeaseKeeper beat renew the whole claim: while any chunk of a run makes progress, none of
+    its rows lapse, and once the run stops (crashed, given up) they come back
+    BLOGQA_LEASE_SECONDS after its last sign of life. Rows recovered or re-claimed since are
+    not touched (they have another owner and start); the token-fenced writes still guard
+    each row.
+    """
+    if not refs:
+        return 0
+    cur = conn.execute(
+        RENEW_CLAIM_SQL,
+        (
+            lease_seconds,
+            [int(r["id"]) for r in refs],
+            [uuid.UUID(str(r["token"])) for r in refs],
+        ),
+    )
+    return cur.rowcount
 
 
 DONE_SET = """

@@ -91,22 +91,49 @@ class WorkItem:
     vectors: np.ndarray | None
 
 
-def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) -> None:
-    """Crawl results, one row per claimed URL (replacing an older lease's leftovers)."""
+SAVE_PAGES_SQL = """
+INSERT INTO blogqa.work_items (queue_id, lease_token, page, unchanged)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT (queue_id) DO UPDATE SET lease_token = EXCLUDED.lease_token,
+    page = EXCLUDED.page, unchanged = EXCLUDED.unchanged, llm_result = NULL,
+    chunks = NULL, vectors = NULL, updated_at = now()
+"""
+
+
+def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) -> list[Lease]:
+    """Crawl results, one row per claimed URL (replacing an older lease's leftovers), written
+    only for the rows still held; returns the leases whose pages were not written.
+
+    Fenced like every write after the claim: a worker whose lease lapsed mid-fetch and was
+    taken over must not overwrite the new holder's work item with its own (older) page. The
+    queue rows still processing under our tokens are locked first (LOCK_HELD_SQL), so a
+    cancel or a claim recovering the lease either happens before (that page is refused) or
+    waits until the commit.
+    """
     if not pages:
-        return
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO blogqa.work_items (queue_id, lease_token, page, unchanged)"
-            " VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (queue_id) DO UPDATE SET lease_token = EXCLUDED.lease_token,"
-            " page = EXCLUDED.page, unchanged = EXCLUDED.unchanged, llm_result = NULL,"
-            " chunks = NULL, vectors = NULL, updated_at = now()",
-            [
-                (lease.id, uuid.UUID(lease.token), Jsonb(page), unchanged)
-                for lease, page, unchanged in pages
-            ],
-        )
+        return []
+    with conn.transaction():
+        held = {
+            row[0]
+            for row in conn.execute(
+                LOCK_HELD_SQL,
+                (
+                    [lease.id for lease, _, _ in pages],
+                    [uuid.UUID(lease.token) for lease, _, _ in pages],
+                ),
+            )
+        }
+        mine = [(lease, page, unchanged) for lease, page, unchanged in pages if lease.id in held]
+        if mine:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    SAVE_PAGES_SQL,
+                    [
+                        (lease.id, uuid.UUID(lease.token), Jsonb(page), unchanged)
+                        for lease, page, unchanged in mine
+                    ],
+                )
+    return [lease for lease, _, _ in pages if lease.id not in held]
 
 
 # The work_items row is written only while its lease is still held: the row carries the
