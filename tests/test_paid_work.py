@@ -86,9 +86,11 @@ def _micro_usd(tokens: int, price_per_mtok: str = "0.02") -> Decimal:
 def test_summarize_failing_half_way_keeps_results_and_its_retry_calls_only_for_the_rest(
     conn, page_server, openai_env, one_at_a_time, fault, raised
 ):
-    settings = dataclasses.replace(one_at_a_time, stage_stall_seconds=1.0)
-    openai_env.slow_seconds = 3.0
-    refs = claim_and_crawl(conn, settings, _urls(page_server, 5))
+    # a short stall time for summarize only: the crawl before it (worker start-up included)
+    # may take longer than that on a loaded machine
+    settings = dataclasses.replace(one_at_a_time, stage_stall_seconds=2.0)
+    openai_env.slow_seconds = 6.0
+    refs = claim_and_crawl(conn, one_at_a_time, _urls(page_server, 5))
     assert len(refs) == 5
     ids = [ref["id"] for ref in refs]
     openai_env.script.extend(["ok", "ok", "ok", fault])
