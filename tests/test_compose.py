@@ -360,18 +360,10 @@ def test_commands_and_settings_work_with_the_installed_airflow(compose, dotenv, 
                 commands.append(match.group(1).replace('"${HOSTNAME}"', "host").split())
     assert len(commands) == len(AIRFLOW_COMMANDS) + 2  # + dag-processor and triggerer checks
     worker_env = environment(services["airflow-worker"])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            AIRFLOW_PROBE,
-            json.dumps({"commands": commands, "conn_uri": worker_env["AIRFLOW_CONN_BLOGQA_DB"]}),
-        ],
+    result = _python(
+        AIRFLOW_PROBE,
+        json.dumps({"commands": commands, "conn_uri": worker_env["AIRFLOW_CONN_BLOGQA_DB"]}),
         env=_airflow_env(compose, tmp_path),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     probe = json.loads(result.stdout.strip().splitlines()[-1])
@@ -380,19 +372,24 @@ def test_commands_and_settings_work_with_the_installed_airflow(compose, dotenv, 
     assert probe["conn"] == ["postgres", "pgvector", 5432, "blogqa", password, "blogqa"]
 
 
-def test_worker_healthcheck_celery_app_loads(compose, tmp_path):
-    test = compose["services"]["airflow-worker"]["healthcheck"]["test"][1]
-    app_path = re.search(r"celery --app (\S+) inspect ping", test).group(1)
-    module, _, attr = app_path.rpartition(".")
-    code = f"import importlib; print(type(getattr(importlib.import_module({module!r}), {attr!r})))"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_airflow_env(compose, tmp_path),
+def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS` in Airflow's environment as the compose file sets it."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
         check=False,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_worker_healthcheck_celery_app_loads(compose, tmp_path):
+    test = compose["services"]["airflow-worker"]["healthcheck"]["test"][1]
+    app_path = re.search(r"celery --app (\S+) inspect ping", test).group(1)
+    module, _, attr = app_path.rpartition(".")
+    code = f"import importlib; print(type(getattr(importlib.import_module({module!r}), {attr!r})))"
+    result = _python(code, env=_airflow_env(compose, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "celery.app.base.Celery" in result.stdout
 

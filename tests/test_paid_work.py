@@ -55,6 +55,16 @@ def _charged(conn, stage: str) -> list[int]:
     return [row[0] for row in rows]
 
 
+def _crawled_and_summarized(
+    conn, settings, page_server
+) -> tuple[list[dict], list[tuple[int, list[str]]]]:
+    """Three pages crawled and summarised: their refs, and each one's embedding inputs."""
+    refs = pipeline.summarize_chunk(
+        claim_and_crawl(conn, settings, _urls(page_server, 3)), settings
+    )
+    return refs, _embedding_inputs(conn, settings, refs)
+
+
 def _embedding_inputs(conn, settings, refs) -> list[tuple[int, list[str]]]:
     """(queue id, texts to embed) per document, in the order the embed stage sends them."""
     leases = queue.renew(conn, refs, settings.lease_seconds)
@@ -146,10 +156,7 @@ def test_an_embedding_request_charges_each_document_its_share(
     conn, page_server, openai_env, one_at_a_time
 ):
     settings = dataclasses.replace(one_at_a_time, embed_batch_size=2048)
-    refs = pipeline.summarize_chunk(
-        claim_and_crawl(conn, settings, _urls(page_server, 3)), settings
-    )
-    documents = _embedding_inputs(conn, settings, refs)
+    refs, documents = _crawled_and_summarized(conn, settings, page_server)
     before = openai_env.embedding_calls
 
     assert pipeline.embed_chunk(refs, settings) == refs
@@ -178,10 +185,7 @@ def test_documents_spread_over_requests_are_charged_per_request(
     conn, page_server, openai_env, one_at_a_time
 ):
     settings = dataclasses.replace(one_at_a_time, embed_batch_size=7)
-    refs = pipeline.summarize_chunk(
-        claim_and_crawl(conn, settings, _urls(page_server, 3)), settings
-    )
-    documents = _embedding_inputs(conn, settings, refs)
+    refs, documents = _crawled_and_summarized(conn, settings, page_server)
     texts = [text for _, doc_texts in documents for text in doc_texts]
     before = openai_env.embedding_calls
 
@@ -208,10 +212,7 @@ def test_documents_spread_over_requests_are_charged_per_request(
 def test_embed_failing_half_way_keeps_finished_documents_and_its_retry_embeds_the_rest(
     conn, page_server, openai_env, one_at_a_time
 ):
-    refs = pipeline.summarize_chunk(
-        claim_and_crawl(conn, one_at_a_time, _urls(page_server, 3)), one_at_a_time
-    )
-    documents = _embedding_inputs(conn, one_at_a_time, refs)
+    refs, documents = _crawled_and_summarized(conn, one_at_a_time, page_server)
     first = len(documents[0][1])
     # The first request carries exactly the first document; the second one fails the stage.
     settings = dataclasses.replace(one_at_a_time, embed_batch_size=first)

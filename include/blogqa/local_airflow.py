@@ -171,10 +171,7 @@ class LocalAirflow:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a component's whole process group (its task processes included)."""
         process = self.processes.pop(name)
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
+        _signal_group(process, sig)
         process.wait(timeout=30)
 
     def stop(self, timeout: float = 30) -> None:
@@ -199,39 +196,45 @@ class LocalAirflow:
                     f"airflow {name} exited with {process.returncode}; see {self.log_path(name)}"
                 )
 
-    def wait_ready(self, timeout: float = 180, *, components: tuple[str, ...] = ()) -> None:
-        """Until the API answers and every named component reports healthy."""
+    def poll(self, probe, *, timeout: float, what: str, interval: float = 1.0):
+        """`probe()`'s first truthy answer, checking between tries that every component is
+        still alive; an HTTP error or a malformed answer counts as "not yet"."""
         deadline = time.monotonic() + timeout
-        last = "no answer"
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
-                waiting = [c for c in components if health.get(c, {}).get("status") != "healthy"]
-                if not waiting:
-                    return
-                last = f"waiting for {', '.join(waiting)}"
-            except (httpx.HTTPError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(1)
-        raise LocalAirflowError(f"Airflow not ready after {timeout:.0f}s ({last})")
+                answer = probe()
+            except (httpx.HTTPError, ValueError, KeyError):
+                answer = None
+            if answer:
+                return answer
+            time.sleep(interval)
+        raise LocalAirflowError(f"{what} after {timeout:.0f}s")
+
+    def health(self) -> dict:
+        """Airflow's /api/v2/monitor/health (components' status and heartbeats)."""
+        return httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
+
+    def wait_ready(self, timeout: float = 180, *, components: tuple[str, ...] = ()) -> None:
+        """Until the API answers and every named component reports healthy."""
+        self.poll(
+            lambda: _healthy(self.health(), components),
+            timeout=timeout,
+            what=f"Airflow not ready ({', '.join(components) or 'api-server'})",
+        )
 
     def wait_scheduler(self, since: float, timeout: float = 180) -> str:
         """Until a scheduler reports a heartbeat newer than `since` (a time.time()): right
         after a restart the health endpoint still shows the previous scheduler as healthy.
         Returns that heartbeat's time."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
-                beat = health["scheduler"]["latest_scheduler_heartbeat"]
-                if beat and dt.datetime.fromisoformat(beat).timestamp() > since:
-                    return beat
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        raise LocalAirflowError(f"no new scheduler heartbeat after {timeout:.0f}s")
+
+        def new_heartbeat() -> str | None:
+            beat = self.health()["scheduler"]["latest_scheduler_heartbeat"]
+            return beat if beat and dt.datetime.fromisoformat(beat).timestamp() > since else None
+
+        return self.poll(
+            new_heartbeat, timeout=timeout, what="no new scheduler heartbeat", interval=0.5
+        )
 
     def admin_password(self) -> str:
         """The password the simple auth manager generated for the admin user."""
@@ -253,13 +256,11 @@ class LocalAirflow:
 
     def wait_dag(self, client: httpx.Client, dag_id: str = DAG_ID, timeout: float = 120) -> None:
         """Until the dag-processor has stored the DAG."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if client.get(f"/api/v2/dags/{dag_id}").status_code == 200:
-                return
-            time.sleep(1)
-        raise LocalAirflowError(f"DAG {dag_id} not parsed after {timeout:.0f}s")
+        self.poll(
+            lambda: client.get(f"/api/v2/dags/{dag_id}").status_code == 200,
+            timeout=timeout,
+            what=f"DAG {dag_id} not parsed",
+        )
 
 
 # ---------------------------------------------------------------- Celery
@@ -340,19 +341,15 @@ def wait_for_celery_workers(
     airflow: LocalAirflow, redis_url: str, count: int, timeout: float = 120
 ) -> None:
     """Until `count` workers answer a Celery ping (their consumers are up)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        airflow.check_alive()
-        replies = subprocess.run(
-            [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if replies.count("pong") >= count:
-            return
-        time.sleep(1)
-    raise LocalAirflowError(f"{count} Celery workers not up after {timeout:.0f}s")
+    ping = [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"]
+    airflow.poll(
+        lambda: (
+            subprocess.run(ping, capture_output=True, text=True, check=False).stdout.count("pong")
+            >= count
+        ),
+        timeout=timeout,
+        what=f"{count} Celery workers not up",
+    )
 
 
 # ---------------------------------------------------------------- REST
@@ -390,6 +387,11 @@ def task_states(client: httpx.Client, run_id: str, dag_id: str = DAG_ID) -> list
     )
     answer.raise_for_status()
     return answer.json()["task_instances"]
+
+
+def _healthy(health: dict, components: tuple[str, ...]) -> bool:
+    """The API answered (`health` was fetched) and every named component is healthy."""
+    return all(health[name]["status"] == "healthy" for name in components)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
