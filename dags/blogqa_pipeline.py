@@ -123,8 +123,11 @@ def blogqa_pipeline():
 
     @task(execution_timeout=timedelta(minutes=2))
     def claim(enqueued: dict) -> list[list[dict]]:
-        params = get_current_context()["params"]
-        return _pipeline().claim_chunks(params["max_urls"], params["chunk_size"])
+        context = get_current_context()
+        params = context["params"]
+        return _pipeline().claim_chunks(
+            params["max_urls"], params["chunk_size"], run_id=context["run_id"]
+        )
 
     @task_group(group_id="process")
     def process(chunk: list[dict]):
@@ -170,4 +173,4 @@ def blogqa_pipeline():
     finalize(chunks, process.expand(chunk=chunks))
 
 
-blogqa_pipeline()
+pipeline_dag = blogqa_pipeline()

@@ -86,13 +86,24 @@ def refresh_stale(days: int, limit: int, settings: Settings | None = None) -> in
     return count
 
 
-def claim_chunks(max_urls: int, chunk_size: int, settings: Settings | None = None) -> list[list]:
-    """Claim up to `max_urls` rows and split them into chunks for the mapped task group."""
+def claim_chunks(
+    max_urls: int,
+    chunk_size: int,
+    settings: Settings | None = None,
+    *,
+    run_id: str | None = None,
+) -> list[list]:
+    """Claim up to `max_urls` rows for the DAG run `run_id` and split them into chunks for
+    the mapped task group."""
     settings = settings or task_settings()
     max_urls = max(0, min(int(max_urls), MAX_URLS_PER_RUN))
     with db.connect(settings) as conn:
         leases = queue.claim(
-            conn, max_urls, owner=worker_name(), lease_seconds=settings.lease_seconds
+            conn,
+            max_urls,
+            owner=worker_name(),
+            lease_seconds=settings.lease_seconds,
+            run_id=run_id,
         )
     size = plan_chunks(len(leases), max(1, int(chunk_size)))
     chunks = [[lease.ref() for lease in leases[i : i + size]] for i in range(0, len(leases), size)]

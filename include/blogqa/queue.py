@@ -233,6 +233,7 @@ UPDATE blogqa.url_queue q
 SET status = 'processing',
     attempts = q.attempts + 1,
     lease_owner = %(owner)s,
+    last_run_id = %(run_id)s,
     lease_token = gen_random_uuid(),
     lease_until = now() + make_interval(secs => %(lease_seconds)s),
     started_at = now(),
@@ -248,8 +249,16 @@ RETURNING q.id, q.url, q.lease_token, q.attempts, q.priority
 """
 
 
-def claim(conn: psycopg.Connection, limit: int, *, owner: str, lease_seconds: int) -> list[Lease]:
-    """Claim up to `limit` due rows (highest priority, then oldest) in one short transaction.
+def claim(
+    conn: psycopg.Connection,
+    limit: int,
+    *,
+    owner: str,
+    lease_seconds: int,
+    run_id: str | None = None,
+) -> list[Lease]:
+    """Claim up to `limit` due rows (highest priority, then oldest) in one short transaction,
+    for the DAG run `run_id` (kept on the rows as `last_run_id`).
 
     The commit does not wait for the WAL flush (synchronous_commit off for this transaction
     only): a claim lost to a server crash loses nothing, since the rows are simply still
@@ -270,7 +279,8 @@ def claim(conn: psycopg.Connection, limit: int, *, owner: str, lease_seconds: in
                 "url=%s stage=lease queue_id=%s lease expired; row released%s", url, row_id, refund
             )
         rows = conn.execute(
-            CLAIM_SQL, {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
+            CLAIM_SQL,
+            {"owner": owner, "lease_seconds": lease_seconds, "limit": limit, "run_id": run_id},
         ).fetchall()
     rows.sort(key=lambda r: (-r[4], r[0]))
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
@@ -533,6 +543,23 @@ def next_due_seconds(conn: psycopg.Connection) -> float | None:
         " FROM blogqa.url_queue WHERE status IN ('queued', 'processing')"
     ).fetchone()
     return max(float(row[0]), 0.0) if row[0] is not None else None
+
+
+def claimed_by_run(conn: psycopg.Connection, run_id: str) -> list[int]:
+    """Queue ids the DAG run `run_id` claimed last."""
+    rows = conn.execute(
+        "SELECT id FROM blogqa.url_queue WHERE last_run_id = %s ORDER BY id", (run_id,)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def status_counts(conn: psycopg.Connection, ids: list[int]) -> dict[str, int]:
+    """How many of the rows `ids` are in each status."""
+    rows = conn.execute(
+        "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
+        (ids,),
+    ).fetchall()
+    return dict(rows)
 
 
 def has_claimable(conn: psycopg.Connection) -> bool:
