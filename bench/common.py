@@ -12,6 +12,8 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,29 @@ def snapshot_code(target: Path) -> Path:
             ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
         )
     return target / "include"
+
+
+def snapshot_commit(target: Path, rev: str) -> tuple[Path, str]:
+    """Like `snapshot_code`, from a commit instead of the working tree: in a tree several
+    people edit at once, the working tree can hold half-done changes of others, and a commit
+    is a version that can be named. Returns (directory for PYTHONPATH, full commit hash)."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    target.mkdir(parents=True, exist_ok=True)
+    archive = target / "code.tar"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit]
+        + list(CODE_DIRS),
+        check=True,
+    )
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    archive.unlink()
+    return target / "include", commit
 
 
 def machine_facts() -> dict:

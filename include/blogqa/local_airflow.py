@@ -37,6 +37,19 @@ ADMIN_USER = "admin"
 LOCAL_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 PLUGINS_FOLDER = Path(__file__).resolve().parent / "airflow_plugins"
 FINISHED_RUN_STATES = ("success", "failed")
+# Scheduler settings for short runs on a small machine, each measured with
+# bench/pipeline_throughput.py (bench/README.md has the figures):
+SCHEDULER_TUNING = {
+    # The scheduler sleeps this long after a loop in which it queued nothing (default 1 s).
+    # Every step of a DAG run that is not a task start waits for such a loop: the run's move
+    # from queued to running, each level of skipped mapped tasks in a run with nothing to do
+    # (crawl, summarize, embed, load, finalize: one loop each), a task whose upstream just
+    # finished. 0.2 s takes an empty run from about 8 s to about 3 s; an idle scheduler loop
+    # costs a few ms of CPU, so five a second are affordable even on 2 cores.
+    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
+}
+# the settings airflow_env tunes for latency and throughput (the bench records their values)
+TUNING_KEYS = ("AIRFLOW__CORE__PARALLELISM", *SCHEDULER_TUNING)
 
 
 class LocalAirflowError(BlogqaError):
@@ -95,6 +108,7 @@ def airflow_env(
             # Celery worker forks a clean-up process that outlives a killed worker.
             "AIRFLOW__DAG_PROCESSOR__STALE_BUNDLE_CLEANUP_INTERVAL": "0",
             "BLOGQA_DATABASE_URL": results,
+            **SCHEDULER_TUNING,
         }
     )
     return env
@@ -216,12 +230,34 @@ class LocalAirflow:
         return httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
 
     def wait_ready(self, timeout: float = 180, *, components: tuple[str, ...] = ()) -> None:
-        """Until the API answers and every named component reports healthy."""
+        """Until the API answers and every named component reports healthy; then the
+        execution API is warmed up (`warm_execution_api`)."""
         self.poll(
             lambda: _healthy(self.health(), components),
             timeout=timeout,
             what=f"Airflow not ready ({', '.join(components) or 'api-server'})",
         )
+        self.warm_execution_api(timeout=timeout)
+
+    def warm_execution_api(self, timeout: float = 180) -> float:
+        """One request to the api-server's execution API (GET /execution/health), so that
+        the first task does not pay for its set-up. FastAPI includes routers lazily and
+        Cadwyn builds the versioned routes of the task execution API on its first request:
+        about 5 s of CPU on a 2-core machine, which otherwise lands inside the first task
+        instance after every api-server start (its `ti_run` call waits for it). Returns
+        the seconds the request took."""
+        started = time.monotonic()
+        self.poll(
+            lambda: (
+                httpx.get(f"{self.base_url}/execution/health", timeout=timeout).status_code == 200
+            ),
+            timeout=timeout,
+            what="the execution API did not answer",
+            interval=0.5,
+        )
+        seconds = time.monotonic() - started
+        log.info("execution API warmed up in %.1f s", seconds)
+        return seconds
 
     def wait_scheduler(self, since: float, timeout: float = 180) -> str:
         """Until a scheduler reports a heartbeat newer than `since` (a time.time()): right
