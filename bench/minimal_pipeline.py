@@ -2,9 +2,10 @@
 
 Usage: python bench/minimal_pipeline.py --urls-file F --dsn postgresql://... [--concurrency 8]
 
-bench/pipeline_throughput.py runs this next to `blogqa run`, against the same page server and
-the same slow OpenAI-compatible server (OPENAI_BASE_URL/OPENAI_API_KEY), with the same LLM
-concurrency, and reports pipeline seconds / these seconds. So it does the same work per URL
+bench/pipeline_throughput.py runs this next to the DAG under Airflow's scheduler, against the
+same page server and the same slow OpenAI-compatible server (OPENAI_BASE_URL/OPENAI_API_KEY),
+with as many model requests in flight as the pipeline may have in all, and reports pipeline
+seconds / these seconds. So it does the same work per URL
 and nothing else: fetch (httpx), extract (blogqa.extract.extract_article, in a process pool so
 every core is used), one chat call with the pipeline's prompt and JSON schema, embeddings of
 the same inputs (summary, questions, ~300-token chunks via blogqa.tokens) in requests of up to

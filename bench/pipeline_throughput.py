@@ -278,6 +278,27 @@ def usage_since(conn: psycopg.Connection, since: dt.datetime) -> dict[str, dict]
 # ---------------------------------------------------------------- processes
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def idle_cpu_share(process: subprocess.Popen, seconds: float = 10.0) -> float:
+    """The share of one core an idle component uses (its loop, heartbeats), over `seconds`."""
+    before = group_cpu_seconds(process.pid)
+    time.sleep(seconds)
+    return round((group_cpu_seconds(process.pid) - before) / seconds, 3)
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM the process group this bench started, SIGKILL after `timeout`."""
     if process.poll() is not None:
@@ -593,6 +614,11 @@ def bench_executor(
             result["workers"] = {"count": len(WORKERS), "concurrency": WORKER_CONCURRENCY}
         result["startup_seconds"] = round(time.perf_counter() - setup, 1)
         console.print(f"{executor}: Airflow start-up {result['startup_seconds']} s")
+        # what the scheduler's fast idle loop costs (AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME)
+        result["idle_scheduler_cpu_share"] = idle_cpu_share(airflow.processes[name])
+        console.print(
+            f"{executor}: idle scheduler uses {result['idle_scheduler_cpu_share']:.1%} of a core"
+        )
 
         for number in range(1, empty_runs + 1):
             empty = run_dag(bench, f"{executor} empty run {number}", {}, [])

@@ -472,6 +472,7 @@ class LatencyOpenAI(BenchServer):
         self.embed_latency = embed_latency
         self.api_key = api_key
         self.models: list[str] = []  # what GET /v1/models lists (`blogqa init` checks it)
+        self.page_faults: dict[str, str] = {}  # tests.fakes' bad-content faults: none here
         self.lock = threading.Lock()
         self.chat_calls = self.embedding_calls = self.embedding_inputs = 0
         self.largest_embedding_request = 0
