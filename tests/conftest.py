@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def blogqa_home():
     settings = load_settings()
     runner.configure_airflow(settings, log_level="WARNING")
     yield _HOME
+    # Airflow's own connections (dag.test in this process) go before their server does, or
+    # its pool logs a traceback for each when the server shuts them down.
+    if "airflow.settings" in sys.modules:
+        sys.modules["airflow.settings"].dispose_orm()
     embedded.release_all()
     shutil.rmtree(_HOME, ignore_errors=True)
 
@@ -76,6 +81,7 @@ def openai_env(openai_server, monkeypatch):
     """Point the real `openai` client at the test server."""
     openai_server.script.clear()
     openai_server.embedding_script.clear()
+    openai_server.page_faults.clear()
     openai_server.draw_fault.rates = {}
     openai_server.faults.clear()
     openai_server.latency = 0.0

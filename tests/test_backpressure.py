@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from blogqa import pipeline, queue, runner
+from blogqa import pipeline, queue
 from blogqa.config import load_settings
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from tests.fakes import ARTICLE_FILES
@@ -101,27 +101,6 @@ def test_breaker_resets_on_success(conn, llm_settings, page_server, openai_env):
 
     assert len(survivors) == 2
     assert conn.execute("SELECT count(*) FROM blogqa.circuit_breakers").fetchone()[0] == 0
-
-
-def test_llm_tasks_run_in_the_blogqa_llm_pool(conn, settings, page_server, monkeypatch):
-    monkeypatch.setenv("BLOGQA_LLM_POOL_SLOTS", "3")
-    settings = load_settings()
-    tally = runner.run_pipeline(
-        settings, urls=[page_server.base_url + "/articles/" + ARTICLE_FILES[0]]
-    )
-    assert tally.by_status == {"done": 1}
-    from airflow.models.pool import Pool
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-
-    assert Pool.get_pool(runner.LLM_POOL).slots == 3
-    with create_session() as session:
-        pools = {
-            ti.task_id: ti.pool
-            for ti in session.query(TaskInstance).filter(TaskInstance.dag_id == runner.DAG_ID)
-        }
-    assert pools["process.summarize"] == pools["process.embed"] == "blogqa_llm"
-    assert pools["process.crawl"] == "default_pool"
 
 
 def test_lease_keeper_renews_while_work_goes_on_and_notices_a_cancel(conn, settings):

@@ -116,7 +116,7 @@ def _init_pool(settings: Settings) -> bool:
     try:
         runner.configure_airflow(settings, log_level="WARNING")
         runner.ensure_airflow_db()
-        runner.ensure_pools(settings, read_first=False)
+        runner.ensure_pools(settings)
     except BlogqaError as exc:
         err.print(f"[red]error:[/red] Airflow pool {runner.LLM_POOL}: {escape(str(exc))}")
         return False

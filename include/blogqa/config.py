@@ -119,7 +119,6 @@ class Settings:
     embed_timeout: float
     load_timeout: float
     load_parallelism: int
-    run_parallelism: int
     max_page_bytes: int
     max_redirects: int
     max_attempts: int
@@ -208,7 +207,6 @@ def load_settings() -> Settings:
         embed_timeout=_env_float("BLOGQA_EMBED_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_timeout=_env_float("BLOGQA_LOAD_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_parallelism=_env_int("BLOGQA_LOAD_PARALLELISM", os.cpu_count() or 1, maximum=32),
-        run_parallelism=_env_int("BLOGQA_RUN_PARALLELISM", 4, maximum=64),
         max_page_bytes=_env_int("BLOGQA_MAX_PAGE_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_redirects=_env_int("BLOGQA_MAX_REDIRECTS", 5, minimum=0, maximum=30),
         max_attempts=_env_int("BLOGQA_MAX_ATTEMPTS", 5, maximum=100),

@@ -1,42 +1,53 @@
-"""Run the pipeline DAG through Airflow from the `blogqa` command.
+"""Run the pipeline DAG from the `blogqa` command, through Airflow's public `dag.test()`.
 
 `blogqa` must work with no Airflow set-up of its own: when AIRFLOW_HOME and the metadata
 database are not configured, they are derived from BLOGQA_HOME (metadata in its own database
-on blogqa's server, the repository's dags/ folder). This module must configure the
-environment before anything imports airflow.
+on blogqa's server, the package's DAG file). This module must configure the environment
+before anything imports airflow.
+
+`dag.test()` runs the real DAG (params, mapping, retries, XCom, task states in the metadata
+database, visible in the UI of any api-server on that database) one task instance at a time,
+in this process. That is the debugging path Airflow documents, and the whole of what
+`blogqa run` needs: no scheduler, no executor, no API server. Parallel runs are the
+scheduler's job (`make airflow`, a deployment); `blogqa run` uses only public interfaces
+(`airflow.sdk`'s DAG, the `airflow` CLI) so an Airflow upgrade cannot break it silently.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from blogqa import db, llm, queue
+from blogqa import airflow_cli, db, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings
+from blogqa.errors import BlogqaError
 
 log = logging.getLogger(__name__)
 
 DAG_ID = "blogqa_pipeline"
-EXECUTOR_PATH = "blogqa.pipeline_executor.PipelineExecutor"  # imported by Airflow, after set-up
+LLM_POOL = "blogqa_llm"
 # The DAG file travels as package data (a link to the repository's dags/ file), so a wheel
 # installed without the checkout still has it.
 DAGS_FOLDER = Path(str(resources.files("blogqa") / "dags"))
+DAG_FILE = "blogqa_pipeline.py"
+METADATA_STAMP = ".blogqa-metadata-revision"
 
 
-class PipelineRunError(RuntimeError):
-    """A DAG run ended in failure; the message names the run so its task logs can be found."""
+class PipelineRunError(BlogqaError):
+    """A DAG run could not start or ended in failure; the message says which."""
 
 
 def configure_airflow(settings: Settings, *, log_level: str | None = None) -> None:
     """Fill in Airflow's settings from BLOGQA_HOME where the user has not set them."""
     env = os.environ
-    # Task processes (forked here, or started by a local scheduler) must find the same
-    # results database without an embedded fallback of their own.
+    # Task processes (here, or started by a local scheduler) must find the same results
+    # database without an embedded fallback of their own.
     env.setdefault("BLOGQA_DATABASE_URL", db.database_dsn(settings))
     env.setdefault("AIRFLOW_HOME", str(settings.home / "airflow"))
     env.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_FOLDER))
@@ -53,68 +64,45 @@ def configure_airflow(settings: Settings, *, log_level: str | None = None) -> No
 
 
 def ensure_airflow_db() -> None:
-    """Create or upgrade Airflow's metadata schema when it is not at the installed version.
+    """Create or upgrade Airflow's metadata schema (`airflow db migrate`) when needed.
 
-    Airflow's own check costs seconds (alembic's migration graph) on every `blogqa run`, so a
-    stamp in AIRFLOW_HOME remembers the revision this Airflow version migrated to; when the
-    database still reports that revision (one query), the check is skipped.
+    The command costs seconds even when there is nothing to do, so a stamp in AIRFLOW_HOME
+    remembers the Airflow version and the alembic revision it migrated the database to; while
+    the database still reports that revision (one query) and Airflow is the same version, the
+    command is skipped. Any other state (a new database, an upgraded Airflow) runs it.
     """
     import airflow
-    from airflow.utils import db as airflow_db
 
-    stamp = Path(os.environ["AIRFLOW_HOME"]) / ".blogqa-metadata-revision"
+    stamp = Path(os.environ["AIRFLOW_HOME"]) / METADATA_STAMP
     expected = stamp.read_text().split() if stamp.is_file() else []
-    current = len(expected) == 2 and expected[0] == airflow.__version__
-    if current and _metadata_revision() == expected[1]:
+    revision = metadata_revision()
+    if expected == [airflow.__version__, revision]:
         return
-    try:
-        airflow_db.check_migrations(timeout=0)
-    except TimeoutError:
-        log.info("migrating the Airflow metadata database")
-        airflow_db.upgradedb()
-    revision = _metadata_revision()
+    log.info("migrating the Airflow metadata database")
+    airflow_cli.run("db", "migrate", timeout=600)
+    revision = metadata_revision()
     if revision:
         stamp.write_text(f"{airflow.__version__} {revision}")
 
 
-def _metadata_revision() -> str | None:
-    """The alembic revision Airflow's metadata database is at (None when it has none)."""
-    from airflow import settings as airflow_settings
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
+def metadata_revision() -> str | None:
+    """The alembic revision of Airflow's metadata database (None when it has none yet).
 
+    Read with a plain query on the database, not through Airflow's ORM."""
+    import psycopg
+
+    dsn = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg", "", 1)
     try:
-        with airflow_settings.get_engine().connect() as connection:
-            return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except SQLAlchemyError:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except psycopg.Error:
         return None
+    return row[0] if row else None
 
 
-LLM_POOL = "blogqa_llm"
-
-
-def ensure_pools(settings: Settings, *, read_first: bool = True) -> None:
-    """Create (or resize) the Airflow pool that caps concurrent LLM tasks across runs and
-    workers (BLOGQA_LLM_POOL_SLOTS).
-
-    The pool is always written through Airflow's public CLI (`airflow pools set`), a
-    subprocess of 4-5 s. `blogqa init` passes `read_first=False` and always writes.
-    `blogqa run` calls this before every run, so by default it first reads the pool
-    in-process (`Pool.get_pool`, milliseconds; that process already runs Airflow in-process:
-    `dag.test`, XComs, sessions) and calls the CLI only when the pool is missing or has other
-    slots. Should that private model move in a later Airflow, the CLI is used every time."""
-    from blogqa import airflow_cli
-
-    if read_first:
-        try:
-            from airflow.models.pool import Pool
-
-            pool = Pool.get_pool(LLM_POOL)
-        except (ImportError, AttributeError) as exc:
-            log.info("cannot read Airflow pools in-process (%s); setting %s", exc, LLM_POOL)
-        else:
-            if pool is not None and pool.slots == settings.llm_pool_slots:
-                return
+def ensure_pools(settings: Settings) -> None:
+    """Create (or resize) the Airflow pool that caps concurrent model-calling tasks across runs
+    and workers (BLOGQA_LLM_POOL_SLOTS), through the public `airflow pools set`."""
     airflow_cli.set_pool(
         LLM_POOL,
         settings.llm_pool_slots,
@@ -122,30 +110,26 @@ def ensure_pools(settings: Settings, *, read_first: bool = True) -> None:
     )
 
 
-def _not_waiting_on_workers(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("No tasks to run")
+def load_dag() -> Any:
+    """The pipeline DAG object, from the DAG file the scheduler parses (`airflow.sdk.DAG`)."""
+    from airflow.sdk import DAG
 
-
-def use_pipeline_executor() -> None:
-    """Point this process's Airflow at blogqa's executor (`dag.test` uses the configured one).
-
-    Only `blogqa run`'s own process is affected: a deployment's scheduler keeps its executor.
-    """
-    os.environ["AIRFLOW__CORE__EXECUTOR"] = EXECUTOR_PATH
-    # Executors sign a token per task; the in-process execution API never checks it, so a
-    # per-process secret does (and keeps Airflow from warning about an empty one).
-    os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))
-    from airflow.executors.executor_loader import ExecutorLoader
-
-    # dag.test() warns "No tasks to run" every second while the workers run them: expected
-    # here, so kept out of the user's log.
-    logging.getLogger("airflow.sdk.definitions.dag").addFilter(_not_waiting_on_workers)
-    configured = ExecutorLoader.get_default_executor_name().module_path
-    if configured != EXECUTOR_PATH:
+    path = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_FOLDER))) / DAG_FILE
+    if not path.is_file():
         raise PipelineRunError(
-            f"Airflow in this process already chose the executor {configured}; run the "
-            "pipeline from a fresh `blogqa run` process."
+            f"DAG file {path} not found: point AIRFLOW__CORE__DAGS_FOLDER at a folder holding "
+            f"{DAG_FILE}, or unset it to use the packaged one"
         )
+    spec = importlib.util.spec_from_file_location("blogqa_pipeline_dag", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise PipelineRunError(f"DAG file {path} failed to import: {exc}") from exc
+    for value in vars(module).values():
+        if isinstance(value, DAG) and value.dag_id == DAG_ID:
+            return value
+    raise PipelineRunError(f"{path} defines no DAG {DAG_ID}")
 
 
 def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
@@ -160,17 +144,6 @@ def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
             return False
         log.info("waiting %.1fs for the next queued row to fall due", due)
         time.sleep(min(due + 0.05, max(deadline - time.monotonic(), 0.05)))
-
-
-def load_dag():
-    """The pipeline DAG, parsed from the DAGs folder the way the scheduler parses it."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", str(DAGS_FOLDER)))
-    if DAG_ID not in bag.dag_ids:
-        errors = "; ".join(f"{path}: {err}" for path, err in bag.import_errors.items())
-        raise PipelineRunError(f"DAG {DAG_ID} not found in {bag.dag_folder}. {errors}")
-    return bag.dags[DAG_ID]
 
 
 @dataclass
@@ -197,17 +170,14 @@ def run_pipeline(
     urls: list[str] | None = None,
     wait_seconds: float = 0.0,
 ) -> RunTally:
-    """Trigger DAG runs until nothing is claimable or `max_urls` have been claimed: real task
-    instances, run by workers forked from this process (`blogqa.pipeline_executor`).
+    """Run the DAG with `dag.test()` until nothing is claimable or `max_urls` were claimed.
 
     With `wait_seconds`, a queue whose rows are all waiting (a retry's backoff, an open
     circuit breaker, a dead worker's lease) is waited for when the next one falls due within
     that many seconds, so one command drains it.
     """
     configure_airflow(settings)
-    use_pipeline_executor()
     ensure_airflow_db()
-    ensure_pools(settings)
     dag = load_dag()
     tally = RunTally()
     started = time.perf_counter()
@@ -217,56 +187,25 @@ def run_pipeline(
     while remaining > 0:
         if not (first and urls) and not _wait_for_claimable(settings, wait_seconds):
             break
-        batch = int(min(remaining, MAX_URLS_PER_RUN))
         conf = {
             "urls": list(urls or []) if first else [],
-            "max_urls": batch,
+            "max_urls": int(min(remaining, MAX_URLS_PER_RUN)),
             "chunk_size": chunk_size,
         }
-        if first:  # only once there is work: the preparation costs seconds
-            _prepare_workers(dag, settings)
         first = False
-        dag_run = dag.test(run_conf=conf, use_executor=True)
+        dag_run = dag.test(run_conf=conf)
         tally.runs += 1
-        ids = _claimed_in(dag_run)
+        with db.connect(settings) as conn:
+            ids = queue.claimed_by_run(conn, dag_run.run_id)
         claimed_ids.update(ids)
-        claimed = len(ids)
-        tally.claimed += claimed
-        remaining -= claimed
+        tally.claimed += len(ids)
+        remaining -= len(ids)
         if str(dag_run.state) != "success":
             tally.failed_runs.append(dag_run.run_id)
             break
-        if claimed == 0:
+        if not ids:
             break
     tally.seconds = time.perf_counter() - started
     with db.connect(settings) as conn:
-        tally.by_status = dict(
-            conn.execute(
-                "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
-                (sorted(claimed_ids),),
-            ).fetchall()
-        )
+        tally.by_status = queue.status_counts(conn, sorted(claimed_ids))
     return tally
-
-
-def _prepare_workers(dag, settings: Settings) -> None:
-    """Load in this process what every forked task would otherwise load for itself."""
-    from blogqa import pipeline_executor
-
-    pipeline_executor.configure(dag, parallelism=settings.run_parallelism)
-    pipeline_executor.prepare_workers()
-    llm.preload(settings)
-
-
-def _claimed_in(dag_run) -> list[int]:
-    """Queue ids the run's claim task took, from its XCom."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        query = XComModel.get_many(
-            run_id=dag_run.run_id, key="return_value", task_ids="claim", dag_ids=DAG_ID
-        )
-        row = session.scalars(query).first()
-        chunks = XComModel.deserialize_value(row) if row is not None else []
-    return [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
