@@ -193,15 +193,15 @@ def run_pipeline(
             "chunk_size": chunk_size,
         }
         first = False
-        dag_run = dag.test(run_conf=conf)
+        run_id, state = _test_run(dag, conf)
         tally.runs += 1
         with db.connect(settings) as conn:
-            ids = queue.claimed_by_run(conn, dag_run.run_id)
+            ids = queue.claimed_by_run(conn, run_id)
         claimed_ids.update(ids)
         tally.claimed += len(ids)
         remaining -= len(ids)
-        if str(dag_run.state) != "success":
-            tally.failed_runs.append(dag_run.run_id)
+        if state != "success":
+            tally.failed_runs.append(run_id)
             break
         if not ids:
             break
@@ -209,3 +209,22 @@ def run_pipeline(
     with db.connect(settings) as conn:
         tally.by_status = queue.status_counts(conn, sorted(claimed_ids))
     return tally
+
+
+def _test_run(dag: Any, conf: dict) -> tuple[str, str]:
+    """One `dag.test()` run: its run_id and final state.
+
+    `dag.test()` returns the run still attached to its database session, in an open
+    transaction, so the connection would sit idle in a transaction until the next run; if the
+    metadata database restarted meanwhile, that next run would fail on the dead connection.
+    The session is closed here (SQLAlchemy's own API) once the two values are read, and the
+    next run checks a connection out of the pool afresh (pre-pinged).
+    """
+    from sqlalchemy.orm import object_session
+
+    dag_run = dag.test(run_conf=conf)
+    run_id, state = dag_run.run_id, str(dag_run.state)
+    session = object_session(dag_run)
+    if session is not None:
+        session.close()
+    return run_id, state
