@@ -230,8 +230,13 @@ class OpenAIHandler(_Handler):
             return self.send(200, json.dumps(payload).encode(), "application/json")
         return self._error(404, "no such route")
 
+    def send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+        extra = getattr(self, "scripted_headers", None) or {}
+        return super().send(status, body, content_type, {**(headers or {}), **extra})
+
     def do_POST(self):
         server = self.server.owner  # type: ignore[attr-defined]
+        self.scripted_headers = {}
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         if self.headers.get("Authorization") != f"Bearer {server.api_key}":
             return self._error(401, "invalid api key")
@@ -242,8 +247,19 @@ class OpenAIHandler(_Handler):
                 server.requests.append(body)
                 if behaviour != "ok":
                     server.faults[behaviour] = server.faults.get(behaviour, 0) + 1
-            time.sleep(server.latency)
-            return self._chat(body, behaviour)
+                # arrival times, calls in flight and headers to answer with (tests of the
+                # limits shared across processes)
+                arrived = time.monotonic()
+                server.chat_inflight += 1
+                server.chat_max_inflight = max(server.chat_max_inflight, server.chat_inflight)
+                self.scripted_headers = server.header_script.pop(0) if server.header_script else {}
+            try:
+                time.sleep(server.latency)
+                return self._chat(body, behaviour)
+            finally:
+                with server.lock:
+                    server.chat_inflight -= 1
+                    server.chat_log.append((arrived, time.monotonic(), behaviour))
         if self.path.endswith("/embeddings"):
             with server.lock:
                 server.embedding_calls += 1
@@ -353,4 +369,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.floats_only = False  # like servers that ignore encoding_format
     server.models = ["test-chat-model", "text-embedding-3-small"]  # GET /v1/models
     server.chat_calls = server.embedding_calls = server.embedding_inputs = 0
+    server.chat_log = []  # (arrival, completion, behaviour) of each chat call, monotonic
+    server.chat_inflight = server.chat_max_inflight = 0
+    server.header_script = []  # extra response headers of the next chat calls, one dict each
     return server.start()

@@ -54,6 +54,14 @@ def _env_int(name: str, default: int, *, minimum: int = 1, maximum: int | None =
     return value
 
 
+def _env_limit(name: str) -> int | None:
+    """An optional positive limit: unset or empty means no limit."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    return _env_int(name, 0, minimum=1)
+
+
 def _env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -100,6 +108,10 @@ class Settings:
     embed_model: str
     embed_dim: int
     llm_concurrency: int
+    # shared by every task on every worker (blogqa.limits), per model of the endpoint
+    llm_max_in_flight: int  # 0: no shared cap
+    llm_rpm: int | None  # None: no requests/min limit
+    llm_tpm: int | None  # None: no tokens/min limit
     crawl_concurrency: int
     crawl_allow_private: bool
     crawl_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -184,6 +196,9 @@ def load_settings() -> Settings:
         embed_model=os.environ.get("BLOGQA_EMBED_MODEL") or default_embed,
         embed_dim=_env_int("BLOGQA_EMBED_DIM", 1536, minimum=8, maximum=2000),
         llm_concurrency=_env_int("BLOGQA_LLM_CONCURRENCY", 8, maximum=256),
+        llm_max_in_flight=_env_int("BLOGQA_LLM_MAX_IN_FLIGHT", 32, minimum=0, maximum=100_000),
+        llm_rpm=_env_limit("BLOGQA_LLM_RPM"),
+        llm_tpm=_env_limit("BLOGQA_LLM_TPM"),
         crawl_concurrency=_env_int("BLOGQA_CRAWL_CONCURRENCY", 16, maximum=256),
         crawl_allow_private=_env_bool("BLOGQA_CRAWL_ALLOW_PRIVATE", False),
         crawl_allow_networks=_env_networks("BLOGQA_CRAWL_ALLOW_NETWORKS"),

@@ -19,7 +19,9 @@ from typing import Protocol
 import numpy as np
 
 from blogqa.config import Settings
+from blogqa.limits import EndpointLimits, charging
 from blogqa.llm import STOPWORDS, ModelCall, classify_openai_error, openai_client
+from blogqa.tokens import tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +87,20 @@ class LocalEmbedder:
 
 
 class OpenAIEmbedder:
+    """Embeddings from an OpenAI-compatible endpoint. The client built here goes through the
+    limits shared by every task on every worker (`blogqa.limits`, keyed by the endpoint and
+    the embedding model); a `client` passed in (the API's) is used as is."""
+
     provider = "openai"
 
     def __init__(self, settings: Settings, client=None) -> None:
         self.model = settings.embed_model
         self.dim = settings.embed_dim
-        self.client = client or openai_client(settings, timeout=settings.embed_timeout)
+        self.limits: EndpointLimits | None = None
+        if client is None:
+            self.limits = EndpointLimits.for_settings(settings, self.model, STAGE)
+            client = openai_client(settings, timeout=settings.embed_timeout, limits=self.limits)
+        self.client = client
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -99,13 +109,18 @@ class OpenAIEmbedder:
         import openai
 
         kwargs = dimensions_kwargs(self.model, self.dim)
+        charge = 0.0
+        if self.limits is not None and self.limits.counts_tokens:
+            tokenizer = tokenizer_for(self.model)
+            charge = float(sum(tokenizer.count(text) for text in texts))
         started = time.perf_counter()
         try:
             # base64 float32 is a third of the bytes of JSON floats and decodes without
             # building a Python float per number (the client's own default makes lists).
-            response = await self.client.embeddings.create(
-                model=self.model, input=texts, encoding_format="base64", **kwargs
-            )
+            with charging(charge):
+                response = await self.client.embeddings.create(
+                    model=self.model, input=texts, encoding_format="base64", **kwargs
+                )
         except openai.OpenAIError as exc:
             raise classify_openai_error(exc, STAGE) from exc
         latency = int((time.perf_counter() - started) * 1000)
@@ -119,6 +134,8 @@ class OpenAIEmbedder:
             )
         usage = response.usage
         tokens = usage.prompt_tokens if usage else 0
+        if self.limits is not None:
+            await self.limits.settle(charge, usage.total_tokens if usage else None)
         call = ModelCall(STAGE, self.provider, self.model, tokens, 0, latency, len(texts))
         return matrix, call
 

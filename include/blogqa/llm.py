@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from blogqa.config import Settings
 from blogqa.errors import PageError
+from blogqa.limits import CHAT_OUTPUT_TOKENS, EndpointLimits, charging, retry_after_seconds
 from blogqa.tokens import split_sentences, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -248,17 +249,35 @@ def _prose_sentences(text: str, title: str | None) -> list[str]:
 # ---------------------------------------------------------------- OpenAI-compatible provider
 
 
-def openai_client(settings: Settings, *, timeout: float | None = None):  # -> AsyncOpenAI
-    """AsyncOpenAI from the standard OPENAI_* variables; a local server may need no key."""
-    from openai import AsyncOpenAI
+def openai_client(
+    settings: Settings, *, timeout: float | None = None, limits: EndpointLimits | None = None
+):  # -> AsyncOpenAI
+    """AsyncOpenAI from the standard OPENAI_* variables; a local server may need no key.
 
-    return AsyncOpenAI(
+    With `limits`, every HTTP request the client makes (its own retries included) goes
+    through the limits shared by all workers (`blogqa.limits`), which are bound to the
+    client's base URL here."""
+    from openai import AsyncOpenAI, DefaultAsyncHttpxClient
+
+    http_client = None
+    if limits is not None:
+        import httpx2
+
+        # the connection limits the openai client gives its own default transport
+        pool = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
+        inner = httpx2.AsyncHTTPTransport(limits=pool)
+        http_client = DefaultAsyncHttpxClient(transport=limits.transport(inner))
+    client = AsyncOpenAI(
         api_key=os.environ.get("OPENAI_API_KEY") or "not-needed-for-this-server",
         timeout=timeout or settings.llm_timeout,
         # The client's own retries (honouring Retry-After) come on top of the queue's
         # attempts; few, so one page can cost at most attempts x (1 + this) calls.
         max_retries=settings.llm_max_retries,
+        http_client=http_client,
     )
+    if limits is not None:
+        limits.bind(str(client.base_url))
+    return client
 
 
 def preload(settings: Settings) -> None:
@@ -306,22 +325,27 @@ def classify_openai_error(exc: Exception, stage: str) -> PageError:
 
 def _retry_after(exc: Exception) -> float | None:
     response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_seconds(response.headers) if response is not None else None
 
 
 class OpenAIChat:
-    """One Chat Completions call per page with a strict JSON-schema response format."""
+    """One Chat Completions call per page with a strict JSON-schema response format.
+
+    BLOGQA_LLM_CONCURRENCY bounds the calls of one task (the pipeline's gate); the client
+    built here also goes through the limits shared by every task on every worker
+    (BLOGQA_LLM_MAX_IN_FLIGHT, _RPM, _TPM, the server's rate-limit headers). A `client`
+    passed in is used as is, without them."""
 
     provider = "openai"
 
     def __init__(self, settings: Settings, client=None) -> None:
         self.model = settings.chat_model
         self.budget = settings.input_token_budget
-        self.client = client or openai_client(settings)
+        self.limits: EndpointLimits | None = None
+        if client is None:
+            self.limits = EndpointLimits.for_settings(settings, self.model, STAGE)
+            client = openai_client(settings, limits=self.limits)
+        self.client = client
 
     async def aclose(self) -> None:
         """Close the HTTP pool inside the event loop that opened it."""
@@ -334,18 +358,22 @@ class OpenAIChat:
         messages = chat_messages(title, body)
         calls: list[ModelCall] = []
         for attempt in (1, 2):  # the second attempt repairs an invalid reply
+            charge = self._tokens_to_charge(messages)
             started = time.perf_counter()
             try:
-                response = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    response_format=RESPONSE_FORMAT,
-                    temperature=CHAT_TEMPERATURE,
-                )
+                with charging(charge):
+                    response = await self.client.chat.completions.create(
+                        model=self.model,
+                        messages=messages,
+                        response_format=RESPONSE_FORMAT,
+                        temperature=CHAT_TEMPERATURE,
+                    )
             except openai.OpenAIError as exc:
                 raise classify_openai_error(exc, STAGE) from exc
             latency = int((time.perf_counter() - started) * 1000)
             usage = response.usage
+            if self.limits is not None:
+                await self.limits.settle(charge, usage.total_tokens if usage else None)
             calls.append(
                 ModelCall(
                     STAGE,
@@ -391,6 +419,15 @@ class OpenAIChat:
                 parsed.summary.strip(), qa, self.model, PROMPT_VERSION, calls, truncated
             )
         raise AssertionError("unreachable")
+
+    def _tokens_to_charge(self, messages: list[dict]) -> float:
+        """Tokens/min charge of one request: the prompt counted with the model's tokenizer,
+        a few per message, and CHAT_OUTPUT_TOKENS for the reply. 0 without a TPM limit."""
+        if self.limits is None or not self.limits.counts_tokens:
+            return 0.0
+        tokenizer = tokenizer_for(self.model)
+        prompt = sum(tokenizer.count(m["content"]) + 4 for m in messages) + 3
+        return float(prompt + CHAT_OUTPUT_TOKENS)
 
 
 def _with_calls(error: PageError, calls: list[ModelCall]) -> PageError:

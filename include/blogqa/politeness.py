@@ -4,8 +4,9 @@ A site's robots.txt is fetched at most once per origin while the stored copy is 
 (`blogqa.robots_txt`, shared by every worker and run), so a run of thousands of pages from one
 blog costs that blog one robots request. Per host, at most BLOGQA_PER_HOST_CONCURRENCY
 requests run at a time and a Crawl-delay spaces their starts (capped by
-BLOGQA_MAX_CRAWL_DELAY_SECONDS so one site cannot stall a chunk for hours). The pacing is per
-process: tasks running in parallel each keep their own limit.
+BLOGQA_MAX_CRAWL_DELAY_SECONDS so one site cannot stall a chunk for hours). Both are kept in
+the results database (`blogqa.limits`), so they hold across every crawl task running at once,
+on any worker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -24,6 +24,7 @@ from protego import Protego
 
 from blogqa.config import Settings
 from blogqa.errors import PageError
+from blogqa.limits import HostLimits
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +83,20 @@ class CrawlPolicy:
     """What a crawl task may fetch and how fast: robots rules plus per-host slots.
 
     Built per task with the robots files already stored; `fetched` collects the ones this
-    task downloaded so the caller can store them.
+    task downloaded so the caller can store them. `hosts` (default: the shared limits of the
+    settings' results database) holds the per-host slots and Crawl-delay reservations.
     """
 
     settings: Settings
     cached: dict[str, RobotsFile] = field(default_factory=dict)
     fetched: dict[str, RobotsFile] = field(default_factory=dict)
+    hosts: HostLimits | None = None
     _parsers: dict[str, Protego] = field(default_factory=dict)
     _pending: dict[str, asyncio.Future] = field(default_factory=dict)
-    _slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
-    _next_start: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hosts is None:
+            self.hosts = HostLimits(self.settings)
 
     async def check(self, client: httpx.AsyncClient, url: str) -> float:
         """Raise a `skipped` PageError when robots.txt forbids `url`; return its Crawl-delay.
@@ -116,16 +121,10 @@ class CrawlPolicy:
 
     @contextlib.asynccontextmanager
     async def slot(self, url: str, delay: float = 0.0) -> AsyncIterator[None]:
-        """Hold one of the host's request slots, started no sooner than its Crawl-delay allows."""
-        host = urlsplit(url).netloc.lower()
-        gate = self._slots.setdefault(host, asyncio.Semaphore(self.settings.per_host_concurrency))
-        async with gate:
-            if delay > 0:
-                now = time.monotonic()
-                start = max(now, self._next_start.get(host, now))
-                self._next_start[host] = start + delay
-                if start > now:
-                    await asyncio.sleep(start - now)
+        """Hold one of the host's request slots (shared by every crawl task), started no
+        sooner than its Crawl-delay allows after the host's previous start."""
+        assert self.hosts is not None
+        async with self.hosts.slot(urlsplit(url).netloc, delay):
             yield
 
     async def _rules(self, client: httpx.AsyncClient, origin: str) -> Protego:
