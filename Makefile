@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean venv airflow
+.PHONY: demo test lint format bench clean venv airflow chromium
 
-venv: $(STAMP)
+venv: $(STAMP) chromium
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,21 @@ demo: $(STAMP)
 airflow: $(STAMP)
 	$(BIN)/blogqa airflow --port $(or $(PORT),8080)
 
-test: $(STAMP)
+# Debian's Chromium for the browser tests (tests/test_ui_view.py, tests/test_widget.py drive it
+# with Playwright for Python, which never downloads a browser of its own). Installed when
+# missing and we are root; otherwise those tests say how to install it and are skipped.
+CHROMIUM := /usr/bin/chromium
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "$(CHROMIUM) missing: sudo apt-get install chromium (for the browser tests)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest

@@ -73,7 +73,8 @@ def test_health(client):
 
 def test_openapi_documents_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths) == {
+    # /ui, /metrics and /widget.js are a page, a text format and a script: not in the schema
+    assert {p for p in paths if not p.startswith("/quality")} == {
         "/health",
         "/api/v1/documents",
         "/api/v1/documents/{document_id}",
@@ -84,6 +85,8 @@ def test_openapi_documents_every_route(client):
         "/api/v1/jobs/stats",
         "/api/v1/jobs",
         "/api/v1/jobs/{job_id}",
+        "/widget/v1/page",
+        "/widget/v1/ask",
     }
 
 
@@ -388,19 +391,97 @@ def test_plugin_registers_the_app_under_blogqa(pipeline):
     assert "/api/v1/questions/by-url" in entry["app"].openapi()["paths"]
 
 
-def test_airflow_auth_variant_refuses_anonymous_requests(pipeline, monkeypatch):
+@pytest.fixture
+def auth_manager():
+    """Airflow's simple auth manager as the configured one in this process (what
+    `airflow api-server` initialises before it mounts the plugin)."""
+    from airflow.api_fastapi.app import create_auth_manager
+
+    return create_auth_manager()
+
+
+def test_airflow_auth_variant_asks_the_auth_manager(pipeline, monkeypatch, auth_manager):
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    def token(role: str | None, seconds: int = 600) -> str:
+        user = SimpleAuthManagerUser(username=f"user-{role}", role=role)
+        return auth_manager.generate_jwt(user, expiration_time_in_seconds=seconds)
+
     monkeypatch.setenv("BLOGQA_API_TOKEN", "ignored-under-airflow")
     app = create_app(pipeline["settings"], airflow_auth=True)
     with TestClient(app) as test_client:
         assert test_client.get("/health").status_code == 200
         anonymous = test_client.get("/api/v1/jobs/stats")
         assert anonymous.status_code == 401, anonymous.text
-        assert anonymous.json() == {"detail": "Not authenticated"}
+        assert anonymous.json()["detail"].startswith("Not authenticated")
         bogus = test_client.get("/api/v1/jobs/stats", headers={"Authorization": "Bearer not-a-jwt"})
         assert bogus.status_code == 403 and bogus.json() == {"detail": "Invalid JWT token"}
         # the standalone token means nothing to Airflow
-        token = {"Authorization": "Bearer ignored-under-airflow"}
-        assert test_client.get("/api/v1/jobs/stats", headers=token).status_code == 403
+        standalone = {"Authorization": "Bearer ignored-under-airflow"}
+        assert test_client.get("/api/v1/jobs/stats", headers=standalone).status_code == 403
+
+        viewer = {"Authorization": f"Bearer {token('viewer')}"}
+        assert test_client.get("/api/v1/jobs/stats", headers=viewer).status_code == 200
+        assert test_client.get("/metrics", headers=viewer).status_code == 200
+        # the UI's session cookie, as the view's iframe sends it
+        test_client.cookies.set("_token", token("admin"))
+        page = test_client.get("/ui")
+        assert page.status_code == 200 and "blogqa pipeline" in page.text
+        test_client.cookies.clear()
+        # a user the auth manager gives no read access to the DAG
+        nobody = test_client.get(
+            "/api/v1/documents", headers={"Authorization": f"Bearer {token(None)}"}
+        )
+        assert nobody.status_code == 403
+        assert nobody.json() == {"detail": "read access to the DAG blogqa_pipeline is required"}
+        expired = {"Authorization": f"Bearer {token('admin', seconds=-3600)}"}
+        assert test_client.get("/api/v1/jobs/stats", headers=expired).status_code == 401
+        # the widget is behind Airflow's auth too inside Airflow
+        assert (
+            test_client.get("/widget/v1/page", params={"url": "https://x.example/"}).status_code
+            == 401
+        )
+
+
+def test_airflow_auth_without_an_auth_manager_is_503(pipeline, monkeypatch):
+    import airflow.api_fastapi.app as airflow_app
+
+    monkeypatch.setattr(airflow_app._AuthManagerState, "instance", None)
+    with TestClient(create_app(pipeline["settings"], airflow_auth=True)) as test_client:
+        response = test_client.get("/api/v1/jobs/stats", headers={"Authorization": "Bearer x"})
+        assert response.status_code == 503 and "airflow api-server" in response.json()["detail"]
+
+
+def test_rate_limit_per_client_with_retry_after(pipeline):
+    limited = dataclasses.replace(
+        pipeline["settings"], api_rate_limit_per_minute=60, api_rate_burst=3
+    )
+    with TestClient(create_app(limited, api_token="")) as test_client:
+        for _ in range(3):
+            assert test_client.get("/api/v1/jobs/stats").status_code == 200
+        refused = test_client.get("/api/v1/documents")
+        assert refused.status_code == 429
+        assert refused.json()["detail"].startswith("too many requests")
+        assert 1 <= int(refused.headers["retry-after"]) <= 2
+        assert test_client.get("/health").status_code == 200  # probes are exempt
+    # off when the limit is 0 (the API bench), and never inside Airflow
+    unlimited = dataclasses.replace(pipeline["settings"], api_rate_limit_per_minute=0)
+    with TestClient(create_app(unlimited, api_token="")) as test_client:
+        assert all(test_client.get("/health").status_code == 200 for _ in range(5))
+        assert all(test_client.get("/api/v1/jobs/stats").status_code == 200 for _ in range(5))
+
+
+def test_rate_limiter_refills_over_time():
+    from blogqa.api.access import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(rate_per_minute=120, burst=2, clock=lambda: now[0])
+    assert limiter.take("a") == 0 and limiter.take("a") == 0
+    assert limiter.take("a") == pytest.approx(0.5)  # 2 tokens a second
+    assert limiter.take("b") == 0  # per client
+    now[0] = 0.5
+    assert limiter.take("a") == 0
+    assert limiter.take("a") > 0
 
 
 def test_cli_questions_search_ask(pipeline):
@@ -627,6 +708,23 @@ def test_plugin_is_served_by_the_airflow_api_server_and_refuses_anonymous(pipeli
         )
         assert forged.status_code in (401, 403)
 
+        # a real user of Airflow's (simple) auth manager: token from POST /auth/token
+        passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+        password = json.loads(passwords.read_text())["admin"]
+        login = httpx.post(
+            f"{base}/auth/token", json={"username": "admin", "password": password}, timeout=30
+        )
+        assert login.status_code in (200, 201), login.text
+        jwt = login.json()["access_token"]
+        bearer = {"Authorization": f"Bearer {jwt}"}
+        stats = httpx.get(f"{base}/blogqa/api/v1/jobs/stats", headers=bearer, timeout=30)
+        assert stats.status_code == 200 and stats.json()["counts"]["done"] == len(ARTICLES)
+        page = httpx.get(f"{base}/blogqa/ui", cookies={"_token": jwt}, timeout=30)
+        assert page.status_code == 200 and "blogqa pipeline" in page.text
+        plugins = httpx.get(f"{base}/api/v2/plugins", headers=bearer, timeout=30).json()
+        (ours,) = [p for p in plugins["plugins"] if p["name"] == "blogqa"]
+        assert {v["destination"] for v in ours["external_views"]} == {"nav", "dag"}
+
 
 @pytest.fixture
 def own_openai_server(monkeypatch):
@@ -664,7 +762,20 @@ def test_ask_with_an_openai_compatible_model(pipeline, reader, own_openai_server
         ).fetchall()
         assert sorted(ledger) == [("test-chat-model", True), ("text-embedding-3-small", True)]
 
+        # one client per event loop, reused: the same object for every request, one HTTP
+        # pool shared by the chat and embedding clients
+        clients = test_client.app.state.model_clients
+        similar = {"text": "sourdough", "k": 2}
+        assert test_client.post("/api/v1/search/similar", json=similar).status_code == 200
+        assert len(clients) == 1
+        (loop_clients,) = clients._by_loop.values()
+        assert loop_clients.chat._client is loop_clients.embed._client
+        assert test_client.post("/api/v1/search/similar", json=similar).status_code == 200
+        assert clients._by_loop[id(loop_clients.loop)] is loop_clients
+
         openai_env.script.extend(["500", "500", "500"])  # the client retries twice
         failed = test_client.post("/api/v1/qa/ask", json={"question": "What flour?"})
         assert failed.status_code == 502
         assert failed.json() == {"detail": "the model endpoint could not answer"}
+    # closed on shutdown (the app's lifespan)
+    assert len(clients) == 0 and loop_clients.chat.is_closed()

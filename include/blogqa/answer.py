@@ -72,8 +72,13 @@ def sources_message(question: str, passages: list[Passage]) -> str:
     return "Sources:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"
 
 
-async def answer_question(settings: Settings, question: str, passages: list[Passage]) -> Answer:
-    """Answer from `passages` only; the returned calls go to the llm_usage ledger."""
+async def answer_question(
+    settings: Settings, question: str, passages: list[Passage], *, client=None
+) -> Answer:
+    """Answer from `passages` only; the returned calls go to the llm_usage ledger.
+
+    `client`: an AsyncOpenAI kept open by the caller and reused (the API's one per event
+    loop); without it one is made for this answer and closed after it."""
     if settings.offline:
         model = settings.chat_model
         model = model if model.startswith("local") else f"local-{model}"
@@ -85,13 +90,17 @@ async def answer_question(settings: Settings, question: str, passages: list[Pass
         return Answer(text, model, "local", [call])
     if not passages:
         return Answer(NO_ANSWER, settings.chat_model, "openai", [])
-    return await _openai_answer(settings, question, passages)
+    return await _openai_answer(settings, question, passages, client)
 
 
-async def _openai_answer(settings: Settings, question: str, passages: list[Passage]) -> Answer:
+async def _openai_answer(
+    settings: Settings, question: str, passages: list[Passage], client=None
+) -> Answer:
     import openai
 
-    client = openai_client(settings)
+    owned = client is None
+    if owned:
+        client = openai_client(settings)
     started = time.perf_counter()
     try:
         response = await client.chat.completions.create(
@@ -106,7 +115,8 @@ async def _openai_answer(settings: Settings, question: str, passages: list[Passa
         problem = classify_openai_error(exc, STAGE)  # raises for configuration problems
         raise AnswerError(str(problem)) from exc
     finally:
-        await client.close()
+        if owned:
+            await client.close()
     latency = int((time.perf_counter() - started) * 1000)
     usage = response.usage
     model = response.model or settings.chat_model

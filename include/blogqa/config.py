@@ -89,6 +89,23 @@ def _env_networks(name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return tuple(networks)
 
 
+def _env_origins(name: str) -> tuple[str, ...]:
+    """Comma-separated origins (scheme://host[:port]) allowed to call the API from a browser
+    (the widget on a publisher's pages), or `*` for any."""
+    origins = []
+    for part in filter(None, (p.strip() for p in os.environ.get(name, "").split(","))):
+        scheme, sep, rest = part.partition("://")
+        if part != "*" and (
+            scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/")
+        ):
+            raise ConfigError(
+                f"{name}: {part!r} is not an origin; use e.g. https://blog.example.com,"
+                "http://127.0.0.1:8000 (or *)."
+            )
+        origins.append(part.rstrip("/"))
+    return tuple(origins)
+
+
 def _normalize_dsn(url: str) -> str:
     """psycopg wants libpq URLs; accept SQLAlchemy-style `postgresql+psycopg://` too."""
     for prefix in ("postgresql+psycopg://", "postgresql+psycopg2://", "postgres://"):
@@ -142,6 +159,10 @@ class Settings:
     embed_batch_size: int
     hnsw_ef_search: int
     user_agent: str
+    # the standalone API (`blogqa serve`): per-client rate limit (0 = off) and CORS origins
+    api_rate_limit_per_minute: int = 600
+    api_rate_burst: int = 60
+    api_cors_origins: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -234,4 +255,9 @@ def load_settings() -> Settings:
         hnsw_ef_search=_env_int("BLOGQA_HNSW_EF_SEARCH", HNSW_EF_SEARCH_DEFAULT, maximum=1000),
         user_agent=os.environ.get("BLOGQA_USER_AGENT")
         or "blogqa/0.1 (question/answer dataset builder)",
+        api_rate_limit_per_minute=_env_int(
+            "BLOGQA_API_RATE_LIMIT_PER_MINUTE", 600, minimum=0, maximum=1_000_000
+        ),
+        api_rate_burst=_env_int("BLOGQA_API_RATE_BURST", 60, maximum=100_000),
+        api_cors_origins=_env_origins("BLOGQA_API_CORS_ORIGINS"),
     )

@@ -9,7 +9,7 @@ import numpy as np
 import psycopg
 
 from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings
-from blogqa.embed import embedder
+from blogqa.embed import OpenAIEmbedder, embedder
 from blogqa.llm import ModelCall
 
 # The chunks nearest a vector, leaving out one document (the query document of a "more like
@@ -40,6 +40,22 @@ SELECT c.id, c.document_id, c.position, d.url, d.title, c.text,
        1 - (c.embedding <=> %(v)s) AS score
 FROM blogqa.chunks c JOIN blogqa.documents d ON d.id = c.document_id
 WHERE c.id = ANY(%(ids)s)
+"""
+
+# The chunks of one document nearest a vector, by exact distance: the widget answers from the
+# page the reader is on. MATERIALIZED keeps the planner off the HNSW index, which would rank
+# chunks of every document and filter afterwards (returning fewer than asked, or none); a page
+# has tens of chunks, found through the (document_id, position) unique index.
+DOCUMENT_CHUNKS_SQL = """
+WITH own AS MATERIALIZED (
+  SELECT c.id, c.document_id, c.position, c.text, c.embedding
+  FROM blogqa.chunks c WHERE c.document_id = %(document)s
+)
+SELECT o.id, o.document_id, o.position, d.url, d.title, o.text,
+       1 - (o.embedding <=> %(v)s) AS score
+FROM own o JOIN blogqa.documents d ON d.id = o.document_id
+ORDER BY o.embedding <=> %(v)s, o.position
+LIMIT %(n)s
 """
 
 # pgvector (0.6 in the embedded server) returns at most hnsw.ef_search rows from an HNSW index
@@ -132,8 +148,18 @@ def similar_documents(
     return _document_matches(conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids}))
 
 
-async def embed_query_async(settings: Settings, text: str) -> tuple[np.ndarray, ModelCall]:
-    """`embed_query` inside a running event loop (the API); also returns the model call."""
+async def embed_query_async(
+    settings: Settings, text: str, *, client=None
+) -> tuple[np.ndarray, ModelCall]:
+    """`embed_query` inside a running event loop (the API); also returns the model call.
+
+    `client`: an AsyncOpenAI the caller keeps open and reuses (the API holds one per event
+    loop). Building one per call costs a new HTTP pool, TLS context and connection: about
+    20 ms of CPU, more than the rest of a search. Without it (the CLI, one query) a client is
+    made for this call and closed after it."""
+    if client is not None and not settings.offline:
+        matrix, call = await OpenAIEmbedder(settings, client=client).embed([text])
+        return matrix[0], call
     provider = embedder(settings)
     try:
         matrix, call = await provider.embed([text])
@@ -224,3 +250,11 @@ async def similar_documents_async(
     ids = _best_chunk_ids(ranked, k)
     cur = await conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids})
     return _document_matches(await cur.fetchall())
+
+
+async def document_chunks_async(
+    conn: psycopg.AsyncConnection, vector: np.ndarray, document_id: int, n: int
+) -> list[ChunkMatch]:
+    """The `n` chunks of one document nearest to `vector` (exact cosine), best first."""
+    cur = await conn.execute(DOCUMENT_CHUNKS_SQL, {"v": vector, "document": document_id, "n": n})
+    return _chunk_matches(await cur.fetchall())

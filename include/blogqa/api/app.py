@@ -1,8 +1,15 @@
 """The read-only results API: `create_app()` builds the FastAPI app.
 
-Standalone (`blogqa serve`) every route but /health requires `Authorization: Bearer <token>`
-when BLOGQA_API_TOKEN is set. Mounted as an Airflow plugin (`create_app(airflow_auth=True)`)
-every route but /health requires an authenticated Airflow user instead.
+Standalone (`blogqa serve`) every route but /health and the publisher widget's
+(`/widget.js`, `/widget/v1/...`, read-only, one page at a time) requires
+`Authorization: Bearer <token>` when BLOGQA_API_TOKEN is set; every route but /health and
+/metrics is rate-limited per client (access.py), and browsers of the origins in
+BLOGQA_API_CORS_ORIGINS may call it (the widget on a publisher's pages). Mounted as an Airflow
+plugin (`create_app(airflow_auth=True)`) every route but /health requires an Airflow user with
+read access to the blogqa DAG, checked through Airflow's auth manager (airflow_auth.py).
+
+Model calls (similar-by-text, ask, the widget's ask) go through one AsyncOpenAI per event loop,
+made on first use and closed on shutdown (model_clients.py).
 
 Database access is read-only by construction: pooled async connections are opened with
 `default_transaction_read_only = on` (a connection option, so it holds from the first
@@ -31,7 +38,8 @@ from typing import Annotated
 
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pgvector.psycopg import register_vector_async
 from psycopg.conninfo import conninfo_to_dict
@@ -40,7 +48,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from blogqa import db, search
 from blogqa.answer import AnswerError
-from blogqa.api import models, queries
+from blogqa.api import access, metrics, models, operations, queries, ui, widget
+from blogqa.api.airflow_auth import require_dag_reader
+from blogqa.api.model_clients import ModelClients
 from blogqa.config import Settings, load_settings
 from blogqa.llm import LLMConfigurationError, ModelCall
 from blogqa.queue import STATUSES
@@ -378,12 +388,6 @@ def token_auth(token: str):
     return check
 
 
-def _airflow_user_dependency():
-    from airflow.api_fastapi.core_api.security import get_user
-
-    return Depends(get_user)
-
-
 # ---------------------------------------------------------------- routes
 
 Limit = Annotated[int, Query(ge=1, le=models.MAX_LIMIT, description="at most 100")]
@@ -496,12 +500,13 @@ async def get_question(conn: Conn, question_id: int) -> models.QuestionDetail:
     tags=["search"],
 )
 async def search_similar(
-    database: DatabaseDep, body: models.SimilarRequest
+    request: Request, database: DatabaseDep, body: models.SimilarRequest
 ) -> models.SimilarResponse:
     """Documents ranked by cosine similarity (pgvector HNSW) to a text or to a stored URL."""
     vector = None
     if body.text is not None:  # a model call: before taking a pooled connection
-        vector, _ = await search.embed_query_async(database.settings, body.text)
+        client = request.app.state.model_clients.embed(database.settings)
+        vector, _ = await search.embed_query_async(database.settings, body.text, client=client)
     async with database.connection() as conn:
         return await queries.similar(
             conn,
@@ -513,17 +518,24 @@ async def search_similar(
 
 
 @router.post("/qa/ask", response_model=models.AskResponse, tags=["search"])
-async def ask(database: DatabaseDep, body: models.AskRequest) -> models.AskResponse:
+async def ask(
+    request: Request, database: DatabaseDep, body: models.AskRequest
+) -> models.AskResponse:
     """Answer from the top-k chunks only, with the configured chat model (offline: the
     best-matching sentence). Token usage is recorded in blogqa.llm_usage, stage 'ask'."""
     settings = database.settings
+    clients = request.app.state.model_clients
     # the model calls run without holding a pooled connection; only the search takes one
-    vector, embed_call = await search.embed_query_async(settings, body.question)
+    vector, embed_call = await search.embed_query_async(
+        settings, body.question, client=clients.embed(settings)
+    )
     async with database.connection() as conn:
         chunks = await queries.ask_sources(
             conn, settings, body, vector, session_ef_search=database.session_ef_search
         )
-    response, calls = await queries.ask_answer(settings, body, chunks, embed_call)
+    response, calls = await queries.ask_answer(
+        settings, body, chunks, embed_call, client=clients.chat(settings)
+    )
     await database.record_usage(calls)
     return response
 
@@ -552,6 +564,31 @@ async def get_job(conn: Conn, job_id: int) -> models.JobDetail:
     return await queries.get_job(conn, job_id)
 
 
+# ---------------------------------------------------------------- operators
+
+ops_router = APIRouter(responses={k: ERRORS[k] for k in (401, 503)})
+
+
+@ops_router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(conn: Conn) -> Response:
+    """blogqa's counters in the Prometheus text format (metrics.py)."""
+    counters = await operations.counters(conn)
+    return Response(metrics.render(counters), media_type=metrics.CONTENT_TYPE)
+
+
+@ops_router.get("/ui", include_in_schema=False, response_class=HTMLResponse)
+async def operations_view(
+    conn: Conn,
+    dag_id: Annotated[str | None, Query(max_length=250)] = None,
+) -> HTMLResponse:
+    """The operators' page (ui.py): queue, runs, dead letters, model cost, quality."""
+    overview = await operations.overview(conn)
+    return HTMLResponse(
+        ui.render(overview, dag_id=dag_id),
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
+    )
+
+
 # ---------------------------------------------------------------- app
 
 
@@ -561,14 +598,17 @@ def create_app(
     airflow_auth: bool = False,
     api_token: str | None = None,
 ) -> FastAPI:
-    """The API. `airflow_auth` (for the plugin) requires an authenticated Airflow user;
-    otherwise `api_token` (default: $BLOGQA_API_TOKEN), when set, is required as a bearer
-    token. /health is always open."""
+    """The API. `airflow_auth` (for the plugin) requires an Airflow user allowed to read the
+    blogqa DAG; otherwise `api_token` (default: $BLOGQA_API_TOKEN), when set, is required as a
+    bearer token, the widget's routes stay public, and the rate limit and CORS origins of the
+    settings apply. /health is always open."""
     database = Database(settings, in_airflow=airflow_auth)
+    model_clients = ModelClients()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        await model_clients.aclose()
         await database.close()
 
     app = FastAPI(
@@ -579,15 +619,24 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.database = database
+    app.state.model_clients = model_clients
     if airflow_auth:
-        dependencies = [_airflow_user_dependency()]
+        dependencies = [Depends(require_dag_reader)]
     else:
         token = api_token if api_token is not None else os.environ.get(TOKEN_ENV, "")
         dependencies = [Depends(token_auth(token))] if token else []
     app.include_router(health_router)
     # after the credentials: an anonymous caller learns nothing beyond what /health says
     app.include_router(router, dependencies=[*dependencies, Depends(_schema_ready)])
+    app.include_router(ops_router, dependencies=[*dependencies, Depends(_schema_ready)])
+    # the widget: public standalone (a reader's browser has no token), Airflow's auth inside it
+    app.include_router(
+        widget.public_router,
+        dependencies=[*(dependencies if airflow_auth else []), Depends(_schema_ready)],
+    )
     app.add_middleware(BodyLimitMiddleware)
+    if not airflow_auth:
+        _standalone_access(app, database)
     app.add_exception_handler(queries.NotFoundError, _not_found)
     app.add_exception_handler(queries.InvalidInputError, _invalid)
     app.add_exception_handler(psycopg.OperationalError, _database_down)
@@ -599,3 +648,22 @@ def create_app(
     app.add_exception_handler(LLMConfigurationError, _model_failed)
     app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+def _standalone_access(app: FastAPI, database: Database) -> None:
+    """The rate limit and CORS of `blogqa serve` (settings read now when given, else at the
+    first request would be too late for middleware: read them here)."""
+    settings = database.settings
+    if settings.api_rate_limit_per_minute > 0:
+        limiter = access.RateLimiter(settings.api_rate_limit_per_minute, settings.api_rate_burst)
+        app.add_middleware(access.RateLimitMiddleware, limiter=limiter)
+    if settings.api_cors_origins:
+        # outermost: refusals (429, 401) carry the CORS headers too, so a page can read them
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.api_cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )

@@ -202,3 +202,40 @@ class JobDetail(JobItem):
     lease_until: datetime | None
     error_history: list[ErrorEntry]
     document_id: int | None = Field(description="the stored document for this URL, if any")
+
+
+# ---------------------------------------------------------------- publisher widget (public)
+
+
+class WidgetQuestion(BaseModel):
+    question: str
+    answer: str
+
+
+class WidgetPage(BaseModel):
+    """What the widget shows of one page: its title and questions, nothing else."""
+
+    url: str = Field(description="the page's URL as stored (normalized)")
+    title: str | None
+    questions: list[WidgetQuestion]
+
+
+class WidgetAskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048, description="the page the reader is on")
+    question: str = Field(min_length=3, max_length=500)
+
+
+class WidgetPassage(BaseModel):
+    position: int = Field(description="the chunk's position in the page")
+    text: str
+
+
+class WidgetAnswer(BaseModel):
+    """An answer from the page's own chunks only, with the passages it was given."""
+
+    answer: str
+    model: str
+    provider: str = Field(description="`openai` or `local` (offline extractive, not an LLM)")
+    passages: list[WidgetPassage]

@@ -372,10 +372,13 @@ async def ask_answer(
     request: models.AskRequest,
     chunks: list[search.ChunkMatch],
     embed_call: ModelCall,
+    *,
+    client=None,
 ) -> tuple[models.AskResponse, list[ModelCall]]:
-    """The answer from the chunks only (the model part of `ask`, no database)."""
+    """The answer from the chunks only (the model part of `ask`, no database). `client`: the
+    caller's reused AsyncOpenAI (see answer.answer_question)."""
     passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
-    result = await answering.answer_question(settings, request.question, passages)
+    result = await answering.answer_question(settings, request.question, passages, client=client)
     calls = [dataclasses.replace(embed_call, stage=answering.STAGE), *result.calls]
     response = models.AskResponse(
         question=request.question,
