@@ -24,7 +24,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from blogqa import db, queue
+from blogqa import db, export, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
 
@@ -670,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_at_most(20), default=5, help="chunks to answer from (<= 20)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ask)
+
+    export.add_parser(sub)  # blogqa export (export.py)
     return parser
 
 
