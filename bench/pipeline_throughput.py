@@ -228,9 +228,12 @@ def settings_record(settings: Settings) -> dict:
 
 def model_requests_in_flight(settings: Settings) -> int:
     """The most model requests the pipeline may have in flight in all: each summarize or
-    embed task keeps up to BLOGQA_LLM_CONCURRENCY, and the blogqa_llm pool admits
-    BLOGQA_LLM_POOL_SLOTS such tasks at once. The minimal program gets the same total."""
-    return settings.llm_concurrency * settings.llm_pool_slots
+    embed task keeps up to BLOGQA_LLM_CONCURRENCY, the blogqa_llm pool admits
+    BLOGQA_LLM_POOL_SLOTS such tasks at once, and BLOGQA_LLM_MAX_IN_FLIGHT (0: none) caps
+    all workers together. The minimal program gets the same total."""
+    per_tasks = settings.llm_concurrency * settings.llm_pool_slots
+    shared = getattr(settings, "llm_max_in_flight", 0)  # absent from code before issue 11.1
+    return min(per_tasks, shared) if shared else per_tasks
 
 
 # ---------------------------------------------------------------- database facts
