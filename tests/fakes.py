@@ -168,7 +168,36 @@ class PageHandler(_Handler):
             return self.send(
                 200, body.encode("latin-1", "replace"), "text/html; charset=iso-8859-1"
             )
+        if path.startswith(("/syndicated/", "/copies/")):
+            return self._copy(server, path)
+        if path in server.feeds:  # feeds and sitemaps (tests/test_sources.py)
+            body, content_type = server.feeds[path]
+            etag = '"' + hashlib.sha1(body.encode()).hexdigest()[:16] + '"'
+            if self.headers.get("If-None-Match") == etag:
+                return self.send(304, b"", content_type, {"ETag": etag})
+            return self.send(200, body.encode(), content_type, {"ETag": etag})
         return self.send(404, b"not found", "text/plain")
+
+    def _copy(self, server, path: str):
+        """A demo article at a second URL: /syndicated/ declares the /articles/ copy as its
+        canonical URL; /copies/ declares none and adds a republication note (a near
+        duplicate for the text check)."""
+        name = path.split("/", 2)[2]
+        file = ARTICLES / name
+        if not file.is_file():
+            return self.send(404, b"not found", "text/plain")
+        html = file.read_text("utf-8")
+        html = re.sub(r'<link rel="canonical"[^>]*>|<meta property="og:url"[^>]*>', "", html)
+        if path.startswith("/syndicated/"):
+            link = f'<link rel="canonical" href="{server.base_url}/articles/{name}">'
+            html = html.replace("</head>", link + "</head>", 1)
+        else:
+            note = (
+                "<p>This post first appeared on the author's own blog and is republished "
+                "here with permission; some links may point to the original site.</p>"
+            )
+            html = re.sub(r"(<h1>.*?</h1>)", lambda m: m.group(1) + note, html, count=1)
+        return self.send(200, html.encode(), "text/html; charset=utf-8")
 
     def _stream_forever(self):
         """A page far over any cap, with no Content-Length: only streaming can stop it."""
@@ -195,6 +224,7 @@ def start_page_server(robots: str = ROBOTS, slow_seconds: float = 3.0):
     server.lock = threading.Lock()
     server.starts = []
     server.inflight = server.max_inflight = 0
+    server.feeds = {}  # path -> (body, content type): feeds and sitemaps served with an ETag
     return server.start()
 
 
@@ -314,7 +344,9 @@ class OpenAIHandler(_Handler):
         ][:5]
         while len(qa) < 3:
             qa.append(dict(qa[-1]))
-        content = json.dumps({"summary": " ".join(sentences[:2]), "qa": qa})
+        summary = " ".join(sentences[:2])
+        summary, qa = _bad_content(self.server.owner.page_faults, user, summary, qa)
+        content = json.dumps({"summary": summary, "qa": qa})
         if behaviour in ("invalid", "truncated"):  # JSON cut short
             content = content[: len(content) // 2]
         message = {"role": "assistant", "content": content, "refusal": None}
@@ -336,6 +368,34 @@ class OpenAIHandler(_Handler):
             },
         }
         return self.send(200, json.dumps(payload).encode(), "application/json")
+
+
+# Bad content for chosen pages (`server.page_faults`: a text of the page's title line in the
+# prompt -> one of these), valid JSON every time: what the quality gate must catch when the
+# endpoint does not enforce the schema or the model misbehaves.
+OFF_PAGE_ANSWERS = [
+    "The Treaty of Westphalia ended the Thirty Years War in 1648.",
+    "Jupiter has a Great Red Spot, a storm larger than Earth.",
+    "Mitochondria produce adenosine triphosphate for eukaryotic cells.",
+    "Byzantine mosaics used tesserae of coloured glass and gold leaf.",
+]
+REFUSAL = "As an AI language model, I cannot summarize this article."
+
+
+def _bad_content(faults: dict, prompt: str, summary: str, qa: list) -> tuple[str, list]:
+    title = prompt.split("\n", 1)[0]
+    behaviour = next((b for marker, b in faults.items() if marker in title), None)
+    if behaviour == "off_page_answers":  # answers not supported by the page
+        qa = [{"question": p["question"], "answer": a} for p, a in zip(qa, OFF_PAGE_ANSWERS)]
+    elif behaviour == "repeated_questions":
+        qa = [{"question": qa[0]["question"], "answer": p["answer"]} for p in qa]
+    elif behaviour == "refusal_text":
+        summary = REFUSAL
+    elif behaviour == "empty_summary":
+        summary = ""
+    elif behaviour == "two_questions":
+        qa = qa[:2]
+    return summary, qa
 
 
 class _FaultRates:
@@ -360,6 +420,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.lock = threading.Lock()
     server.script = []
     server.embedding_script = []
+    server.page_faults = {}  # text in a page's title -> a behaviour of _bad_content
     server.requests = []
     server.draw_fault = _FaultRates()
     server.faults = {}

@@ -50,6 +50,8 @@ def faulty_env(openai_env, monkeypatch):
     monkeypatch.setenv("BLOGQA_MAX_ATTEMPTS", "4")
     monkeypatch.setenv("BLOGQA_LLM_BREAKER_COOLDOWN_SECONDS", "1")
     monkeypatch.setenv("BLOGQA_TASK_RETRY_DELAY_SECONDS", "1")
+    # the fault pages serve demo articles again (/flaky/ is article 2): not duplicates here
+    monkeypatch.setenv("BLOGQA_DEDUPE", "false")
     openai_env.retry_after = "0"
     openai_env.slow_seconds = 1.5
     return openai_env

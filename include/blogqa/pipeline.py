@@ -26,7 +26,7 @@ from typing import Self
 
 import psycopg
 
-from blogqa import db, politeness, queue, store
+from blogqa import db, dedupe, politeness, queue, reprocess, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import MAX_CHUNKS_PER_RUN, MAX_URLS_PER_RUN, Settings, load_settings
 from blogqa.crawl import Validators, content_hash, fetch, http_client
@@ -280,38 +280,102 @@ def _origins(urls: list[str]) -> list[str]:
 
 
 def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+    """Fetch and extract the chunk's pages, and decide what each needs (`reprocess`): a row
+    flagged for a summaries/embeddings reprocess with a fresh stored copy is not fetched,
+    an unchanged page whose summary is current needs nothing, one whose embedding model
+    changed only its embeddings (its stored summary and questions go to the embed stage).
+    A new URL that copies a stored document is skipped as a duplicate (`dedupe`)."""
     settings = settings or task_settings()
+    fresh = reprocess.FreshSettings.load()
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         done = {item.lease.id for item in store.work_items(conn, leases, settings.embed_dim)}
         todo = [lease for lease in leases if lease.id not in done]
         previous = store.stored_results(conn, [lease.url for lease in todo])
+        redo = reprocess.redo_flags(conn, todo, fresh.fresh_days)
+        reused = {
+            lease.id
+            for lease in todo
+            if reprocess.reuses_stored_text(redo.get(lease.id), previous.get(lease.url))
+        }
+        fetch_now = [lease for lease in todo if lease.id not in reused]
+        validators = {  # `all` fetches unconditionally: the stored copy is not trusted
+            lease.url: previous[lease.url]
+            for lease in fetch_now
+            if lease.url in previous and getattr(redo.get(lease.id), "cause", None) != "all"
+        }
         cached = politeness.load_cached(
-            conn, _origins([lease.url for lease in todo]), settings.robots_ttl_seconds
+            conn, _origins([lease.url for lease in fetch_now]), settings.robots_ttl_seconds
         )
         policy = CrawlPolicy(settings, cached=cached)
-        outcomes = asyncio.run(_crawl_all(todo, previous, policy, settings)) if todo else []
+        fetched = (
+            asyncio.run(_crawl_all(fetch_now, validators, policy, settings)) if fetch_now else []
+        )
         politeness.save_fetched(conn, policy.fetched)
-        pages, failures, lost = [], [], set()
-        for lease, outcome in zip(todo, outcomes, strict=True):
+        outcome_of = {lease.id: outcome for lease, outcome in zip(fetch_now, fetched, strict=True)}
+        pages, failures, lost, plans = [], [], set(), {}
+        for lease in todo:
+            if lease.id in reused:
+                log.info("url=%s stage=crawl reprocess: stored text reused, not fetched", lease.url)
+                outcome = dict(previous[lease.url].page)
+            else:
+                outcome = outcome_of[lease.id]
             if isinstance(outcome, LeaseLostError):
                 lost.add(lease.id)
             elif isinstance(outcome, PageError):
                 failures.append((lease, outcome))
             else:
-                prev = previous.get(lease.url)
-                unchanged = prev is not None and prev.is_current(
-                    outcome["content_hash"],
-                    settings.chat_model,
-                    PROMPT_VERSION,
-                    settings.embed_model,
+                plans[lease.id] = reprocess.stage_plan(
+                    previous.get(lease.url),
+                    outcome,
+                    redo.get(lease.id),
+                    chat_model=settings.chat_model,
+                    prompt_version=PROMPT_VERSION,
+                    embed_model=settings.embed_model,
                 )
-                pages.append((lease, outcome, unchanged))
-        for lease in store.save_pages(conn, pages):
-            log.warning("url=%s stage=crawl lease gone; result not saved", lease.url)
-            lost.add(lease.id)
+                pages.append((lease, outcome, plans[lease.id] == "unchanged"))
+        if fresh.dedupe:
+            pages, duplicates = _drop_duplicates(conn, pages, previous, fresh)
+            failures += duplicates
+        reuse = [lease for lease, _, _ in pages if plans[lease.id] == "embed"]
+        stored_qa = reprocess.stored_llm_results(conn, [lease.url for lease in reuse])
+        with conn.transaction():
+            for lease in store.save_pages(conn, pages):
+                log.warning("url=%s stage=crawl lease gone; result not saved", lease.url)
+                lost.add(lease.id)
+            # embeddings only: the stored summary and questions stand in for the chat call
+            store.save_llm_results(
+                conn,
+                [(lease, stored_qa[lease.url]) for lease in reuse if lease.url in stored_qa],
+            )
+        for lease in reuse:
+            log.info("url=%s stage=crawl embedding model changed: re-embed only", lease.url)
         _fail_all(conn, failures, settings)
         return _hand_off(conn, _survivors(leases, failures, lost), settings)
+
+
+def _drop_duplicates(conn, pages: list, previous: dict, fresh) -> tuple[list, list]:
+    """Pages of new URLs that copy a stored document (or an earlier page of the chunk) are
+    linked to their original and end `skipped`: no model call is made for them."""
+    dedupe.backfill(conn)
+    new = [(lease, page) for lease, page, _ in pages if lease.url not in previous]
+    found = dedupe.find_duplicates(conn, new, fresh.dedupe_threshold)
+    if not found:
+        return pages, []
+    dedupe.record(
+        conn, [(lease, page, found[lease.id]) for lease, page in new if lease.id in found]
+    )
+    failures = [
+        (
+            lease,
+            PageError(
+                found[lease.id].message(), stage="dedupe", permanent=True, terminal_status="skipped"
+            ),
+        )
+        for lease, _, _ in pages
+        if lease.id in found
+    ]
+    return [p for p in pages if p[0].id not in found], failures
 
 
 def _survivors(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
@@ -755,3 +819,168 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
             "in the queue for a retry: see `blogqa errors` for the reasons"
         )
     return tally
+
+
+# ---------------------------------------------------------------- quality gate
+
+
+def validate_chunk(
+    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
+) -> list[dict]:
+    """The quality gate between embed and load: run the expectation suites over the chunk's
+    results, quarantine each document that fails a blocking expectation (with the failed
+    expectations and observed values; not loaded), record every result in
+    blogqa.quality_results, and return the refs that go on to load.
+
+    Unchanged pages of a refresh carry no new results and pass (they were validated when
+    first loaded). A suite that cannot be evaluated fails the task (QualityConfigError)."""
+    from blogqa import quality, quarantine
+
+    settings = settings or task_settings()
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        items = store.work_items(conn, leases, settings.embed_dim)
+        _fail_missing(conn, leases, items, "validate", settings)
+        checked = [item for item in items if not item.unchanged]
+        verdict = quality.validate_items(checked, settings)
+        quality.record(conn, run_id, map_index, verdict)
+        for queue_id, reasons in verdict.warnings.items():
+            url = next(i.lease.url for i in checked if i.lease.id == queue_id)
+            log.info("url=%s stage=validate warning: %s", url, quarantine.describe(reasons))
+        failing = verdict.quarantined
+        held = {item.lease.id: item.lease for item in checked}
+        quarantined = quarantine.quarantine(
+            conn, [(held[i], reasons) for i, reasons in failing.items() if i in held], run_id
+        )
+        survivors = _hand_off(
+            conn,
+            _survivors([item.lease for item in items], [], set(failing) | set(quarantined)),
+            settings,
+        )
+    log.info(
+        "stage=validate %d documents checked, %d quarantined, %d with warnings",
+        len(checked),
+        len(quarantined),
+        len(verdict.warnings),
+    )
+    return survivors
+
+
+def validate_run_tables(
+    chunks: list[list[dict]], run_id: str, settings: Settings | None = None
+) -> dict:
+    """Table-level validation of the documents this run loaded (GX on PostgreSQL through a
+    SQL data source), then the Data Docs under $BLOGQA_HOME/quality. Raises
+    TableValidationError when a blocking expectation failed (the task fails)."""
+    from blogqa import quality
+
+    settings = settings or task_settings()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    verdict = quality.validate_tables(settings, run_id, ids)
+    try:
+        index = quality.build_docs(settings, run_id)
+    except Exception:
+        log.exception("stage=quality run=%s Data Docs not built", run_id)
+        index = None
+    failed = quality.blocking_failures(verdict)
+    for outcome in failed:
+        log.error(
+            "stage=quality run=%s table check failed: %s (%s) queue ids %s",
+            run_id,
+            outcome.reason,
+            outcome.expectation,
+            sorted(outcome.failing)[:20],
+        )
+    if failed:
+        raise quality.TableValidationError(
+            f"{len(failed)} table-level expectation(s) failed for run {run_id}: "
+            + "; ".join(o.reason for o in failed)
+            + " (see blogqa.quality_results or `blogqa quality --run`)"
+        )
+    return {"validated": sum(1 for _ in ids), "data_docs": str(index) if index else None}
+
+
+REVIEW_OPTIONS = ("Release", "Requeue", "Drop", "Leave quarantined")
+REVIEW_DEFAULT = "Leave quarantined"
+REVIEW_ACTIONS = {"Release": "release", "Requeue": "requeue", "Drop": "drop"}
+
+
+def review_request(
+    chunks: list[list[dict]], run_id: str, *, under_test: bool, settings: Settings | None = None
+) -> dict | None:
+    """What the review task asks a person, or None when it has nothing to ask (it is then
+    skipped): no document of this run is quarantined, BLOGQA_REVIEW is false, or the run is
+    a `dag.test()` run (`blogqa run`), where no scheduler would ever enforce the response
+    timeout and the run would wait forever; `blogqa quarantine` serves those."""
+    from blogqa import quality, quarantine
+
+    settings = settings or task_settings()
+    options = quality.QualitySettings.load()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    with db.connect(settings) as conn:
+        rows = quarantine.list_quarantined(conn, ids)
+    if not rows:
+        log.info("stage=review run=%s nothing quarantined: no review", run_id)
+        return None
+    if not options.review or under_test:
+        why = "BLOGQA_REVIEW is false" if not options.review else "a dag.test() run"
+        log.warning(
+            "stage=review run=%s %d document(s) quarantined; no review (%s): see `blogqa "
+            "quarantine list`",
+            run_id,
+            len(rows),
+            why,
+        )
+        return None
+    intro = (
+        f"{len(rows)} document(s) of this run failed a blocking quality expectation and were "
+        "not loaded. **Release** loads them as they are, **Requeue** processes them again, "
+        "**Drop** never loads them; **Leave quarantined** (also the answer when "
+        f"BLOGQA_REVIEW_TIMEOUT, {options.review_timeout:g} s, passes) keeps them for "
+        "`blogqa quarantine`. To act on some of them only, list their queue ids in the form."
+    )
+    lines = [
+        intro,
+        "",
+        "| queue id | URL | reasons |",
+        "| --- | --- | --- |",
+    ]
+    for row in rows:
+        reasons = quarantine.describe(row["reasons"] or []).replace("|", "\\|")
+        lines.append(f"| {row['id']} | {row['url']} | {reasons} |")
+    lines += ["", "Data Docs: `/blogqa/quality/` (plugin) or `/quality/` (`blogqa serve`)."]
+    return {
+        "subject": f"Review {len(rows)} quarantined document(s)",
+        "body": "\n".join(lines),
+        "timeout_seconds": options.review_timeout,
+        "queue_ids": [row["id"] for row in rows],
+    }
+
+
+def apply_review(
+    chunks: list[list[dict]],
+    choice: str,
+    queue_ids: list[int] | None,
+    run_id: str,
+    settings: Settings | None = None,
+) -> dict:
+    """Carry out a reviewer's answer on this run's quarantined documents (those listed in
+    `queue_ids`, or all of them); rows released or requeued meanwhile are left alone."""
+    from blogqa import quarantine
+
+    settings = settings or task_settings()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    if queue_ids:
+        ids = [i for i in ids if i in {int(q) for q in queue_ids}]
+    action = REVIEW_ACTIONS.get(choice)
+    if action is None:
+        log.info("stage=review run=%s answer %r: documents stay quarantined", run_id, choice)
+        return {"choice": choice, "applied": []}
+    with db.connect(settings) as conn:
+        results = quarantine.apply(
+            conn, action, ids, embed_model=settings.embed_model, embed_dim=settings.embed_dim
+        )
+    log.info(
+        "stage=review run=%s answer %r applied to %d document(s)", run_id, choice, len(results)
+    )
+    return {"choice": choice, "applied": [r.as_dict() for r in results]}

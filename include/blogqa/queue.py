@@ -30,7 +30,9 @@ TRACKING_PARAMS = {
     "mc_cid", "mc_eid", "_ga", "_gl", "mkt_tok", "oly_anon_id", "oly_enc_id", "vero_id",
 }  # fmt: skip
 DEFAULT_PORTS = {"http": 80, "https": 443}
-TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled")
+# Final for the pipeline (a run's tally counts them). `quarantined` waits for a person (the
+# review task, `blogqa quarantine`), not for a worker: see blogqa.quarantine.
+TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled", "quarantined")
 STATUSES = ("queued", "processing", *TERMINAL_STATUSES)
 
 
@@ -352,8 +354,9 @@ def renew_claim(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) 
     return cur.rowcount
 
 
+# `redo` (a reprocessing flag, migration 011) is spent once the row is done.
 DONE_SET = """
-SET status = 'done', finished_at = now(), last_error = NULL, last_stage = NULL,
+SET status = 'done', finished_at = now(), last_error = NULL, last_stage = NULL, redo = NULL,
     processing_ms = (extract(epoch FROM now() - started_at) * 1000)::integer,
     lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
 """

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from blogqa import queue
+from blogqa import dedupe, queue
 from blogqa.llm import ModelCall
 from blogqa.queue import Lease
 
@@ -519,6 +519,15 @@ def _replace_outputs(
     ]
     ids = dict(conn.execute(UPSERT_DOCUMENTS_SQL, (fetched_at, *columns)).fetchall())
     document_ids = [ids[i.lease.url] for i in items]
+    # near-duplicate fingerprints follow the text; a URL stored as itself is no duplicate
+    dedupe.save_fingerprints(
+        conn,
+        [
+            (ids[i.lease.url], v["text"], v["content_hash"])
+            for i, v in zip(items, values, strict=True)
+        ],
+    )
+    dedupe.forget(conn, [i.lease.url for i in items])
     for table in ("summaries", "questions", "chunks"):
         conn.execute(
             sql.SQL("DELETE FROM blogqa.{} WHERE document_id = ANY(%s)").format(
@@ -542,7 +551,16 @@ def _replace_outputs(
             )
         )
         questions += [
-            (document_id, n, p["question"], p["answer"], vectors[1 + n]) for n, p in enumerate(qa)
+            (
+                document_id,
+                n,
+                p["question"],
+                p["answer"],
+                llm["model"],
+                llm["prompt_version"],
+                vectors[1 + n],
+            )
+            for n, p in enumerate(qa)
         ]
         offset = 1 + len(qa)
         chunks += [
@@ -558,8 +576,8 @@ def _replace_outputs(
     )
     _copy(
         conn,
-        "questions (document_id, position, question, answer, embedding)",
-        ["bigint", "smallint", "text", "text", "vector"],
+        "questions (document_id, position, question, answer, model, prompt_version, embedding)",
+        ["bigint", "smallint", "text", "text", "text", "text", "vector"],
         questions,
     )
     _copy(
@@ -579,3 +597,38 @@ def _copy(conn: psycopg.Connection, target: str, types: list[str], rows: list[tu
         copy.set_types(types)
         for row in rows:
             copy.write_row(row)
+
+
+# ---------------------------------------------------------------- quarantine
+
+QUARANTINED_ITEM_SQL = """
+SELECT q.id, q.url, q.attempts, w.lease_token, w.page, w.unchanged, w.llm_result, w.chunks,
+       w.vectors
+FROM blogqa.url_queue q JOIN blogqa.work_items w ON w.queue_id = q.id
+WHERE q.id = %s AND q.status = 'quarantined'
+"""
+
+
+def quarantined_item(conn: psycopg.Connection, queue_id: int, dim: int) -> WorkItem | None:
+    """The work item a quarantined row kept (its lease is gone: the row is no longer being
+    processed, and only a reviewer's release loads it). None when it has none."""
+    row = conn.execute(QUARANTINED_ITEM_SQL, (queue_id,)).fetchone()
+    if row is None:
+        return None
+    row_id, url, attempts, token, page, unchanged, llm_result, chunks, vectors = row
+    matrix = None if vectors is None else np.frombuffer(vectors, dtype=np.float32).reshape(-1, dim)
+    lease = Lease(id=row_id, url=url, token=str(token), attempts=attempts)
+    return WorkItem(lease, page, unchanged, llm_result, chunks, matrix)
+
+
+def load_released(
+    conn: psycopg.Connection, item: WorkItem, *, embed_model: str, fetched_at: dt.datetime
+) -> None:
+    """Load a released quarantined document as it is, inside the caller's transaction (which
+    holds the queue row locked and marks it done): the same writes as `load_documents`."""
+    check_complete(item)
+    if item.unchanged:
+        _touch_unchanged(conn, [item], fetched_at)
+    else:
+        _replace_outputs(conn, [item], embed_model, fetched_at)
+    conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (item.lease.id,))

@@ -1,0 +1,306 @@
+"""Duplicates paid once: a page that is another stored document under a second URL costs no
+model call.
+
+Two checks, made by the crawl stage on pages of URLs that have no stored document of their
+own (a URL already stored keeps being refreshed as itself):
+
+- canonical: the page declares a canonical URL (`<link rel=canonical>`, og:url) other than its
+  own, and a stored document has that URL (or declared the same canonical URL);
+- near-duplicate: the Jaccard similarity of the two texts' word 3-shingles, estimated by
+  MinHash (128 hash functions), is at least BLOGQA_DEDUPE_THRESHOLD (default 0.8). Candidates
+  are found by locality-sensitive hashing in PostgreSQL: the signature is cut into 32 bands
+  of 4 values, each band hashed to a key, and stored documents sharing a key with the page
+  (a GIN index on `bands`, `&&`) are compared signature to signature. With 32 bands of 4 a
+  pair at similarity 0.8 becomes a candidate with probability 1 - (1 - 0.8^4)^32 > 0.9999,
+  one at 0.3 with about 0.23 (then rejected by the comparison). Texts under MIN_WORDS words
+  are not compared: their shingle sets are too small for the estimate to mean much.
+
+Why 0.8: syndicated copies of one article (a different header or footer, a "first published
+at" line, a dropped image caption) score 0.9 and above on 3-shingles; two different posts of
+one blog score well under 0.3, even with a shared boilerplate of a few sentences. The
+threshold leaves room for copies with an added paragraph.
+
+The pages of one crawl chunk are also compared with each other (the lower queue id is the
+original). Two copies crawled at the same time by different chunks are not: each sees only
+the documents already stored, and both are processed.
+
+A duplicate's queue row ends `skipped` (last_stage 'dedupe', the reason in last_error) and
+blogqa.duplicates links it to the original. MinHash is implemented here (the permutation
+scheme of datasketch: (a*h + b) mod (2^61 - 1), truncated to 32 bits) rather than taken from
+datasketch, which would add scipy as a pinned dependency for ~20 lines, and whose LSH index
+has no PostgreSQL storage. The seed below must never change: stored signatures depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from blogqa.queue import InvalidURLError, Lease, normalize_url
+
+log = logging.getLogger(__name__)
+
+NUM_PERM = 128
+BANDS = 32
+ROWS_PER_BAND = NUM_PERM // BANDS
+SHINGLE_WORDS = 3
+MIN_WORDS = 50
+DEFAULT_THRESHOLD = 0.8
+SEED = 20261101  # fixed forever: stored signatures were made with it
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MAX_HASH = np.uint64((1 << 32) - 1)
+_rng = np.random.Generator(np.random.PCG64(SEED))
+_A = _rng.integers(1, (1 << 61) - 1, size=NUM_PERM, dtype=np.uint64)
+_B = _rng.integers(0, (1 << 61) - 1, size=NUM_PERM, dtype=np.uint64)
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A text's MinHash signature and its LSH band keys."""
+
+    minhash: np.ndarray  # NUM_PERM uint32 values
+    bands: list[int]  # BANDS signed 64-bit keys (PostgreSQL bigint)
+
+    def similarity(self, other: np.ndarray) -> float:
+        """Estimated Jaccard similarity: the share of equal signature values."""
+        return float(np.mean(self.minhash == other))
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A page found to be a copy of `original_url`."""
+
+    url: str
+    original_url: str
+    reason: str  # 'canonical' | 'near_duplicate'
+    similarity: float | None = None
+
+    def message(self) -> str:
+        if self.reason == "canonical":
+            return f"duplicate of {self.original_url}: declares it as its canonical URL"
+        return (
+            f"duplicate of {self.original_url}: near-duplicate text "
+            f"(estimated similarity {self.similarity:.2f})"
+        )
+
+
+def shingles(text: str) -> set[str]:
+    """Word 3-shingles of the lower-cased text (punctuation and spacing ignored)."""
+    words = _WORD.findall(text.lower())
+    if len(words) < SHINGLE_WORDS:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + SHINGLE_WORDS]) for i in range(len(words) - SHINGLE_WORDS + 1)}
+
+
+def fingerprint(text: str) -> Fingerprint | None:
+    """The text's fingerprint, or None under MIN_WORDS words (not compared)."""
+    if len(_WORD.findall(text)) < MIN_WORDS:
+        return None
+    base = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=4).digest(), "little")
+            for s in shingles(text)
+        ),
+        dtype=np.uint64,
+    )
+    with np.errstate(over="ignore"):  # uint64 wrap-around is part of the scheme
+        permuted = ((base[:, None] * _A[None, :] + _B[None, :]) % _MERSENNE) & _MAX_HASH
+    minhash = permuted.min(axis=0).astype(np.uint32)
+    return Fingerprint(minhash, band_keys(minhash))
+
+
+def band_keys(minhash: np.ndarray) -> list[int]:
+    keys = []
+    for band in range(BANDS):
+        part = minhash[band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND]
+        digest = hashlib.blake2b(
+            band.to_bytes(2, "little") + part.astype("<u4").tobytes(), digest_size=8
+        ).digest()
+        keys.append(int.from_bytes(digest, "little", signed=True))
+    return keys
+
+
+def _signature(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype="<u4")
+
+
+# ---------------------------------------------------------------- stored fingerprints
+
+SAVE_FINGERPRINT_SQL = """
+INSERT INTO blogqa.document_fingerprints (document_id, content_hash, minhash, bands)
+VALUES (%s, %s, %s, %s)
+"""
+
+
+def save_fingerprints(conn: psycopg.Connection, documents: list[tuple[int, str, str]]) -> int:
+    """Store the fingerprints of (document id, text, content hash), replacing older ones;
+    a text too short to compare gets none (and an older one is removed). Called by the load,
+    in its transaction, so a stored document's fingerprint always matches its text."""
+    if not documents:
+        return 0
+    ids = [doc_id for doc_id, _, _ in documents]
+    conn.execute("DELETE FROM blogqa.document_fingerprints WHERE document_id = ANY(%s)", (ids,))
+    rows = []
+    for doc_id, text, content_hash in documents:
+        found = fingerprint(text)
+        if found is not None:
+            rows.append((doc_id, content_hash, found.minhash.astype("<u4").tobytes(), found.bands))
+    if rows:
+        with conn.cursor() as cur:
+            cur.executemany(SAVE_FINGERPRINT_SQL, rows)
+    return len(rows)
+
+
+BACKFILL_SQL = """
+SELECT d.id, d.text, d.content_hash FROM blogqa.documents d
+WHERE NOT EXISTS (SELECT 1 FROM blogqa.document_fingerprints f
+                  WHERE f.document_id = d.id AND f.content_hash = d.content_hash)
+  AND d.word_count >= %s
+ORDER BY d.id
+LIMIT %s
+"""
+BACKFILL_DONE_KEY = "fingerprints_backfilled"
+
+
+def backfill(conn: psycopg.Connection, limit: int = 500) -> int:
+    """Fingerprint up to `limit` stored documents that have none (those loaded before
+    migration 011). Once a pass finds none, blogqa.settings remembers it and later calls
+    return at once: from then on the load keeps every fingerprint current."""
+    done = conn.execute(
+        "SELECT 1 FROM blogqa.settings WHERE key = %s", (BACKFILL_DONE_KEY,)
+    ).fetchone()
+    if done:
+        return 0
+    with conn.transaction():
+        rows = conn.execute(BACKFILL_SQL, (MIN_WORDS, limit)).fetchall()
+        saved = save_fingerprints(conn, rows)
+        if len(rows) < limit:
+            conn.execute(
+                "INSERT INTO blogqa.settings (key, value) VALUES (%s, 'true')"
+                " ON CONFLICT (key) DO NOTHING",
+                (BACKFILL_DONE_KEY,),
+            )
+    if saved:
+        log.info("stage=dedupe fingerprinted %d stored documents", saved)
+    return saved
+
+
+# ---------------------------------------------------------------- the check
+
+CANONICAL_SQL = """
+SELECT url FROM blogqa.documents
+WHERE (url = %(canonical)s OR canonical_url IN (%(canonical)s, %(raw)s)) AND url <> %(url)s
+ORDER BY (url = %(canonical)s) DESC, id
+LIMIT 1
+"""
+
+CANDIDATES_SQL = """
+SELECT d.url, f.minhash FROM blogqa.document_fingerprints f
+JOIN blogqa.documents d ON d.id = f.document_id
+WHERE f.bands && %s::bigint[] AND d.url <> %s
+"""
+
+
+def _canonical(page: dict, url: str) -> str | None:
+    """The page's declared canonical URL in queue form, when it names another URL."""
+    raw = page.get("canonical_url")
+    if not raw:
+        return None
+    try:
+        canonical = normalize_url(raw)
+    except InvalidURLError:
+        return None
+    return canonical if canonical != url else None
+
+
+def find_duplicates(
+    conn: psycopg.Connection,
+    pages: list[tuple[Lease, dict]],
+    threshold: float = DEFAULT_THRESHOLD,
+) -> dict[int, Duplicate]:
+    """The pages (of URLs with no stored document) that copy a stored document or an
+    earlier page of the same batch, by queue id."""
+    found: dict[int, Duplicate] = {}
+    originals: list[tuple[Lease, dict, Fingerprint | None]] = []  # this batch's, so far
+    for lease, page in sorted(pages, key=lambda p: p[0].id):
+        mine = fingerprint(page.get("text") or "")
+        duplicate = _check_one(conn, lease, page, mine, originals, threshold)
+        if duplicate is not None:
+            found[lease.id] = duplicate
+            log.info("url=%s stage=dedupe %s", lease.url, duplicate.message())
+        else:
+            originals.append((lease, page, mine))
+    return found
+
+
+def _check_one(
+    conn, lease: Lease, page: dict, mine: Fingerprint | None, originals: list, threshold: float
+) -> Duplicate | None:
+    canonical = _canonical(page, lease.url)
+    if canonical is not None:
+        row = conn.execute(
+            CANONICAL_SQL,
+            {"canonical": canonical, "raw": page["canonical_url"], "url": lease.url},
+        ).fetchone()
+        if row is not None:
+            return Duplicate(lease.url, row[0], "canonical")
+        for other, other_page, _ in originals:
+            if canonical in (other.url, _canonical(other_page, other.url)):
+                return Duplicate(lease.url, other.url, "canonical")
+    if mine is None:
+        return None
+    best_url, best = None, 0.0
+    for url, raw in conn.execute(CANDIDATES_SQL, (mine.bands, lease.url)):
+        similarity = mine.similarity(_signature(raw))
+        if similarity > best:
+            best_url, best = url, similarity
+    for other, _, other_print in originals:
+        if other_print is not None and not set(mine.bands).isdisjoint(other_print.bands):
+            similarity = mine.similarity(other_print.minhash)
+            if similarity > best:
+                best_url, best = other.url, similarity
+    if best_url is not None and best >= threshold:
+        return Duplicate(lease.url, best_url, "near_duplicate", round(best, 4))
+    return None
+
+
+RECORD_SQL = """
+INSERT INTO blogqa.duplicates (url, queue_id, original_url, reason, similarity, content_hash)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (url) DO UPDATE SET queue_id = EXCLUDED.queue_id,
+    original_url = EXCLUDED.original_url, reason = EXCLUDED.reason,
+    similarity = EXCLUDED.similarity, content_hash = EXCLUDED.content_hash, detected_at = now()
+"""
+
+
+def record(conn: psycopg.Connection, found: list[tuple[Lease, dict, Duplicate]]) -> None:
+    """Link each duplicate to its original (blogqa.duplicates)."""
+    if not found:
+        return
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            RECORD_SQL,
+            [
+                (
+                    lease.url,
+                    lease.id,
+                    dup.original_url,
+                    dup.reason,
+                    dup.similarity,
+                    page.get("content_hash"),
+                )
+                for lease, page, dup in found
+            ],
+        )
+
+
+def forget(conn: psycopg.Connection, urls: list[str]) -> None:
+    """Drop the duplicate links of URLs now stored as documents of their own."""
+    if urls:
+        conn.execute("DELETE FROM blogqa.duplicates WHERE url = ANY(%s)", (urls,))

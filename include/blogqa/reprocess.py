@@ -1,0 +1,282 @@
+"""Reprocessing by cause: redo only the stages a change made stale.
+
+What changed decides what a document needs (`stage_plan`):
+- its content (a refetch found another text), or `--cause all`: every stage, the fetch
+  unconditional for `all`;
+- the chat model or the prompt version (`llm.PROMPT_VERSION`), or `--cause summaries`:
+  summarize and embed again, from the stored text when the stored copy is fresh (fetched
+  within BLOGQA_REPROCESS_FRESH_DAYS), so no page is fetched;
+- the embedding model, or `--cause embeddings`: embed the stored summary, questions and text
+  again; no chat call, no fetch while the copy is fresh.
+
+The normal path (refresh, `enqueue --force`) applies the same rules after its conditional
+GET. `blogqa reprocess` (and the DAG's `reprocess` param) requeues stored documents with
+`url_queue.redo` set to the cause, which the crawl stage reads to skip the fetch and to
+force the stages named even when the stored rows look current (a prompt edited without a new
+version). `redo` is cleared when the row is done.
+
+Re-embedding is done in place: the new vectors replace the old ones document by document as
+the load commits, so until every document is done the tables mix vectors of two models
+(searches across them are meaningless for that while). A side-by-side vector set switched
+over when complete is not built; neither is a change of BLOGQA_EMBED_DIM, which the vector
+columns' type fixes (migration 002) and which needs a new database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+
+import psycopg
+
+from blogqa import store
+from blogqa.config import _env_bool, _env_float, _env_int
+from blogqa.errors import ConfigError
+from blogqa.queue import Lease
+
+log = logging.getLogger(__name__)
+
+CAUSES = ("all", "summaries", "embeddings")
+DAG_CHOICES = ("none", *CAUSES)  # the DAG param's values
+# the stronger cause wins when a row is flagged twice
+RANK = {None: 0, "embeddings": 1, "summaries": 2, "all": 3}
+MAX_REQUEUE = 1_000_000
+
+
+@dataclass(frozen=True)
+class FreshSettings:
+    """Settings of refresh, reprocessing and duplicate detection (read where a task runs)."""
+
+    fresh_days: int  # BLOGQA_REPROCESS_FRESH_DAYS: stored text younger than this is reused
+    dedupe: bool  # BLOGQA_DEDUPE
+    dedupe_threshold: float  # BLOGQA_DEDUPE_THRESHOLD: estimated Jaccard similarity
+    discovery_timeout: float  # BLOGQA_DISCOVERY_TIMEOUT_SECONDS: one poll of all sources
+
+    @classmethod
+    def load(cls) -> FreshSettings:
+        threshold = _env_float("BLOGQA_DEDUPE_THRESHOLD", 0.8, minimum=0.5)
+        if threshold > 1.0:
+            raise ConfigError(f"BLOGQA_DEDUPE_THRESHOLD={threshold} must be at most 1.0.")
+        return cls(
+            fresh_days=_env_int("BLOGQA_REPROCESS_FRESH_DAYS", 30, minimum=0, maximum=3650),
+            dedupe=_env_bool("BLOGQA_DEDUPE", True),
+            dedupe_threshold=threshold,
+            discovery_timeout=_env_float("BLOGQA_DISCOVERY_TIMEOUT_SECONDS", 300.0, minimum=1.0),
+        )
+
+
+# ---------------------------------------------------------------- requeue
+
+
+@dataclass
+class RequeueResult:
+    """What `requeue` did: rows put back from done, rows already queued that got the flag,
+    and rows left alone because a worker holds them."""
+
+    cause: str
+    requeued: list[str] = field(default_factory=list)
+    flagged: list[str] = field(default_factory=list)
+    in_progress: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "cause": self.cause,
+            "requeued": len(self.requeued),
+            "flagged": len(self.flagged),
+            "in_progress": self.in_progress,
+            "dry_run": self.dry_run,
+        }
+
+
+# Documents (by first fetch, documents.created_at, in [since, until)) whose stored rows the
+# cause makes stale: for `summaries` those made by another chat model or prompt version, for
+# `embeddings` those embedded by another model, for `all` (and with `force`) every one.
+# Only done rows are put back; queued rows just get the flag. Done rows first become
+# queued with a fresh attempt budget, due now.
+STALE_SQL = """
+SELECT q.id, q.url, q.status
+FROM blogqa.documents d
+JOIN blogqa.url_queue q ON q.url = d.url
+LEFT JOIN blogqa.summaries s ON s.document_id = d.id
+WHERE (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR d.created_at < %(until)s::timestamptz)
+  AND (%(force)s OR %(cause)s = 'all'
+       OR (%(cause)s = 'summaries' AND (s.model IS DISTINCT FROM %(chat_model)s
+                                        OR s.prompt_version IS DISTINCT FROM %(prompt)s))
+       OR (%(cause)s = 'embeddings' AND s.embed_model IS DISTINCT FROM %(embed_model)s))
+  AND q.status IN ('done', 'queued', 'processing')
+  AND (q.status <> 'queued' OR q.redo IS NULL OR %(rank)s > CASE q.redo
+       WHEN 'embeddings' THEN 1 WHEN 'summaries' THEN 2 ELSE 3 END)
+ORDER BY d.created_at, q.id
+LIMIT %(limit)s
+"""
+
+REQUEUE_SQL = """
+UPDATE blogqa.url_queue q
+SET redo = CASE WHEN q.redo IS NULL OR %(rank)s > CASE q.redo
+                    WHEN 'embeddings' THEN 1 WHEN 'summaries' THEN 2 ELSE 3 END
+                THEN %(cause)s ELSE q.redo END,
+    status = 'queued',
+    attempts = CASE WHEN q.status = 'done' THEN 0 ELSE q.attempts END,
+    run_after = CASE WHEN q.status = 'done' THEN now() ELSE q.run_after END,
+    finished_at = NULL,
+    processing_ms = CASE WHEN q.status = 'done' THEN NULL ELSE q.processing_ms END,
+    updated_at = now()
+WHERE q.id = ANY(%(ids)s) AND q.status IN ('done', 'queued')
+RETURNING q.id
+"""
+
+
+def requeue(
+    conn: psycopg.Connection,
+    cause: str,
+    *,
+    chat_model: str,
+    prompt_version: str,
+    embed_model: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    force: bool = False,
+    limit: int = MAX_REQUEUE,
+    dry_run: bool = False,
+) -> RequeueResult:
+    """Flag the stored documents the cause makes stale for reprocessing (see STALE_SQL).
+
+    Idempotent: `summaries` and `embeddings` pick only documents whose stored rows do not
+    match the current models and prompt, so a second call after the reprocessing finds
+    nothing, and a second call before it finds the rows already flagged. `all` (or `force`)
+    picks every document of the window each time it is asked; rows already flagged with it
+    are not counted again. Rows being processed are left alone (counted as in progress).
+    """
+    if cause not in CAUSES:
+        raise ValueError(f"unknown cause {cause!r}: one of {', '.join(CAUSES)}")
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise ValueError(f"{name} must be timezone-aware (a naive time is ambiguous)")
+    params = {
+        "since": since,
+        "until": until,
+        "force": force,
+        "cause": cause,
+        "rank": RANK[cause],
+        "chat_model": chat_model,
+        "prompt": prompt_version,
+        "embed_model": embed_model,
+        "limit": max(0, min(int(limit), MAX_REQUEUE)),
+    }
+    result = RequeueResult(cause, dry_run=dry_run)
+    with conn.transaction():
+        rows = conn.execute(STALE_SQL + " FOR UPDATE OF q SKIP LOCKED", params).fetchall()
+        result.in_progress = sum(1 for _, _, status in rows if status == "processing")
+        wanted = [(row_id, url, status) for row_id, url, status in rows if status != "processing"]
+        if not dry_run and wanted:
+            conn.execute(REQUEUE_SQL, {**params, "ids": [row_id for row_id, _, _ in wanted]})
+    for _, url, status in wanted:
+        (result.requeued if status == "done" else result.flagged).append(url)
+    log.info(
+        "stage=reprocess cause=%s window=[%s, %s) requeued %d, flagged %d queued, %d in progress%s",
+        cause,
+        since,
+        until,
+        len(result.requeued),
+        len(result.flagged),
+        result.in_progress,
+        " (dry run)" if dry_run else "",
+    )
+    return result
+
+
+# ---------------------------------------------------------------- the crawl stage's side
+
+REDO_SQL = """
+SELECT q.id, q.redo,
+       d.fetched_at IS NOT NULL AND d.fetched_at > now() - make_interval(days => %s)
+FROM blogqa.url_queue q LEFT JOIN blogqa.documents d ON d.url = q.url
+WHERE q.id = ANY(%s) AND q.redo IS NOT NULL
+"""
+
+
+@dataclass(frozen=True)
+class Redo:
+    """A claimed row's reprocessing flag, and whether its stored copy is fresh."""
+
+    cause: str
+    fresh: bool
+
+
+def redo_flags(conn: psycopg.Connection, leases: list[Lease], fresh_days: int) -> dict[int, Redo]:
+    """The claimed rows that carry a `redo` flag, by queue id."""
+    if not leases:
+        return {}
+    rows = conn.execute(REDO_SQL, (fresh_days, [lease.id for lease in leases])).fetchall()
+    return {row_id: Redo(cause, bool(fresh)) for row_id, cause, fresh in rows}
+
+
+def reuses_stored_text(redo: Redo | None, previous: store.StoredResult | None) -> bool:
+    """Whether the crawl skips the fetch and works from the stored text: only for a
+    summaries or embeddings reprocess of a document whose stored copy is fresh."""
+    return (
+        redo is not None
+        and redo.cause in ("summaries", "embeddings")
+        and redo.fresh
+        and previous is not None
+    )
+
+
+def stage_plan(
+    previous: store.StoredResult | None,
+    page: dict,
+    redo: Redo | None,
+    *,
+    chat_model: str,
+    prompt_version: str,
+    embed_model: str,
+) -> str:
+    """What a crawled (or reused) page needs: 'summarize' (summarize and embed), 'embed'
+    (embed the stored summary and questions), or 'unchanged' (nothing: the stored rows are
+    current)."""
+    cause = redo.cause if redo is not None else None
+    if previous is None or cause == "all" or previous.content_hash != page.get("content_hash"):
+        return "summarize"
+    if (
+        cause == "summaries"
+        or previous.chat_model != chat_model
+        or previous.prompt_version != prompt_version
+    ):
+        return "summarize"
+    if cause == "embeddings" or previous.embed_model != embed_model:
+        return "embed"
+    return "unchanged"
+
+
+STORED_QA_SQL = """
+SELECT d.url, s.summary, s.model, s.prompt_version,
+       coalesce(jsonb_agg(jsonb_build_object('question', q.question, 'answer', q.answer)
+                          ORDER BY q.position) FILTER (WHERE q.id IS NOT NULL), '[]'::jsonb)
+FROM blogqa.documents d
+JOIN blogqa.summaries s ON s.document_id = d.id
+LEFT JOIN blogqa.questions q ON q.document_id = d.id
+WHERE d.url = ANY(%s)
+GROUP BY d.url, s.summary, s.model, s.prompt_version
+"""
+
+
+def stored_llm_results(conn: psycopg.Connection, urls: list[str]) -> dict[str, dict]:
+    """The stored summary and question/answer pairs of each URL, in the shape summarize
+    saves (`QAResult.as_json`), with the model and prompt version that made them: what a
+    re-embed feeds to the embed stage instead of a chat call."""
+    if not urls:
+        return {}
+    found = {}
+    for url, summary, model, prompt_version, qa in conn.execute(STORED_QA_SQL, (urls,)):
+        found[url] = {
+            "summary": summary,
+            "qa": qa,
+            "model": model,
+            "prompt_version": prompt_version,
+            "input_truncated": False,
+            "reused": True,
+        }
+    return found
