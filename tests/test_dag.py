@@ -54,6 +54,11 @@ def test_chunks_stay_within_airflow_map_limit():
     assert plan_chunks(10_000, 25) * MAX_CHUNKS_PER_RUN >= 10_000
     assert -(-10_000 // plan_chunks(10_000, 25)) <= MAX_CHUNKS_PER_RUN <= 1024
     assert plan_chunks(100, 25) == 25
+    # every pool slot gets a chunk, and the chunks come in whole rounds of the slots
+    assert plan_chunks(100, 100, lanes=4) == 25
+    assert plan_chunks(500, 100, lanes=4) == 63  # 8 chunks, not 5 (4 + one alone)
+    assert plan_chunks(2000, 100, lanes=4) == 100
+    assert plan_chunks(3, 100, lanes=4) == 1
 
 
 def test_end_to_end_run_fills_every_table_and_rerun_costs_nothing(

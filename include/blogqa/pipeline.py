@@ -57,9 +57,23 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def plan_chunks(n: int, chunk_size: int, max_chunks: int = MAX_CHUNKS_PER_RUN) -> int:
-    """Chunk size actually used: grows when `n` would need more than `max_chunks` chunks."""
-    return max(chunk_size, math.ceil(n / max_chunks)) if n else chunk_size
+def plan_chunks(
+    n: int, chunk_size: int, max_chunks: int = MAX_CHUNKS_PER_RUN, *, lanes: int = 1
+) -> int:
+    """Chunk size actually used for `n` URLs: at most `chunk_size`, unless `n` would need
+    more than `max_chunks` chunks.
+
+    The number of chunks is rounded up to a multiple of `lanes` (the `blogqa_llm` pool's
+    slots, how many model-calling tasks run at once), so every slot has a chunk and the last
+    round is not one chunk running alone: 100 URLs with 4 slots are 4 chunks of 25, not one
+    chunk of 100 with 8 requests in flight while 3 slots stay idle.
+    """
+    if not n:
+        return chunk_size
+    count = math.ceil(n / chunk_size)
+    count = math.ceil(count / max(lanes, 1)) * max(lanes, 1)
+    count = min(count, n, max_chunks)
+    return max(math.ceil(n / count), math.ceil(n / max_chunks))
 
 
 def enqueue_urls(urls: list[str], settings: Settings | None = None, *, force: bool = False) -> dict:
@@ -105,7 +119,7 @@ def claim_chunks(
             lease_seconds=settings.lease_seconds,
             run_id=run_id,
         )
-    size = plan_chunks(len(leases), max(1, int(chunk_size)))
+    size = plan_chunks(len(leases), max(1, int(chunk_size)), lanes=settings.llm_pool_slots)
     chunks = [[lease.ref() for lease in leases[i : i + size]] for i in range(0, len(leases), size)]
     log.info("stage=claim claimed %d urls in %d chunks of up to %d", len(leases), len(chunks), size)
     return chunks
