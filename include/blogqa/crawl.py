@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "crawl"
 HTML_TYPES = ("text/html", "application/xhtml+xml")
+# what feeds and sitemaps are served as (blogqa.sources fetches them through `fetch`)
+XML_TYPES = ("application/rss+xml", "application/atom+xml", "application/rdf+xml",
+             "application/xml", "text/xml")  # fmt: skip
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 GONE_CODES = (404, 410)
 TRANSIENT_CODES = (408, 425, 429, 500, 502, 503, 504)
@@ -282,12 +285,14 @@ async def fetch(
     settings: Settings,
     validators: Validators | None = None,
     policy: CrawlPolicy | None = None,
+    accept: tuple[str, ...] = HTML_TYPES,
 ) -> Fetched:
     """GET `url` following at most `max_redirects` redirects, each hop allowed by robots.txt
     and paced per host when there is a `policy`. Addresses are vetted by the client's
     transport (`http_client`) as each hop connects; a refused one raises a permanent
-    PageError from inside the request."""
-    headers = {"User-Agent": settings.user_agent, "Accept": "text/html,application/xhtml+xml"}
+    PageError from inside the request. `accept`: the content types taken (HTML pages by
+    default; feeds and sitemaps pass XML_TYPES), any other is a `skipped` PageError."""
+    headers = {"User-Agent": settings.user_agent, "Accept": ",".join(accept)}
     if validators and validators.etag:
         headers["If-None-Match"] = validators.etag
     if validators and validators.last_modified:
@@ -303,7 +308,7 @@ async def fetch(
                 if response.status_code in REDIRECT_CODES and "location" in response.headers:
                     current = urljoin(current, response.headers["location"])
                     continue
-                return await _read(response, url, current, settings)
+                return await _read(response, url, current, settings, accept)
         except httpx.TimeoutException as exc:
             raise PageError(f"timed out fetching {current}: {exc!r}", stage=STAGE, permanent=False)
         except httpx.TransportError as exc:
@@ -315,7 +320,13 @@ async def fetch(
     )
 
 
-async def _read(response: httpx.Response, url: str, final_url: str, settings: Settings) -> Fetched:
+async def _read(
+    response: httpx.Response,
+    url: str,
+    final_url: str,
+    settings: Settings,
+    accept: tuple[str, ...] = HTML_TYPES,
+) -> Fetched:
     status = response.status_code
     if status == 304:
         return Fetched(url, final_url, 304, b"", None, None, None)
@@ -332,9 +343,11 @@ async def _read(response: httpx.Response, url: str, final_url: str, settings: Se
         raise PageError(f"HTTP {status} for {final_url}", stage=STAGE, permanent=True)
     content_type = response.headers.get("content-type", "")
     mime = content_type.split(";")[0].strip().lower()
-    if mime and mime not in HTML_TYPES:
+    if mime and mime not in accept:
         raise PageError(
-            f"not an HTML page (Content-Type {mime})",
+            f"not an HTML page (Content-Type {mime})"
+            if accept == HTML_TYPES
+            else f"unexpected Content-Type {mime} (wanted one of {', '.join(accept)})",
             stage=STAGE,
             permanent=True,
             terminal_status="skipped",
