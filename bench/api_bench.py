@@ -44,6 +44,18 @@ What it does, and why:
 
 Results go to bench/results/api_bench.json and a table on stdout. Other work running on the
 machine at the same time makes the figures noisy: the load average is recorded.
+
+5. The open-loop phase (`--phase open`, issue 13): `blogqa serve` with the OpenAI provider
+   against an OpenAI-compatible server that answers at once (bench/servers.py's, in a process
+   of its own so its GIL is not the load generator's), and requests sent at fixed offered rates
+   whatever the answers do (an open loop: each request has a scheduled send time, i * 1/rate,
+   on a keep-alive connection that is free or a new one; its latency is counted from that
+   scheduled time, so a server that falls behind shows it instead of slowing the sender down:
+   no coordinated omission). Per route and rate: p50/p95/p99, the send lag of the generator
+   itself, and CPU ms per request of the API server, PostgreSQL, the model server and the
+   generator. Run it on the 100k corpus and on a small one (`--documents 120 --home
+   .blogqa/bench-api-120`, the size issue 13 measured on); each run adds its corpus's section
+   to bench/results/api_open_loop.json.
 """
 
 from __future__ import annotations
@@ -83,6 +95,14 @@ from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings, load_settings
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO / ".blogqa" / "bench-api"
 RESULTS = REPO / "bench" / "results" / "api_bench.json"
+OPEN_RESULTS = REPO / "bench" / "results" / "api_open_loop.json"
+# (route, offered requests/s, p95 target in ms) of the open-loop phase (issue 13)
+OPEN_LOOP = (
+    ("GET /api/v1/questions/by-url", 300, 10.0),
+    ("POST /api/v1/search/similar (text)", 60, 25.0),
+    ("POST /api/v1/search/similar (text)", 50, 25.0),
+    ("POST /api/v1/search/similar (url)", 50, 25.0),  # the same search without the model call
+)
 MARKER_KEY = "bench_api_corpus"  # blogqa.settings row written once a load is complete
 # The HNSW indexes of include/blogqa/sql/002_outputs.sql (pgvector defaults: m = 16, ef_construction = 64).
 HNSW_INDEXES = (
@@ -609,13 +629,23 @@ def serve_options(workers: int, access_log: bool) -> list[str]:
 
 @contextlib.contextmanager
 def running_server(
-    home: Path, ef_search: int, workers: int, access_log: bool = True
+    home: Path,
+    ef_search: int,
+    workers: int,
+    access_log: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """`blogqa serve` on a free port; yields (port, pid) once /health answers 200."""
     port = _free_port()
     command = [str(Path(sys.executable).with_name("blogqa")), "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), *serve_options(workers, access_log)]
-    env = {**os.environ, "BLOGQA_HNSW_EF_SEARCH": str(ef_search)}
+    env = {
+        **os.environ,
+        "BLOGQA_HNSW_EF_SEARCH": str(ef_search),
+        # one client sends every request: the per-client limit would refuse the bench
+        "BLOGQA_API_RATE_LIMIT_PER_MINUTE": "0",
+        **(extra_env or {}),
+    }
     log_path = home / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -883,6 +913,192 @@ async def measure_routes(
     return results
 
 
+# ---------------------------------------------------------------- open loop (issue 13)
+
+# The handler writes a response's head and body in two sends; on a kept-alive connection
+# Nagle's algorithm then holds the body until the client's delayed ACK of the head (40 ms
+# here), a stall of the test server that a real endpoint does not have: TCP_NODELAY.
+MODEL_SERVER_CODE = """
+import socket, sys, time
+sys.path.insert(0, {root!r})
+from bench.servers import LatencyOpenAI, LatencyOpenAIHandler
+
+class Handler(LatencyOpenAIHandler):
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+server = LatencyOpenAI(chat_latency=0.0, embed_latency=0.0, api_key="bench-key")
+server.httpd.RequestHandlerClass = Handler
+server.start()
+print(server.base_url, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+@contextlib.contextmanager
+def model_server() -> Iterator[tuple[str, int]]:
+    """The OpenAI-compatible server answering at once, in its own process; yields (base URL,
+    pid)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", MODEL_SERVER_CODE.format(root=str(REPO))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = process.stdout.readline().strip()
+        if not base.startswith("http://"):
+            raise RuntimeError("the model server did not start")
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class OpenCpuMeter(CpuMeter):
+    """CpuMeter plus the model server's process."""
+
+    def __init__(self, server_pid: int, postmaster_pid: int, model_pid: int) -> None:
+        super().__init__(server_pid, postmaster_pid)
+        self.model = psutil.Process(model_pid)
+
+    def read(self) -> dict:
+        return {**super().read(), "model_server": self._tree(self.model)}
+
+
+async def open_loop(
+    base: tuple[str, int], route: Route, rate: float, count: int, rng: np.random.Generator
+) -> dict:
+    """`count` requests at `rate` per second on a fixed schedule; latency from each request's
+    scheduled send time. A request whose turn comes while every connection is busy opens a new
+    one (as a fleet of independent clients would)."""
+    # perf_counter, not loop.time(): uvloop's clock has millisecond steps and is read once
+    # per loop iteration, which would round every latency to whole milliseconds
+    clock = time.perf_counter
+    idle: list[KeepAliveClient] = []
+    opened = 0
+    latencies: list[float] = []
+    lags: list[float] = []
+    failures: dict[int, int] = {}
+
+    async def one(scheduled: float, request: tuple[str, str, bytes]) -> None:
+        nonlocal opened
+        lags.append((clock() - scheduled) * 1000)
+        if idle:
+            client = idle.pop()
+        else:
+            client, opened = KeepAliveClient(*base), opened + 1
+        status, _ = await client.request(*request)
+        latencies.append((clock() - scheduled) * 1000)
+        idle.append(client)
+        if status != 200:
+            failures[status] = failures.get(status, 0) + 1
+
+    requests = [route.make(rng) for _ in range(count)]
+    interval = 1.0 / rate
+    start = clock() + 0.05
+    tasks = []
+    for i, request in enumerate(requests):
+        scheduled = start + i * interval
+        delay = scheduled - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(scheduled, request)))
+    await asyncio.gather(*tasks)
+    elapsed = clock() - start
+    for client in idle:
+        await client.close()
+    return {
+        "offered_per_s": rate,
+        "requests": count,
+        **_percentiles(latencies),
+        "max_ms": round(max(latencies), 2),
+        "achieved_per_s": round(count / elapsed, 1),
+        "send_lag_p95_ms": round(float(np.percentile(lags, 95)), 2),
+        "connections_opened": opened,
+        "non_200": failures,
+    }
+
+
+async def measure_open_loop(
+    base: tuple[str, int], route_list: list[Route], seconds: float, meter: OpenCpuMeter
+) -> list[dict]:
+    by_name = {route.name: route for route in route_list}
+    rng = np.random.default_rng(13)
+    results = []
+    for name, rate, target in OPEN_LOOP:
+        route = by_name[name]
+        await open_loop(base, route, rate, int(rate * 2), rng)  # warm-up: 2 s at the rate
+        count = int(rate * seconds)
+        before = meter.read()
+        row = await open_loop(base, route, rate, count, rng)
+        after = meter.read()
+        row["cpu_ms_per_request"] = {
+            key: round((after[key] - before[key]) * 1000 / count, 3) for key in after
+        }
+        row.update({"route": name, "target_p95_ms": target, "met": row["p95_ms"] < target})
+        results.append(row)
+        console.print(
+            f"  {name:36} {rate:4d}/s offered  p50 {row['p50_ms']:6.2f}  p95 {row['p95_ms']:6.2f}"
+            f"  p99 {row['p99_ms']:7.2f} ms  server CPU {row['cpu_ms_per_request']['server']:.2f}"
+            f" ms/req  ({'met' if row['met'] else 'MISSED'}: p95 < {target:g} ms)"
+        )
+    return results
+
+
+def run_open(args: argparse.Namespace) -> dict:
+    """The open-loop phase on the corpus of `args` (built if missing)."""
+    _isolate(args.home)
+    settings = load_settings()
+    spec = CorpusSpec(documents=args.documents, dim=settings.embed_dim)
+    machine = machine_facts()
+    with db.connect(settings) as conn:
+        load = _corpus(conn, spec, args)
+        conn.execute("TRUNCATE blogqa.llm_usage")
+        keys = sample_keys(conn)
+        ef = args.ef_search
+        with model_server() as (model_base, model_pid):
+            env = {
+                "BLOGQA_LLM_PROVIDER": "openai",
+                "OPENAI_BASE_URL": f"{model_base}/v1",
+                "OPENAI_API_KEY": "bench-key",
+                "BLOGQA_CHAT_MODEL": "bench-chat",
+                "BLOGQA_EMBED_MODEL": "text-embedding-3-small",
+            }
+            console.print(
+                f"blogqa serve, OpenAI provider at {model_base} (answers at once),"
+                f" {args.documents} documents, open loop…"
+            )
+            access_log = args.access_log == "on"
+            with running_server(args.home, ef, args.workers, access_log, env) as (port, pid):
+                meter = OpenCpuMeter(pid, _postmaster_pid(settings), model_pid)
+                route_list = routes(keys, TextMaker(np.random.default_rng(12)))
+                rows = uvloop.run(
+                    measure_open_loop(("127.0.0.1", port), route_list, args.seconds, meter)
+                )
+    return {
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python bench/api_bench.py " + " ".join(sys.argv[1:]),
+        "machine": {**machine, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "corpus": {
+            "documents": spec.documents,
+            "question_vectors": spec.questions,
+            "chunk_vectors": spec.chunks,
+            "reused": load.get("reused"),
+        },
+        "server": {
+            "command": "blogqa serve " + " ".join(serve_options(args.workers, access_log)),
+            "provider": "openai (AsyncOpenAI, one client per event loop) against"
+            " bench/servers.py's OpenAI-compatible server answering at once",
+            "hnsw_ef_search": ef,
+            "rate_limit": "off (BLOGQA_API_RATE_LIMIT_PER_MINUTE=0)",
+        },
+        "seconds_per_rate": args.seconds,
+        "results": rows,
+    }
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -980,6 +1196,22 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--rebuild", action="store_true", help="regenerate the corpus")
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="the bench's BLOGQA_HOME")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--phase",
+        choices=("all", "closed", "open"),
+        default="all",
+        help="closed: recall and 16 closed-loop clients (offline provider); open: the OpenAI"
+        " provider at fixed offered rates (issue 13); all: both",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=20.0, help="measured seconds per rate (open loop)"
+    )
+    parser.add_argument(
+        "--ef-search",
+        type=int,
+        default=HNSW_EF_SEARCH_DEFAULT,
+        help="hnsw.ef_search of the open-loop server (the closed phase measures its own)",
+    )
     return parser.parse_args()
 
 
@@ -1077,15 +1309,26 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _shown(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def main() -> int:
     args = _parse_args()
-    results = run(args)
-    print_report(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    console.print(
-        f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output}"
-    )
+    if args.phase in ("all", "closed"):
+        results = run(args)
+        print_report(results)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"wrote {_shown(args.output)}")
+    if args.phase in ("all", "open"):
+        section = run_open(args)
+        merged = json.loads(OPEN_RESULTS.read_text()) if OPEN_RESULTS.exists() else {}
+        merged["benchmark"] = "api_bench --phase open"
+        merged.setdefault("corpora", {})[f"{args.documents}_documents"] = section
+        OPEN_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        OPEN_RESULTS.write_text(json.dumps(merged, indent=2) + "\n")
+        console.print(f"wrote {_shown(OPEN_RESULTS)}")
     return 0
 
 
