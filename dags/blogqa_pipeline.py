@@ -1,10 +1,11 @@
-"""blogqa_pipeline: URL queue -> crawl -> summarize -> embed -> load -> tables in schema blogqa.
+"""blogqa_pipeline: URL queue -> crawl -> summarize -> embed -> validate -> load -> tables in
+schema blogqa; then a table-level validation, and a review of quarantined documents.
 
 Wiring only: every task calls a function of `blogqa.pipeline`. XCom carries queue ids and
 lease tokens, never page text; intermediate results live in Postgres (blogqa.work_items).
 The dag-processor re-parses this file every 30 s, so it imports only `airflow.sdk` and
-blogqa's settings module; the pipeline (httpx, psycopg, openai, tokenizers) is imported
-inside the tasks.
+blogqa's settings module (and the standard provider's HITLOperator, about 20 ms more); the
+pipeline (httpx, psycopg, openai, tokenizers, Great Expectations) is imported inside the tasks.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param, dag, get_current_context, task, task_group
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN
 
@@ -62,6 +64,34 @@ SCHEDULE = os.environ.get("BLOGQA_SCHEDULE", "0 2 * * *").strip()
 # backlog takes a bigger `max_urls`. No max_active_tis_per_dag on the model tasks: the pool
 # (BLOGQA_LLM_POOL_SLOTS) is the one limit on model calls, across runs and DAGs alike.
 MAX_ACTIVE_RUNS = 1
+
+REVIEW_OPTIONS = ["Release", "Requeue", "Drop", "Leave quarantined"]  # pipeline.REVIEW_OPTIONS
+
+
+class QuarantineReview(HITLOperator):
+    """Asks a person what to do with the documents this run quarantined (Airflow's Required
+    Actions; the task waits in `awaiting_input` without holding a worker slot). Skipped when
+    nothing was quarantined, when BLOGQA_REVIEW is false, and in `dag.test()` runs (`blogqa
+    run`), where nothing would enforce the timeout. Past BLOGQA_REVIEW_TIMEOUT (read where the
+    task runs) the default answer applies: leave them quarantined."""
+
+    def execute(self, context):
+        chunks = context["ti"].xcom_pull(task_ids="claim")
+        under_test = getattr(context["dag_run"], "triggering_user_name", None) == "dag_test"
+        request = _pipeline().review_request(chunks, context["run_id"], under_test=under_test)
+        if request is None:
+            raise AirflowSkipException("no quarantined document to review")
+        self.subject, self.body = request["subject"], request["body"]
+        self.response_timeout = timedelta(seconds=request["timeout_seconds"])
+        return super().execute(context)
+
+    def execute_complete(self, context, event):
+        answer = super().execute_complete(context, event)
+        chunks = context["ti"].xcom_pull(task_ids="claim")
+        queue_ids = (answer["params_input"] or {}).get("queue_ids") or []
+        return _pipeline().apply_review(
+            chunks, answer["chosen_options"][0], queue_ids, context["run_id"]
+        )
 
 
 @dag(
@@ -155,11 +185,17 @@ def blogqa_pipeline():
             return _pipeline().embed_chunk(chunk)
 
         @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
+        def validate(chunk: list[dict]) -> list[dict]:
+            _label(chunk)
+            context = get_current_context()
+            return _pipeline().validate_chunk(chunk, context["run_id"], context["ti"].map_index)
+
+        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
         def load(chunk: list[dict]) -> list[int]:
             _label(chunk)
             return _pipeline().load_chunk(chunk)
 
-        return load(embed(summarize(crawl(chunk))))
+        return load(validate(embed(summarize(crawl(chunk)))))
 
     @task(execution_timeout=timedelta(minutes=2))
     def finalize(chunks: list[list[dict]], loaded) -> dict:
@@ -169,8 +205,33 @@ def blogqa_pipeline():
         except pipeline.NothingProcessedError as exc:
             raise AirflowFailException(str(exc)) from None  # a retry would find the same
 
+    @task(execution_timeout=timedelta(minutes=10))
+    def validate_tables(chunks: list[list[dict]], loaded) -> dict:
+        return _pipeline().validate_run_tables(chunks, get_current_context()["run_id"])
+
+    review = QuarantineReview(
+        task_id="review",
+        subject="Review quarantined documents",
+        options=REVIEW_OPTIONS,
+        defaults="Leave quarantined",
+        params={
+            "queue_ids": Param(
+                [],
+                type="array",
+                items={"type": "integer"},
+                title="Only these queue ids",
+                description="Empty: every document of this run that is still quarantined.",
+            )
+        },
+        # the wait itself is bounded by BLOGQA_REVIEW_TIMEOUT, set when the task runs
+        response_timeout=timedelta(hours=1),
+        execution_timeout=timedelta(minutes=5),
+    )
+
     chunks = claim(enqueue())
-    finalize(chunks, process.expand(chunk=chunks))
+    loaded = process.expand(chunk=chunks)
+    finalize(chunks, loaded) >> review
+    validate_tables(chunks, loaded)
 
 
 pipeline_dag = blogqa_pipeline()

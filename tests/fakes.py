@@ -344,7 +344,9 @@ class OpenAIHandler(_Handler):
         ][:5]
         while len(qa) < 3:
             qa.append(dict(qa[-1]))
-        content = json.dumps({"summary": " ".join(sentences[:2]), "qa": qa})
+        summary = " ".join(sentences[:2])
+        summary, qa = _bad_content(self.server.owner.page_faults, user, summary, qa)
+        content = json.dumps({"summary": summary, "qa": qa})
         if behaviour in ("invalid", "truncated"):  # JSON cut short
             content = content[: len(content) // 2]
         message = {"role": "assistant", "content": content, "refusal": None}
@@ -366,6 +368,34 @@ class OpenAIHandler(_Handler):
             },
         }
         return self.send(200, json.dumps(payload).encode(), "application/json")
+
+
+# Bad content for chosen pages (`server.page_faults`: a text of the page's title line in the
+# prompt -> one of these), valid JSON every time: what the quality gate must catch when the
+# endpoint does not enforce the schema or the model misbehaves.
+OFF_PAGE_ANSWERS = [
+    "The Treaty of Westphalia ended the Thirty Years War in 1648.",
+    "Jupiter has a Great Red Spot, a storm larger than Earth.",
+    "Mitochondria produce adenosine triphosphate for eukaryotic cells.",
+    "Byzantine mosaics used tesserae of coloured glass and gold leaf.",
+]
+REFUSAL = "As an AI language model, I cannot summarize this article."
+
+
+def _bad_content(faults: dict, prompt: str, summary: str, qa: list) -> tuple[str, list]:
+    title = prompt.split("\n", 1)[0]
+    behaviour = next((b for marker, b in faults.items() if marker in title), None)
+    if behaviour == "off_page_answers":  # answers not supported by the page
+        qa = [{"question": p["question"], "answer": a} for p, a in zip(qa, OFF_PAGE_ANSWERS)]
+    elif behaviour == "repeated_questions":
+        qa = [{"question": qa[0]["question"], "answer": p["answer"]} for p in qa]
+    elif behaviour == "refusal_text":
+        summary = REFUSAL
+    elif behaviour == "empty_summary":
+        summary = ""
+    elif behaviour == "two_questions":
+        qa = qa[:2]
+    return summary, qa
 
 
 class _FaultRates:
@@ -390,6 +420,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.lock = threading.Lock()
     server.script = []
     server.embedding_script = []
+    server.page_faults = {}  # text in a page's title -> a behaviour of _bad_content
     server.requests = []
     server.draw_fault = _FaultRates()
     server.faults = {}

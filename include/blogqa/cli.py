@@ -24,7 +24,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from blogqa import cli_fresh, db, export, queue
+from blogqa import cli_fresh, cli_quality, db, export, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
 
@@ -672,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ask)
 
     export.add_parser(sub)  # blogqa export (export.py)
+    cli_quality.register(sub)  # blogqa quality, blogqa quarantine (cli_quality.py)
     cli_fresh.register(sub)  # blogqa reprocess, blogqa sources (cli_fresh.py)
     return parser
 

@@ -64,14 +64,18 @@ RESPONSE_SCHEMA = {
 }
 
 
+# The reply's shape only. What makes its content acceptable (a non-empty summary, 3-5 unique
+# questions, answers the page supports, no refusals) is the quality gate's expectation
+# suites (blogqa/expectations/*.json), which quarantine a document with its reasons for a
+# person to decide, instead of failing it here; RESPONSE_SCHEMA still asks for 3-5 pairs.
 class QAPair(BaseModel):
-    question: str = Field(min_length=3)
-    answer: str = Field(min_length=1)
+    question: str
+    answer: str
 
 
 class PageQA(BaseModel):
-    summary: str = Field(min_length=10)
-    qa: list[QAPair] = Field(min_length=3, max_length=5)
+    summary: str
+    qa: list[QAPair] = Field(max_length=20)
 
 
 @dataclass(frozen=True)

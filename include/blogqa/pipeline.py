@@ -833,3 +833,168 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
             "in the queue for a retry: see `blogqa errors` for the reasons"
         )
     return tally
+
+
+# ---------------------------------------------------------------- quality gate
+
+
+def validate_chunk(
+    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
+) -> list[dict]:
+    """The quality gate between embed and load: run the expectation suites over the chunk's
+    results, quarantine each document that fails a blocking expectation (with the failed
+    expectations and observed values; not loaded), record every result in
+    blogqa.quality_results, and return the refs that go on to load.
+
+    Unchanged pages of a refresh carry no new results and pass (they were validated when
+    first loaded). A suite that cannot be evaluated fails the task (QualityConfigError)."""
+    from blogqa import quality, quarantine
+
+    settings = settings or task_settings()
+    with db.connect(settings) as conn:
+        leases = queue.renew(conn, refs, settings.lease_seconds)
+        items = store.work_items(conn, leases, settings.embed_dim)
+        _fail_missing(conn, leases, items, "validate", settings)
+        checked = [item for item in items if not item.unchanged]
+        verdict = quality.validate_items(checked, settings)
+        quality.record(conn, run_id, map_index, verdict)
+        for queue_id, reasons in verdict.warnings.items():
+            url = next(i.lease.url for i in checked if i.lease.id == queue_id)
+            log.info("url=%s stage=validate warning: %s", url, quarantine.describe(reasons))
+        failing = verdict.quarantined
+        held = {item.lease.id: item.lease for item in checked}
+        quarantined = quarantine.quarantine(
+            conn, [(held[i], reasons) for i, reasons in failing.items() if i in held], run_id
+        )
+        survivors = _hand_off(
+            conn,
+            _survivors([item.lease for item in items], [], set(failing) | set(quarantined)),
+            settings,
+        )
+    log.info(
+        "stage=validate %d documents checked, %d quarantined, %d with warnings",
+        len(checked),
+        len(quarantined),
+        len(verdict.warnings),
+    )
+    return survivors
+
+
+def validate_run_tables(
+    chunks: list[list[dict]], run_id: str, settings: Settings | None = None
+) -> dict:
+    """Table-level validation of the documents this run loaded (GX on PostgreSQL through a
+    SQL data source), then the Data Docs under $BLOGQA_HOME/quality. Raises
+    TableValidationError when a blocking expectation failed (the task fails)."""
+    from blogqa import quality
+
+    settings = settings or task_settings()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    verdict = quality.validate_tables(settings, run_id, ids)
+    try:
+        index = quality.build_docs(settings, run_id)
+    except Exception:
+        log.exception("stage=quality run=%s Data Docs not built", run_id)
+        index = None
+    failed = quality.blocking_failures(verdict)
+    for outcome in failed:
+        log.error(
+            "stage=quality run=%s table check failed: %s (%s) queue ids %s",
+            run_id,
+            outcome.reason,
+            outcome.expectation,
+            sorted(outcome.failing)[:20],
+        )
+    if failed:
+        raise quality.TableValidationError(
+            f"{len(failed)} table-level expectation(s) failed for run {run_id}: "
+            + "; ".join(o.reason for o in failed)
+            + " (see blogqa.quality_results or `blogqa quality --run`)"
+        )
+    return {"validated": sum(1 for _ in ids), "data_docs": str(index) if index else None}
+
+
+REVIEW_OPTIONS = ("Release", "Requeue", "Drop", "Leave quarantined")
+REVIEW_DEFAULT = "Leave quarantined"
+REVIEW_ACTIONS = {"Release": "release", "Requeue": "requeue", "Drop": "drop"}
+
+
+def review_request(
+    chunks: list[list[dict]], run_id: str, *, under_test: bool, settings: Settings | None = None
+) -> dict | None:
+    """What the review task asks a person, or None when it has nothing to ask (it is then
+    skipped): no document of this run is quarantined, BLOGQA_REVIEW is false, or the run is
+    a `dag.test()` run (`blogqa run`), where no scheduler would ever enforce the response
+    timeout and the run would wait forever; `blogqa quarantine` serves those."""
+    from blogqa import quality, quarantine
+
+    settings = settings or task_settings()
+    options = quality.QualitySettings.load()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    with db.connect(settings) as conn:
+        rows = quarantine.list_quarantined(conn, ids)
+    if not rows:
+        log.info("stage=review run=%s nothing quarantined: no review", run_id)
+        return None
+    if not options.review or under_test:
+        why = "BLOGQA_REVIEW is false" if not options.review else "a dag.test() run"
+        log.warning(
+            "stage=review run=%s %d document(s) quarantined; no review (%s): see `blogqa "
+            "quarantine list`",
+            run_id,
+            len(rows),
+            why,
+        )
+        return None
+    intro = (
+        f"{len(rows)} document(s) of this run failed a blocking quality expectation and were "
+        "not loaded. **Release** loads them as they are, **Requeue** processes them again, "
+        "**Drop** never loads them; **Leave quarantined** (also the answer when "
+        f"BLOGQA_REVIEW_TIMEOUT, {options.review_timeout:g} s, passes) keeps them for "
+        "`blogqa quarantine`. To act on some of them only, list their queue ids in the form."
+    )
+    lines = [
+        intro,
+        "",
+        "| queue id | URL | reasons |",
+        "| --- | --- | --- |",
+    ]
+    for row in rows:
+        reasons = quarantine.describe(row["reasons"] or []).replace("|", "\\|")
+        lines.append(f"| {row['id']} | {row['url']} | {reasons} |")
+    lines += ["", "Data Docs: `/blogqa/quality/` (plugin) or `/quality/` (`blogqa serve`)."]
+    return {
+        "subject": f"Review {len(rows)} quarantined document(s)",
+        "body": "\n".join(lines),
+        "timeout_seconds": options.review_timeout,
+        "queue_ids": [row["id"] for row in rows],
+    }
+
+
+def apply_review(
+    chunks: list[list[dict]],
+    choice: str,
+    queue_ids: list[int] | None,
+    run_id: str,
+    settings: Settings | None = None,
+) -> dict:
+    """Carry out a reviewer's answer on this run's quarantined documents (those listed in
+    `queue_ids`, or all of them); rows released or requeued meanwhile are left alone."""
+    from blogqa import quarantine
+
+    settings = settings or task_settings()
+    ids = [int(ref["id"]) for chunk in chunks or [] for ref in chunk]
+    if queue_ids:
+        ids = [i for i in ids if i in {int(q) for q in queue_ids}]
+    action = REVIEW_ACTIONS.get(choice)
+    if action is None:
+        log.info("stage=review run=%s answer %r: documents stay quarantined", run_id, choice)
+        return {"choice": choice, "applied": []}
+    with db.connect(settings) as conn:
+        results = quarantine.apply(
+            conn, action, ids, embed_model=settings.embed_model, embed_dim=settings.embed_dim
+        )
+    log.info(
+        "stage=review run=%s answer %r applied to %d document(s)", run_id, choice, len(results)
+    )
+    return {"choice": choice, "applied": [r.as_dict() for r in results]}

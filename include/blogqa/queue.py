@@ -30,7 +30,9 @@ TRACKING_PARAMS = {
     "mc_cid", "mc_eid", "_ga", "_gl", "mkt_tok", "oly_anon_id", "oly_enc_id", "vero_id",
 }  # fmt: skip
 DEFAULT_PORTS = {"http": 80, "https": 443}
-TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled")
+# Final for the pipeline (a run's tally counts them). `quarantined` waits for a person (the
+# review task, `blogqa quarantine`), not for a worker: see blogqa.quarantine.
+TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled", "quarantined")
 STATUSES = ("queued", "processing", *TERMINAL_STATUSES)
 
 

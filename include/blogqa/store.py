@@ -597,3 +597,38 @@ def _copy(conn: psycopg.Connection, target: str, types: list[str], rows: list[tu
         copy.set_types(types)
         for row in rows:
             copy.write_row(row)
+
+
+# ---------------------------------------------------------------- quarantine
+
+QUARANTINED_ITEM_SQL = """
+SELECT q.id, q.url, q.attempts, w.lease_token, w.page, w.unchanged, w.llm_result, w.chunks,
+       w.vectors
+FROM blogqa.url_queue q JOIN blogqa.work_items w ON w.queue_id = q.id
+WHERE q.id = %s AND q.status = 'quarantined'
+"""
+
+
+def quarantined_item(conn: psycopg.Connection, queue_id: int, dim: int) -> WorkItem | None:
+    """The work item a quarantined row kept (its lease is gone: the row is no longer being
+    processed, and only a reviewer's release loads it). None when it has none."""
+    row = conn.execute(QUARANTINED_ITEM_SQL, (queue_id,)).fetchone()
+    if row is None:
+        return None
+    row_id, url, attempts, token, page, unchanged, llm_result, chunks, vectors = row
+    matrix = None if vectors is None else np.frombuffer(vectors, dtype=np.float32).reshape(-1, dim)
+    lease = Lease(id=row_id, url=url, token=str(token), attempts=attempts)
+    return WorkItem(lease, page, unchanged, llm_result, chunks, matrix)
+
+
+def load_released(
+    conn: psycopg.Connection, item: WorkItem, *, embed_model: str, fetched_at: dt.datetime
+) -> None:
+    """Load a released quarantined document as it is, inside the caller's transaction (which
+    holds the queue row locked and marks it done): the same writes as `load_documents`."""
+    check_complete(item)
+    if item.unchanged:
+        _touch_unchanged(conn, [item], fetched_at)
+    else:
+        _replace_outputs(conn, [item], embed_model, fetched_at)
+    conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (item.lease.id,))

@@ -48,7 +48,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from blogqa import db, search
 from blogqa.answer import AnswerError
-from blogqa.api import access, metrics, models, operations, queries, ui, widget
+from blogqa.api import access, metrics, models, operations, quality_docs, queries, ui, widget
 from blogqa.api.airflow_auth import require_dag_reader
 from blogqa.api.model_clients import ModelClients
 from blogqa.config import Settings, load_settings
@@ -629,6 +629,7 @@ def create_app(
     # after the credentials: an anonymous caller learns nothing beyond what /health says
     app.include_router(router, dependencies=[*dependencies, Depends(_schema_ready)])
     app.include_router(ops_router, dependencies=[*dependencies, Depends(_schema_ready)])
+    app.include_router(quality_docs.router(settings), dependencies=dependencies)  # Data Docs
     # the widget: public standalone (a reader's browser has no token), Airflow's auth inside it
     app.include_router(
         widget.public_router,
