@@ -79,9 +79,7 @@ def requeue(conn, settings, cause: str, **kwargs) -> reprocess.RequeueResult:
 
 def test_question_rows_carry_model_and_prompt(stored, conn) -> None:
     settings, _ = stored
-    rows = conn.execute(
-        "SELECT DISTINCT model, prompt_version FROM blogqa.questions"
-    ).fetchall()
+    rows = conn.execute("SELECT DISTINCT model, prompt_version FROM blogqa.questions").fetchall()
     assert rows == [(settings.chat_model, PROMPT_VERSION)]
 
 
@@ -116,9 +114,10 @@ def test_new_embedding_model_reembeds_without_fetch_or_chat(
         "SELECT document_id, position, question, answer FROM blogqa.questions ORDER BY 1, 2"
     ).fetchall()
     assert questions_after == questions_before
-    assert conn.execute("SELECT count(*) FROM blogqa.url_queue WHERE redo IS NOT NULL").fetchone()[
-        0
-    ] == 0
+    assert (
+        conn.execute("SELECT count(*) FROM blogqa.url_queue WHERE redo IS NOT NULL").fetchone()[0]
+        == 0
+    )
 
     # idempotent: every document is current now, a second request finds nothing
     again = requeue(conn, changed, "embeddings")
@@ -193,9 +192,10 @@ def test_window_selects_documents_by_first_fetch(stored, conn) -> None:
     }
     dry = requeue(conn, settings, "all", dry_run=True, **window)
     assert dry.requeued == [urls[0]]
-    assert conn.execute("SELECT count(*) FROM blogqa.url_queue WHERE redo IS NOT NULL").fetchone()[
-        0
-    ] == 0
+    assert (
+        conn.execute("SELECT count(*) FROM blogqa.url_queue WHERE redo IS NOT NULL").fetchone()[0]
+        == 0
+    )
     assert requeue(conn, settings, "all", **window).requeued == [urls[0]]
     # a second call finds the row already queued with that flag: nothing more to do
     again = requeue(conn, settings, "all", **window)
@@ -205,9 +205,7 @@ def test_window_selects_documents_by_first_fetch(stored, conn) -> None:
 
 
 def test_cli_reprocess(stored, conn, capsys) -> None:
-    code = cli.main(
-        ["reprocess", "--cause", "all", "--since", "2000-01-01", "--dry-run", "--json"]
-    )
+    code = cli.main(["reprocess", "--cause", "all", "--since", "2000-01-01", "--dry-run", "--json"])
     assert code == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown == {
@@ -221,3 +219,18 @@ def test_cli_reprocess(stored, conn, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["requeued"] == 0  # nothing stale
     assert cli.main(["reprocess", "--cause", "all", "--until", "2000-01-01"]) == 0
     assert "0 requeued" in capsys.readouterr().out
+
+
+def test_reprocess_window_for_a_run_interval(stored, conn) -> None:
+    """What the DAG's `reprocess` param would run: the documents first fetched in the run's
+    data interval, twice without doing more."""
+    settings, _ = stored
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    end = start + dt.timedelta(hours=2)
+    assert reprocess.reprocess_window("none", start, end, settings) == {"cause": "none"}
+    assert reprocess.reprocess_window("all", start, end, settings)["requeued"] == 2
+    assert reprocess.reprocess_window("all", start, end, settings)["requeued"] == 0
+    earlier = reprocess.reprocess_window("all", start - dt.timedelta(days=2), start, settings)
+    assert earlier["requeued"] == 0
+    with pytest.raises(ValueError, match="unknown reprocess value"):
+        reprocess.reprocess_window("everything", start, end, settings)

@@ -21,8 +21,10 @@ one blog score well under 0.3, even with a shared boilerplate of a few sentences
 threshold leaves room for copies with an added paragraph.
 
 The pages of one crawl chunk are also compared with each other (the lower queue id is the
-original). Two copies crawled at the same time by different chunks are not: each sees only
-the documents already stored, and both are processed.
+original), and a page whose declared canonical URL is queued or being processed is a
+duplicate of it (if that original later fails, the copy stays skipped: enqueue it with
+--force). Near-duplicate texts crawled at the same time by different chunks are not caught:
+each sees only the documents already stored, and both are processed.
 
 A duplicate's queue row ends `skipped` (last_stage 'dedupe', the reason in last_error) and
 blogqa.duplicates links it to the original. MinHash is implemented here (the permutation
@@ -200,6 +202,13 @@ ORDER BY (url = %(canonical)s) DESC, id
 LIMIT 1
 """
 
+# The declared canonical URL is queued or being processed (by this run's other chunks, or
+# another run): it will be stored, so the copy is not processed as well.
+CANONICAL_QUEUED_SQL = """
+SELECT url FROM blogqa.url_queue
+WHERE url = %s AND status IN ('queued', 'processing')
+"""
+
 CANDIDATES_SQL = """
 SELECT d.url, f.minhash FROM blogqa.document_fingerprints f
 JOIN blogqa.documents d ON d.id = f.document_id
@@ -248,6 +257,8 @@ def _check_one(
             CANONICAL_SQL,
             {"canonical": canonical, "raw": page["canonical_url"], "url": lease.url},
         ).fetchone()
+        if row is None:
+            row = conn.execute(CANONICAL_QUEUED_SQL, (canonical,)).fetchone()
         if row is not None:
             return Duplicate(lease.url, row[0], "canonical")
         for other, other_page, _ in originals:

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from blogqa import store
-from blogqa.config import _env_bool, _env_float, _env_int
+from blogqa import db, store
+from blogqa.config import Settings, _env_bool, _env_float, _env_int
 from blogqa.errors import ConfigError
+from blogqa.llm import PROMPT_VERSION
 from blogqa.queue import Lease
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ class FreshSettings:
     fresh_days: int  # BLOGQA_REPROCESS_FRESH_DAYS: stored text younger than this is reused
     dedupe: bool  # BLOGQA_DEDUPE
     dedupe_threshold: float  # BLOGQA_DEDUPE_THRESHOLD: estimated Jaccard similarity
-    discovery_timeout: float  # BLOGQA_DISCOVERY_TIMEOUT_SECONDS: one poll of all sources
 
     @classmethod
     def load(cls) -> FreshSettings:
@@ -62,7 +62,6 @@ class FreshSettings:
             fresh_days=_env_int("BLOGQA_REPROCESS_FRESH_DAYS", 30, minimum=0, maximum=3650),
             dedupe=_env_bool("BLOGQA_DEDUPE", True),
             dedupe_threshold=threshold,
-            discovery_timeout=_env_float("BLOGQA_DISCOVERY_TIMEOUT_SECONDS", 300.0, minimum=1.0),
         )
 
 
@@ -280,3 +279,26 @@ def stored_llm_results(conn: psycopg.Connection, urls: list[str]) -> dict[str, d
             "reused": True,
         }
     return found
+
+
+def reprocess_window(
+    cause: str, start: dt.datetime | None, end: dt.datetime | None, settings: Settings
+) -> dict:
+    """The body a DAG task would run for a `reprocess` param: flag the documents first
+    fetched in the run's data interval [start, end) for `cause` ('none': nothing). Safe to
+    run twice for one interval (see `requeue`). Not wired into the DAG yet."""
+    if cause == "none":
+        return {"cause": "none"}
+    if cause not in CAUSES:
+        raise ValueError(f"unknown reprocess value {cause!r}: one of {', '.join(DAG_CHOICES)}")
+    with db.connect(settings) as conn:
+        result = requeue(
+            conn,
+            cause,
+            chat_model=settings.chat_model,
+            prompt_version=PROMPT_VERSION,
+            embed_model=settings.embed_model,
+            since=start,
+            until=end,
+        )
+    return result.as_dict()
