@@ -524,6 +524,7 @@ def test_stats_counts_and_oldest_age(conn) -> None:
         "dead": 1,
         "skipped": 0,
         "cancelled": 0,
+        "quarantined": 0,
     }
     assert result["total"] == 6
     assert result["claimable"] == 2
