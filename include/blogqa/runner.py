@@ -214,17 +214,16 @@ def run_pipeline(
 def _test_run(dag: Any, conf: dict) -> tuple[str, str]:
     """One `dag.test()` run: its run_id and final state.
 
-    `dag.test()` returns the run still attached to its database session, in an open
-    transaction, so the connection would sit idle in a transaction until the next run; if the
-    metadata database restarted meanwhile, that next run would fail on the dead connection.
-    The session is closed here (SQLAlchemy's own API) once the two values are read, and the
-    next run checks a connection out of the pool afresh (pre-pinged).
+    `dag.test()` leaves sessions open after the run (its own, holding the returned run in an
+    open transaction, and the in-process execution API's), each keeping a connection checked
+    out until the next run; if the metadata database restarted meanwhile, that next run
+    would fail on a dead connection. Every session is closed here once the two values are
+    read (SQLAlchemy's `close_all_sessions`; nothing else runs between runs), so the next
+    run checks connections out of the pool afresh, pre-pinged.
     """
-    from sqlalchemy.orm import object_session
+    from sqlalchemy.orm import close_all_sessions
 
     dag_run = dag.test(run_conf=conf)
     run_id, state = dag_run.run_id, str(dag_run.state)
-    session = object_session(dag_run)
-    if session is not None:
-        session.close()
+    close_all_sessions()
     return run_id, state
