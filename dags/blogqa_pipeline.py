@@ -15,7 +15,15 @@ from datetime import timedelta
 
 import pendulum
 from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import (
+    Asset,
+    CronDataIntervalTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+    task_group,
+)
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN
@@ -56,6 +64,29 @@ def _label(chunk: list[dict]) -> None:
 # unchanged pages cost no model call) and works through the backlog. BLOGQA_SCHEDULE takes a
 # cron expression or "none" (manual and `blogqa run` only); read when the DAG is parsed.
 SCHEDULE = os.environ.get("BLOGQA_SCHEDULE", "0 2 * * *").strip()
+# Real data intervals (a cron string alone gives Airflow 3 a trigger timetable, whose runs
+# have no window): the run at 02:00 on day D covers [D-1 02:00, D 02:00) UTC, each run of an
+# `airflow backfill create` covers its own period, and a manual run with a logical date L gets
+# the last complete period ending at or before L. The `reprocess` param acts on that window.
+TIMETABLE = (
+    None
+    if SCHEDULE.lower() in ("", "none")
+    else CronDataIntervalTimetable(SCHEDULE, timezone="UTC")
+)
+
+# The output tables, as Assets the load task updates: a downstream DAG with
+# `schedule=[Asset.ref(name="blogqa.questions")]` (or the Asset itself) runs after loads.
+# Each mapped load instance emits one event per table, its extra the rows it wrote
+# (pipeline.loaded_rows). The URI is a stable, logical one (host "blogqa", database
+# "blogqa", schema "blogqa"), whatever server BLOGQA_DATABASE_URL names.
+OUTPUT_ASSETS = {
+    table: Asset(
+        name=f"blogqa.{table}",
+        uri=f"postgres://blogqa:5432/blogqa/blogqa/{table}",
+        group="blogqa",
+    )
+    for table in ("documents", "summaries", "questions", "chunks")  # pipeline.ASSET_TABLES
+}
 
 # One run at a time. A second run would claim other rows (safe), but it would not finish any
 # sooner: its chunks queue for the same `blogqa_llm` slots and workers, and while they wait
@@ -96,7 +127,7 @@ class QuarantineReview(HITLOperator):
 
 @dag(
     dag_id="blogqa_pipeline",
-    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    schedule=TIMETABLE,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=MAX_ACTIVE_RUNS,
@@ -140,14 +171,42 @@ class QuarantineReview(HITLOperator):
             maximum=1000,
             title="URLs per mapped chunk",
         ),
+        "reprocess": Param(
+            "none",
+            enum=["none", "summaries", "embeddings", "all"],
+            title="Reprocess documents first fetched in this run's data interval",
+            description="summaries: summarize and embed again those made by another chat "
+            "model or prompt version (from the stored text); embeddings: embed again those "
+            "made by another embedding model; all: refetch and redo every stage. A run "
+            "without a data interval fails when this is not none.",
+        ),
+        "discover": Param(
+            True,
+            type="boolean",
+            title="Poll the registered sources",
+            description="Enqueue new or changed URLs from the feeds, sitemaps and sites "
+            "added with `blogqa sources add` (nothing to do when none is registered).",
+        ),
     },
 )
 def blogqa_pipeline():
     @task(execution_timeout=timedelta(minutes=2))
     def enqueue() -> dict:
-        params = get_current_context()["params"]
+        context = get_current_context()
+        params = context["params"]
         pipeline = _pipeline()
+        try:
+            reprocessed = pipeline.reprocess_interval(
+                params.get("reprocess", "none"),
+                context.get("data_interval_start"),
+                context.get("data_interval_end"),
+            )
+        except pipeline.NoIntervalError as exc:
+            raise AirflowFailException(str(exc)) from None  # a retry would find the same
         enqueued = pipeline.enqueue_urls(params["urls"], force=params.get("force", False))
+        enqueued["reprocess"] = reprocessed
+        if params.get("discover", True):
+            enqueued["discovered"] = pipeline.discover()
         enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
         return enqueued
 
@@ -190,10 +249,18 @@ def blogqa_pipeline():
             context = get_current_context()
             return _pipeline().validate_chunk(chunk, context["run_id"], context["ti"].map_index)
 
-        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
+        @task(
+            map_index_template=CHUNK_LABEL,
+            execution_timeout=timedelta(minutes=10),
+            outlets=list(OUTPUT_ASSETS.values()),
+        )
         def load(chunk: list[dict]) -> list[int]:
             _label(chunk)
-            return _pipeline().load_chunk(chunk)
+            result = _pipeline().load_chunk_counted(chunk)
+            events = get_current_context()["outlet_events"]
+            for table, extra in result["tables"].items():
+                events[OUTPUT_ASSETS[table]].extra = extra
+            return result["loaded"]
 
         return load(validate(embed(summarize(crawl(chunk)))))
 

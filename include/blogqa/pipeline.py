@@ -100,6 +100,59 @@ def refresh_stale(days: int, limit: int, settings: Settings | None = None) -> in
     return count
 
 
+class NoIntervalError(BlogqaError):
+    """A `reprocess` was asked of a run without a data interval (triggered with no logical
+    date, or BLOGQA_SCHEDULE=none, whose manual runs get an empty one): there is no window
+    to pick documents from, and reprocessing everything silently could be costly."""
+
+
+def reprocess_interval(
+    cause: str,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    settings: Settings | None = None,
+) -> dict:
+    """The DAG's `reprocess` param: flag the documents first fetched in the run's data
+    interval [start, end) for `cause` (`reprocess.reprocess_window`), before the claim.
+
+    Idempotent for `summaries` and `embeddings` (only documents whose stored rows do not
+    match the current models and prompt are picked: once the run has redone them, a second
+    run over the window finds nothing); `all` picks every document of the window each time a
+    run asks, so a rerun after a finished run redoes them again (a retry of the same task
+    before the claim finds them already flagged and adds nothing)."""
+    if cause == "none":
+        return {"cause": "none"}
+    if start is None or end is None or end <= start:
+        raise NoIntervalError(
+            f"reprocess={cause} needs a data interval and this run has "
+            f"{'none' if start is None or end is None else f'an empty one ({start})'}: "
+            "trigger it with a logical date under a cron BLOGQA_SCHEDULE, or use "
+            "`blogqa reprocess --cause CAUSE --since ... --until ...`"
+        )
+    settings = settings or task_settings()
+    return reprocess.reprocess_window(cause, start, end, settings)
+
+
+def discover(settings: Settings | None = None) -> dict:
+    """Poll the registered feeds, sitemaps and sites for new or changed URLs (one query when
+    none is registered). Never fails the run: a source that cannot be read is recorded on its
+    row by `sources.poll_all`, and anything else that stops the polling is logged, so the
+    backlog is processed all the same."""
+    from blogqa import sources
+
+    settings = settings or task_settings()
+    try:
+        results = sources.poll_all(settings)
+    except Exception as exc:  # discovery is best-effort: the run goes on without it
+        log.exception("stage=discover polling stopped")
+        return {"sources": None, "enqueued": 0, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "sources": len(results),
+        "enqueued": sum(r.enqueued for r in results),
+        "failed": [r.url for r in results if r.status == "error"],
+    }
+
+
 def claim_chunks(
     max_urls: int,
     chunk_size: int,
@@ -757,7 +810,36 @@ def _as_page_error(exc: Exception) -> PageError:
 
 
 def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
-    """Load the chunk's complete items; returns the queue ids now done.
+    """Load the chunk's complete items; returns the queue ids now done."""
+    return load_chunk_counted(refs, settings)["loaded"]
+
+
+# The output tables the load task declares as Airflow Assets (the DAG's OUTPUT_ASSETS).
+ASSET_TABLES = ("documents", "summaries", "questions", "chunks")
+
+
+def loaded_rows(items: list[store.WorkItem]) -> dict[str, dict]:
+    """Per output table, what a load wrote, for its asset event's extra: `rows` inserted or
+    replaced, `documents` rewritten, and `unchanged` documents only marked as fetched again
+    (an unchanged page: no row of any table rewritten). A downstream DAG can skip its work
+    when `rows` is 0."""
+    written = [item for item in items if not item.unchanged]
+    rows = {
+        "documents": len(written),
+        "summaries": len(written),
+        "questions": sum(len(item.llm_result["qa"]) for item in written),
+        "chunks": sum(len(item.chunks) for item in written),
+    }
+    unchanged = len(items) - len(written)
+    return {
+        table: {"rows": rows[table], "documents": len(written), "unchanged": unchanged}
+        for table in ASSET_TABLES
+    }
+
+
+def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> dict:
+    """Load the chunk's complete items: {"loaded": the queue ids now done, "tables": the
+    rows written per output table (`loaded_rows`)}.
 
     The writes are bound by PostgreSQL maintaining the HNSW indexes, which one backend does
     on one core: the items are split into BLOGQA_LOAD_PARALLELISM groups, each loaded in one
@@ -790,7 +872,7 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
         log.warning("url=%s stage=load lease lost; result discarded", item.lease.url)
     for item in loaded:
         log.info("url=%s stage=load done", item.lease.url)
-    return [item.lease.id for item in loaded]
+    return {"loaded": [item.lease.id for item in loaded], "tables": loaded_rows(loaded)}
 
 
 def _split(items: list, parts: int) -> list[list]:

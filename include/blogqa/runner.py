@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -169,12 +170,19 @@ def run_pipeline(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     urls: list[str] | None = None,
     wait_seconds: float = 0.0,
+    reprocess: str = "none",
+    discover: bool = False,
+    logical_date: datetime | None = None,
 ) -> RunTally:
     """Run the DAG with `dag.test()` until nothing is claimable or `max_urls` were claimed.
 
     With `wait_seconds`, a queue whose rows are all waiting (a retry's backoff, an open
     circuit breaker, a dead worker's lease) is waited for when the next one falls due within
     that many seconds, so one command drains it.
+
+    The first run carries `reprocess` and `discover` (the DAG params) and `logical_date`
+    (timezone-aware; its data interval is the last complete period of BLOGQA_SCHEDULE ending
+    at or before it; default now); the runs after it drain the queue only.
     """
     configure_airflow(settings)
     ensure_airflow_db()
@@ -185,15 +193,18 @@ def run_pipeline(
     first = True
     claimed_ids: set[int] = set()
     while remaining > 0:
-        if not (first and urls) and not _wait_for_claimable(settings, wait_seconds):
+        asks_more = urls or reprocess != "none" or discover
+        if not (first and asks_more) and not _wait_for_claimable(settings, wait_seconds):
             break
         conf = {
             "urls": list(urls or []) if first else [],
             "max_urls": int(min(remaining, MAX_URLS_PER_RUN)),
             "chunk_size": chunk_size,
+            "reprocess": reprocess if first else "none",
+            "discover": discover and first,
         }
+        run_id, state = _test_run(dag, conf, logical_date if first else None)
         first = False
-        run_id, state = _test_run(dag, conf)
         tally.runs += 1
         with db.connect(settings) as conn:
             ids = queue.claimed_by_run(conn, run_id)
@@ -211,7 +222,7 @@ def run_pipeline(
     return tally
 
 
-def _test_run(dag: Any, conf: dict) -> tuple[str, str]:
+def _test_run(dag: Any, conf: dict, logical_date: datetime | None = None) -> tuple[str, str]:
     """One `dag.test()` run: its run_id and final state.
 
     `dag.test()` leaves sessions open after the run (its own, holding the returned run in an
@@ -223,7 +234,10 @@ def _test_run(dag: Any, conf: dict) -> tuple[str, str]:
     """
     from sqlalchemy.orm import close_all_sessions
 
-    dag_run = dag.test(run_conf=conf)
+    if logical_date is None:
+        dag_run = dag.test(run_conf=conf)
+    else:
+        dag_run = dag.test(run_conf=conf, logical_date=logical_date)
     run_id, state = dag_run.run_id, str(dag_run.state)
     close_all_sessions()
     return run_id, state
