@@ -286,7 +286,7 @@ def reprocess_window(
 ) -> dict:
     """The body a DAG task would run for a `reprocess` param: flag the documents first
     fetched in the run's data interval [start, end) for `cause` ('none': nothing). Safe to
-    run twice for one interval (see `requeue`). Not wired into the DAG yet."""
+    run twice for one interval (see `requeue`). The DAG's `reprocess` param calls it."""
     if cause == "none":
         return {"cause": "none"}
     if cause not in CAUSES:
