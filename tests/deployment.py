@@ -81,11 +81,23 @@ def print_logs(airflow: local_airflow.LocalAirflow) -> None:
         print(f"----- {path}\n{path.read_text(errors='replace')[-6000:]}")
 
 
+def revive(airflow: local_airflow.LocalAirflow) -> None:
+    """Start again the shared components that exited since the last module: an Airflow
+    component exits when its metadata database goes away, as in test_faults' restart."""
+    exited = [name for name, process in airflow.processes.items() if process.poll() is not None]
+    for name in exited:
+        airflow.processes.pop(name)
+        airflow.start(name)
+    if exited:
+        airflow.wait_ready(components=("dag_processor",))
+
+
 @contextlib.contextmanager
 def scheduler(
     airflow: local_airflow.LocalAirflow, name: str = "scheduler", env: dict | None = None
 ) -> Iterator[None]:
     """A scheduler (its executor from `env`) for the duration of a test module."""
+    revive(airflow)
     launched = time.time()
     airflow.start(name, "scheduler", env=env)
     try:

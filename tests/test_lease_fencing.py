@@ -6,6 +6,7 @@ the rest of its claim works. Against the embedded PostgreSQL, stages called dire
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 
@@ -108,7 +109,8 @@ def test_a_ref_whose_work_item_is_missing_is_failed_with_its_reason(
 ) -> None:
     lost_url, kept_url = _urls(page_server)
     queue.enqueue(conn, [lost_url, kept_url])
-    [chunk] = pipeline.claim_chunks(10, 5, settings)
+    one_slot = dataclasses.replace(settings, llm_pool_slots=1)  # one chunk of both URLs
+    [chunk] = pipeline.claim_chunks(10, 5, one_slot)
     refs = _run_until(stage, chunk, settings)
     assert len(refs) == 2
     lost_id = queue_row(conn, lost_url)["id"]
