@@ -126,3 +126,12 @@ def airflow_base(openai_server):
 
     with deployment(openai_server) as airflow:
         yield airflow
+
+
+@pytest.fixture(scope="module")
+def client(airflow):
+    """REST client of the deployment a module's own `airflow` fixture runs, once the DAG is
+    stored (the Airflow test modules; modules without an `airflow` fixture define their own)."""
+    with airflow.client() as rest:
+        airflow.wait_dag(rest)
+        yield rest

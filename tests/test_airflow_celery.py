@@ -50,13 +50,6 @@ def airflow(airflow_base, redis_url):
                 airflow_base.kill(name, signal.SIGTERM)
 
 
-@pytest.fixture(scope="module")
-def client(airflow):
-    with airflow.client() as rest:
-        airflow.wait_dag(rest)
-        yield rest
-
-
 def _outputs_are_whole(conn, urls: list[str]) -> None:
     """Every URL done once: one document, one summary, 3-5 questions, no work item left."""
     rows = conn.execute(

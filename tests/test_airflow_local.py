@@ -23,13 +23,6 @@ def airflow(airflow_base):
         yield airflow_base
 
 
-@pytest.fixture(scope="module")
-def client(airflow):
-    with airflow.client() as rest:
-        airflow.wait_dag(rest)
-        yield rest
-
-
 def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
     airflow, client, conn, page_server, openai_env
 ):

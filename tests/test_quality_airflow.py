@@ -32,13 +32,6 @@ def airflow(airflow_base):
         yield airflow_base
 
 
-@pytest.fixture(scope="module")
-def client(airflow):
-    with airflow.client() as rest:
-        airflow.wait_dag(rest)
-        yield rest
-
-
 @pytest.fixture
 def bad_model(openai_env):
     openai_env.page_faults.update(
