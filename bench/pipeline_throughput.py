@@ -85,10 +85,9 @@ POLL_SECONDS = 0.1
 UPSTREAM = {
     "claim": "enqueue",
     "process.crawl": "claim",
-    "process.summarize": "process.crawl",
-    "process.embed": "process.summarize",
-    "process.load": "process.embed",
-    "finalize": "process.load",
+    "process.enrich": "process.crawl",
+    "finalize": "process.enrich",
+    "validate_tables": "process.enrich",
 }
 STAGES = ("enqueue", *UPSTREAM)  # in the DAG's order
 
@@ -132,11 +131,24 @@ def other_pytest_running() -> bool:
     return found.returncode == 0
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (/proc/stat: all but idle and
+    iowait), in seconds. The difference over a run is what the run cost in CPU, every process
+    included (scheduler, task processes, PostgreSQL, the test servers); on 2 cores a run is
+    CPU-bound once that nears 2 x its wall time."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class LoadSampler:
-    """The 1-minute load average every 2 s during a run: start, peak, end."""
+    """The 1-minute load average every 2 s during a run (start, peak, end), and the machine's
+    busy CPU seconds over it."""
 
     def __init__(self) -> None:
         self.samples: list[float] = [os.getloadavg()[0]]
+        self.cpu = [busy_cpu_seconds()]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -152,6 +164,7 @@ class LoadSampler:
         self._stop.set()
         self._thread.join()
         self.samples.append(os.getloadavg()[0])
+        self.cpu.append(busy_cpu_seconds())
 
     def record(self) -> dict:
         return {
@@ -159,6 +172,9 @@ class LoadSampler:
             "max": round(max(self.samples), 2),
             "end": round(self.samples[-1], 2),
         }
+
+    def cpu_seconds(self) -> float:
+        return round(self.cpu[-1] - self.cpu[0], 1)
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -409,6 +425,7 @@ def run_minimal(
         "max_concurrent_chat_calls": api_delta["max_concurrent_chat"],
         "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
         "load_average_1min": load.record(),
+        "machine_cpu_seconds": load.cpu_seconds(),
     }
 
 
@@ -551,6 +568,7 @@ def run_dag(bench: Bench, label: str, conf: dict, urls: list[str]) -> dict:
         "run_start_to_end_s": _seconds(run_end, run_start),
         "summed_task_seconds": round(sum(r["duration_s"] or 0 for r in rows), 2),
         "load_average_1min": load.record(),
+        "machine_cpu_seconds": load.cpu_seconds(),
         "other_pytest_running": pytest_at_start or other_pytest_running(),
         "stages": stage_breakdown(rows),
         "task_instances": rows,
@@ -719,6 +737,7 @@ def result_rows(report: dict) -> list[dict]:
                     "ratio": 1.0,
                     "chat_per_doc": m["chat_calls_per_document"],
                     "in_flight": m["max_concurrent_model_calls"],
+                    "cpu_s": m.get("machine_cpu_seconds"),
                     "forced": None,
                 }
             )
@@ -741,6 +760,7 @@ def result_rows(report: dict) -> list[dict]:
                     ),
                     "chat_per_doc": new["chat_calls_per_document"],
                     "in_flight": new["max_concurrent_model_calls"],
+                    "cpu_s": new.get("machine_cpu_seconds"),
                     "forced": run.get("forced", {}).get("seconds"),
                 }
             )
@@ -763,15 +783,15 @@ def markdown(report: dict) -> str:
         "",
         (
             "| N | executor | run wall s (trigger → end) | ms per URL | ÷ minimal | chat calls "
-            "per new doc | most model requests in flight | forced re-run s |"
+            "per new doc | most model requests in flight | machine CPU s | forced re-run s |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result_rows(report):
         lines.append(
             f"| {r['n']} | {r['mode']} | {r['seconds']:.1f} | {r['ms_per_url']:.0f} | "
             f"{_cell(r['ratio'], '{:.2f}')} | {r['chat_per_doc']:.2f} | {r['in_flight']} | "
-            f"{_cell(r['forced'], '{:.1f}')} |"
+            f"{_cell(r['cpu_s'], '{:.0f}')} | {_cell(r['forced'], '{:.1f}')} |"
         )
     lines += [
         "",
@@ -805,6 +825,7 @@ def print_report(report: dict) -> None:
         "÷ minimal",
         "chat/doc",
         "in flight",
+        "CPU s",
         "forced s",
     ):
         table.add_column(column, justify="left" if column == "mode" else "right")
@@ -817,6 +838,7 @@ def print_report(report: dict) -> None:
             _cell(r["ratio"], "{:.2f}"),
             f"{r['chat_per_doc']:.2f}",
             str(r["in_flight"]),
+            _cell(r["cpu_s"], "{:.0f}"),
             _cell(r["forced"], "{:.1f}"),
         )
     console.print(table)

@@ -227,42 +227,22 @@ def blogqa_pipeline():
 
         @task(
             map_index_template=CHUNK_LABEL,
-            execution_timeout=timedelta(minutes=30),
+            execution_timeout=timedelta(minutes=60),
             pool=LLM_POOL,
-        )
-        def summarize(chunk: list[dict]) -> list[dict]:
-            _label(chunk)
-            return _pipeline().summarize_chunk(chunk)
-
-        @task(
-            map_index_template=CHUNK_LABEL,
-            execution_timeout=timedelta(minutes=15),
-            pool=LLM_POOL,
-        )
-        def embed(chunk: list[dict]) -> list[dict]:
-            _label(chunk)
-            return _pipeline().embed_chunk(chunk)
-
-        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=10))
-        def validate(chunk: list[dict]) -> list[dict]:
-            _label(chunk)
-            context = get_current_context()
-            return _pipeline().validate_chunk(chunk, context["run_id"], context["ti"].map_index)
-
-        @task(
-            map_index_template=CHUNK_LABEL,
-            execution_timeout=timedelta(minutes=10),
             outlets=list(OUTPUT_ASSETS.values()),
         )
-        def load(chunk: list[dict]) -> list[int]:
+        def enrich(chunk: list[dict]) -> list[int]:
+            """Summarize, embed, validate (the quality gate) and load: one task, one pool
+            slot (see pipeline.enrich_chunk for why not four)."""
             _label(chunk)
-            result = _pipeline().load_chunk_counted(chunk)
-            events = get_current_context()["outlet_events"]
+            context = get_current_context()
+            result = _pipeline().enrich_chunk(chunk, context["run_id"], context["ti"].map_index)
+            events = context["outlet_events"]
             for table, extra in result["tables"].items():
                 events[OUTPUT_ASSETS[table]].extra = extra
             return result["loaded"]
 
-        return load(validate(embed(summarize(crawl(chunk)))))
+        return enrich(crawl(chunk))
 
     @task(execution_timeout=timedelta(minutes=2))
     def finalize(chunks: list[list[dict]], loaded) -> dict:

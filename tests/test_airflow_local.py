@@ -89,7 +89,7 @@ def test_a_run_in_which_nothing_could_be_processed_is_red(airflow, client, conn,
 
     assert state == "failed"
     states = states_by_task(client, run_id)
-    assert states["process.load"] == ["success"] and states["finalize"] == ["failed"]
+    assert states["process.enrich"] == ["success"] and states["finalize"] == ["failed"]
     status, error = conn.execute(
         "SELECT status, last_error FROM blogqa.url_queue WHERE url = %s", (url,)
     ).fetchone()

@@ -24,10 +24,7 @@ def test_dag_file_defines_the_pipeline():
         "enqueue",
         "claim",
         "process.crawl",
-        "process.summarize",
-        "process.embed",
-        "process.validate",
-        "process.load",
+        "process.enrich",  # summarize, embed, validate, load: one task process per chunk
         "finalize",
         "validate_tables",
         "review",
@@ -42,9 +39,8 @@ def test_dag_file_defines_the_pipeline():
         assert task.execution_timeout is not None, task.task_id
         assert task.execution_timeout <= timedelta(hours=1)
     assert dag.get_task("process.crawl").map_index_template == "{{ chunk_label }}"
-    # the model-calling tasks share the pool BLOGQA_LLM_POOL_SLOTS sizes (`blogqa init`)
-    assert dag.get_task("process.summarize").pool == runner.LLM_POOL
-    assert dag.get_task("process.embed").pool == runner.LLM_POOL
+    # the model-calling task takes a slot of the pool BLOGQA_LLM_POOL_SLOTS sizes (`blogqa init`)
+    assert dag.get_task("process.enrich").pool == runner.LLM_POOL
     assert dag.get_task("process.crawl").pool == "default_pool"
 
 

@@ -34,14 +34,14 @@ def test_timetable_has_data_intervals_and_load_declares_assets(monkeypatch):
         "embeddings",
         "all",
     ]
-    outlets = dag.get_task("process.load").outlets
+    outlets = dag.get_task("process.enrich").outlets
     assert {a.name for a in outlets} == {f"blogqa.{t}" for t in pipeline.ASSET_TABLES}
     assert "postgres://blogqa:5432/blogqa/blogqa/questions" in {a.uri for a in outlets}
 
     monkeypatch.setenv("BLOGQA_SCHEDULE", "none")  # manual runs only, as before
     manual = runner.load_dag()
     assert manual.timetable.can_be_scheduled is False
-    assert manual.get_task("process.load").outlets == outlets
+    assert manual.get_task("process.enrich").outlets == outlets
 
 
 def _asset_events(run_id: str) -> dict[str, list[dict]]:
@@ -52,7 +52,7 @@ def _asset_events(run_id: str) -> dict[str, list[dict]]:
         rows = meta.execute(
             "SELECT a.name, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
             " WHERE e.source_dag_id = %s AND e.source_run_id = %s AND e.source_task_id = %s",
-            (runner.DAG_ID, run_id, "process.load"),
+            (runner.DAG_ID, run_id, "process.enrich"),
         ).fetchall()
     found: dict[str, list[dict]] = {}
     for name, extra in rows:

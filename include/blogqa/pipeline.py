@@ -875,6 +875,32 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
     return {"loaded": [item.lease.id for item in loaded], "tables": loaded_rows(loaded)}
 
 
+def enrich_chunk(
+    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
+) -> dict:
+    """Summarize, embed, validate and load one crawled chunk in one task: the stages that
+    need the model (one `blogqa_llm` pool slot held throughout) and the quality gate, which
+    must run between embedding and load. What `load_chunk_counted` returns.
+
+    Why one task and not four: on Airflow's executors every task instance is a process of its
+    own that parses the DAG file and imports the pipeline (and the gate imports Great
+    Expectations), and every hop waits for the scheduler; per chunk that cost as much CPU as
+    the chunk's own work on a small machine. The stages stay resumable one by one (each skips
+    what an earlier try stored), so a retry of this task pays for nothing twice; each stage's
+    log lines name it (`stage=...`), and per-URL failures record their stage on the queue row.
+    Great Expectations is imported in the background while the model calls are awaited.
+    """
+    from blogqa import quality
+
+    settings = settings or task_settings()
+    importing = quality.import_in_background()
+    refs = summarize_chunk(refs, settings)
+    refs = embed_chunk(refs, settings)
+    importing.join()
+    refs = validate_chunk(refs, run_id, map_index, settings)
+    return load_chunk_counted(refs, settings)
+
+
 def _split(items: list, parts: int) -> list[list]:
     """At most `parts` non-empty groups of near-equal size, in order."""
     size = math.ceil(len(items) / max(parts, 1)) if items else 0

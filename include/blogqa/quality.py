@@ -15,12 +15,14 @@ DAG parse time) with its analytics off and its progress bars silenced.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -118,8 +120,22 @@ def gx():
 
 
 def preload() -> None:
-    """Import Great Expectations now (about 4 s): for a process that forks the tasks."""
+    """Import Great Expectations now (a few seconds): for a process that forks the tasks."""
     gx()
+
+
+def import_in_background() -> threading.Thread:
+    """Start importing Great Expectations in a thread (join it before validating): a task
+    that first waits seconds for model responses gets the import done meanwhile. A failed
+    import is not raised here; the validation's own `gx()` call raises it."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # not cached: gx() raises it again when called
+            gx()
+
+    thread = threading.Thread(target=run, name="gx-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def _quiet(context) -> None:
