@@ -88,9 +88,10 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, queue, search
+from blogqa import db, search
 from blogqa.api.app import LEDGER_POOL_MAX_SIZE, POOL_MAX_SIZE
 from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings, load_settings
+from blogqa.urls import normalize_url
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO / ".blogqa" / "bench-api"
@@ -254,7 +255,7 @@ def _copy_documents(conn: psycopg.Connection, spec: CorpusSpec, text: TextMaker)
             slug = "-".join(text.words(4))
             copy.write_row(
                 (
-                    queue.normalize_url(f"https://{site}/posts/{i:05d}-{slug}"),
+                    normalize_url(f"https://{site}/posts/{i:05d}-{slug}"),
                     text.phrase(4, 8).title(),
                     text.phrase(2, 2).title(),
                     date(2020, 1, 1) + timedelta(days=i % 1800),

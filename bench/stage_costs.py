@@ -11,7 +11,7 @@ Usage: python bench/stage_costs.py [--pages 200] [--queue-sizes 1000 1000000]
   the 10,000 that `blogqa run` asks for per DAG run; claimed rows are put back between
   repetitions so the queue keeps its size; the queue is checkpointed after it is filled and
   the first few claims are not timed, so the figures are the steady state, not the bulk
-  insert's write-back; plus queue.has_claimable, which `blogqa run` calls before every run;
+  insert's write-back; plus queue_stats.has_claimable, which `blogqa run` calls before every run;
 - embedding replies: ms of client CPU per input to receive and parse an embeddings response
   with blogqa's embedder, and with the openai client's default (base64) format, from the
   zero-latency test server;
@@ -48,12 +48,13 @@ from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
-from blogqa import db, embedded, pipeline, queue, store
+from blogqa import db, embedded, pipeline, queue, queue_stats, store
 from blogqa.config import Settings, load_settings
 from blogqa.embed import OpenAIEmbedder
 from blogqa.extract import extract_article
 from blogqa.llm import PROMPT_VERSION
 from blogqa.tokens import split_sentences
+from blogqa.urls import normalize_url
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # run as a script: the sibling module below
@@ -156,7 +157,7 @@ def bench_claim(settings: Settings, sizes: list[int], limits: list[int], reps: i
             counts = []
             for _ in range(20):
                 started = time.perf_counter()
-                queue.has_claimable(conn)
+                queue_stats.has_claimable(conn)
                 counts.append((time.perf_counter() - started) * 1000)
             results.append(
                 {"queued_rows": size, "operation": "has_claimable", **summary_ms(counts)}
@@ -267,7 +268,7 @@ def work_items(
         }
         fetched = SimpleNamespace(url=url, final_url=url, etag=None, last_modified=None)
         item = store.WorkItem(
-            lease=leases[queue.normalize_url(url)],
+            lease=leases[normalize_url(url)],
             page=pipeline._page(fetched, article, f"bench-{path}"),
             unchanged=False,
             llm_result=llm,

@@ -13,7 +13,8 @@ import time
 import psutil
 import pytest
 
-from blogqa import local_airflow, queue
+from blogqa import local_airflow
+from blogqa.urls import normalize_url
 from tests.conftest import table_counts
 from tests.deployment import article_urls, run_to_end, scheduler, states_by_task
 
@@ -59,7 +60,7 @@ def _outputs_are_whole(conn, urls: list[str]) -> None:
         " LEFT JOIN blogqa.summaries s ON s.document_id = d.id"
         " LEFT JOIN blogqa.questions qs ON qs.document_id = d.id"
         " WHERE q.url = ANY(%s) GROUP BY q.id, q.status",
-        ([queue.normalize_url(u) for u in urls],),
+        ([normalize_url(u) for u in urls],),
     ).fetchall()
     assert len(rows) == len(urls)
     assert all(r[0] == "done" and r[1] == r[2] == 1 and 3 <= r[3] <= 5 for r in rows), rows

@@ -22,6 +22,7 @@ from psycopg.conninfo import make_conninfo
 from blogqa import db, queue, runner
 from blogqa.api import create_app
 from blogqa.config import load_settings
+from blogqa.urls import normalize_url
 from tests.conftest import OUTPUT_TABLES, PROJECT_ROOT
 from tests.test_cli import run_cli
 
@@ -100,7 +101,7 @@ def test_documents_list_filters_and_pages(client, pipeline):
 
     url = "HTTP" + pipeline["urls"][0].removeprefix("http") + "?utm_medium=x#top"
     one = client.get("/api/v1/documents", params={"url": url}).json()
-    assert one["total"] == 1 and one["items"][0]["url"] == queue.normalize_url(url)
+    assert one["total"] == 1 and one["items"][0]["url"] == normalize_url(url)
 
     site = one["items"][0]["site_name"]
     by_site = client.get("/api/v1/documents", params={"site": site}).json()
@@ -143,7 +144,7 @@ def test_document_without_a_summary(client, reader):
 def test_questions_by_url_normalizes_like_the_queue(client, pipeline):
     raw = pipeline["urls"][3] + "?utm_source=newsletter#comments"
     body = client.get("/api/v1/questions/by-url", params={"url": raw}).json()
-    assert body["url"] == queue.normalize_url(pipeline["urls"][3])
+    assert body["url"] == normalize_url(pipeline["urls"][3])
     assert 3 <= len(body["questions"]) <= 5
     for item in body["questions"]:
         assert item["question"] and item["answer"]
@@ -216,7 +217,7 @@ def test_similar_by_url_leaves_the_document_out(client, pipeline):
     body = client.post(
         "/api/v1/search/similar", json={"url": url, "k": 5, "include_questions": True}
     ).json()
-    assert body["query_url"] == queue.normalize_url(url)
+    assert body["query_url"] == normalize_url(url)
     assert len(body["results"]) == 5
     assert all(r["url"] != body["query_url"] for r in body["results"])
     assert all(3 <= len(r["questions"]) <= 5 for r in body["results"])
@@ -489,7 +490,7 @@ def test_cli_questions_search_ask(pipeline):
     result = run_cli("questions", url, "--json")
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
-    assert body["url"] == queue.normalize_url(url) and 3 <= len(body["questions"]) <= 5
+    assert body["url"] == normalize_url(url) and 3 <= len(body["questions"]) <= 5
 
     result = run_cli("search", "sourdough starter", "--k", "2", "--json")
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from blogqa import pipeline, queue
+from blogqa import pipeline, queue, queue_admin
 from blogqa.config import load_settings
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from tests.fakes import ARTICLE_FILES
@@ -118,7 +118,7 @@ def test_lease_keeper_renews_while_work_goes_on_and_notices_a_cancel(conn, setti
         async with LeaseKeeper(short, leases) as keeper:
             await asyncio.sleep(4.5)  # longer than the lease itself
             still_held = float(lease_left("https://example.com/a"))
-            queue.cancel(conn, "https://example.com/b")
+            queue_admin.cancel(conn, "https://example.com/b")
             await asyncio.sleep(1.5)
             keeper.ensure_held(leases[0])
             with pytest.raises(LeaseLostError, match="example.com/b"):

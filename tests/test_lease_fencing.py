@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from blogqa import db, pipeline, queue, store
+from blogqa import db, pipeline, queue, queue_admin, store
 from blogqa.leases import LeaseKeeper
 from tests.conftest import queue_row
 
@@ -50,7 +50,7 @@ def _lease_left(conn, row_id: int) -> float:
 def test_save_pages_writes_only_under_a_held_lease(conn) -> None:
     queue.enqueue(conn, ["https://example.com/held", "https://example.com/cancelled"])
     held, gone = _claim(conn)
-    queue.cancel(conn, gone.url)
+    queue_admin.cancel(conn, gone.url)
 
     refused = store.save_pages(conn, [(held, {"n": 1}, False), (gone, {"n": 2}, False)])
 
@@ -263,7 +263,7 @@ def test_the_lease_keeper_renews_the_whole_claim_while_a_stage_works(conn, setti
 
     assert _lease_left(conn, waiting.id) > settings.lease_seconds - 60
     assert queue.renew_claim(conn, [working.ref()], 60) == 2
-    queue.cancel(conn, waiting.url)
+    queue_admin.cancel(conn, waiting.url)
     assert queue.renew_claim(conn, [working.ref()], 60) == 1  # a cancelled row stays out
-    queue.cancel(conn, working.url)
+    queue_admin.cancel(conn, working.url)
     assert queue.renew_claim(conn, [working.ref()], 60) == 0  # no held ref, nothing renewed

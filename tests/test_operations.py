@@ -1,5 +1,5 @@
 """Operator actions on the queue: cancel, redrive of dead rows, the error report (issue 4),
-through blogqa.queue and the `blogqa` command, against the embedded PostgreSQL."""
+through blogqa.queue_admin and the `blogqa` command, against the embedded PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from blogqa import crawl, embed, llm, pipeline, queue, store
+from blogqa import crawl, embed, llm, pipeline, queue, queue_admin, store
 from blogqa.errors import PageError
+from blogqa.urls import InvalidURLError
 from tests.conftest import queue_row, table_counts
 from tests.test_cli import run_cli
 
@@ -54,7 +55,7 @@ def _age_finished(conn, url: str, hours: int) -> None:
 
 def test_cancel_queued_row_by_unnormalized_url_is_never_claimed(conn) -> None:
     queue.enqueue(conn, ["https://example.com/post?utm_source=x", "https://example.com/other"])
-    result = queue.cancel(conn, "  HTTPS://Example.COM:443/post#comments  ")
+    result = queue_admin.cancel(conn, "  HTTPS://Example.COM:443/post#comments  ")
 
     assert result.cancelled is True
     assert (result.url, result.previous_status) == ("https://example.com/post", "queued")
@@ -76,7 +77,7 @@ def test_cancel_queued_row_by_unnormalized_url_is_never_claimed(conn) -> None:
 def test_cancel_by_id(conn) -> None:
     queue.enqueue(conn, ["https://example.com/a", "https://example.com/b"])
     target = _row(conn, "https://example.com/b")["id"]
-    result = queue.cancel(conn, f" {target} ")
+    result = queue_admin.cancel(conn, f" {target} ")
     assert (result.id, result.url, result.cancelled) == (target, "https://example.com/b", True)
     statuses = dict(conn.execute("SELECT url, status FROM blogqa.url_queue").fetchall())
     assert statuses == {"https://example.com/a": "queued", "https://example.com/b": "cancelled"}
@@ -91,7 +92,7 @@ def test_cancel_claimed_row_fences_out_the_worker(conn) -> None:
         (lease.id, lease.token),
     )
 
-    result = queue.cancel(conn, url)
+    result = queue_admin.cancel(conn, url)
     assert (result.cancelled, result.previous_status, result.discarded_work) == (
         True,
         "processing",
@@ -129,7 +130,7 @@ def test_cancel_during_a_real_run_discards_its_result(conn, settings, page_serve
     [item] = store.work_items(conn, leases, settings.embed_dim)
     assert item.page and item.llm_result and item.vectors is not None
 
-    result = queue.cancel(conn, url)
+    result = queue_admin.cancel(conn, url)
     assert result.cancelled and result.discarded_work
 
     assert pipeline.load_chunk(refs, settings) == []
@@ -150,7 +151,7 @@ def test_cancel_before_the_crawl_stage_fetches_nothing(conn, settings, page_serv
     queue.enqueue(conn, [url])
     [chunk] = pipeline.claim_chunks(10, 5, settings)
     hits_before = sum(page_server.hits.values())
-    queue.cancel(conn, str(chunk[0]["id"]))
+    queue_admin.cancel(conn, str(chunk[0]["id"]))
     assert pipeline.crawl_chunk(chunk, settings) == []
     assert sum(page_server.hits.values()) == hits_before
     assert table_counts(conn)["work_items"] == 0
@@ -165,7 +166,7 @@ def test_cancel_finished_row_cancels_nothing(conn, terminal: str) -> None:
         "UPDATE blogqa.url_queue SET status = %s, last_error = NULL WHERE url = %s",
         (terminal, url),
     )
-    result = queue.cancel(conn, url)
+    result = queue_admin.cancel(conn, url)
     assert (result.cancelled, result.previous_status, result.discarded_work) == (
         False,
         terminal,
@@ -179,12 +180,12 @@ def test_cancel_finished_row_cancels_nothing(conn, terminal: str) -> None:
 
 def test_cancel_unknown_target_raises(conn) -> None:
     queue.enqueue(conn, ["https://example.com/known"])
-    with pytest.raises(queue.QueueRowNotFoundError, match="no queue row matches '999'"):
-        queue.cancel(conn, "999")
-    with pytest.raises(queue.QueueRowNotFoundError, match="give a queue id or a URL"):
-        queue.cancel(conn, "https://example.com/unknown")
-    with pytest.raises(queue.InvalidURLError, match="neither a queue id nor a valid URL"):
-        queue.cancel(conn, "ftp://example.com/known")
+    with pytest.raises(queue_admin.QueueRowNotFoundError, match="no queue row matches '999'"):
+        queue_admin.cancel(conn, "999")
+    with pytest.raises(queue_admin.QueueRowNotFoundError, match="give a queue id or a URL"):
+        queue_admin.cancel(conn, "https://example.com/unknown")
+    with pytest.raises(InvalidURLError, match="neither a queue id nor a valid URL"):
+        queue_admin.cancel(conn, "ftp://example.com/known")
     assert _row(conn, "https://example.com/known")["status"] == "queued"
 
 
@@ -198,9 +199,9 @@ def test_requeue_dead_resets_dead_rows_only(conn) -> None:
     conn.execute(
         "UPDATE blogqa.url_queue SET status = 'done' WHERE url = 'https://example.com/done'"
     )
-    queue.cancel(conn, "https://example.com/waiting")
+    queue_admin.cancel(conn, "https://example.com/waiting")
 
-    requeued = queue.requeue_dead(conn)
+    requeued = queue_admin.requeue_dead(conn)
     assert [url for _, url in requeued] == [
         "https://example.com/dead-1",
         "https://example.com/dead-2",
@@ -223,7 +224,7 @@ def test_requeue_dead_resets_dead_rows_only(conn) -> None:
         "https://example.com/dead-2",
     ]
     assert all(lease.attempts == 1 for lease in leases)
-    assert queue.requeue_dead(conn) == []
+    assert queue_admin.requeue_dead(conn) == []
 
 
 def test_requeue_dead_drops_leftover_work_items(conn) -> None:
@@ -234,7 +235,7 @@ def test_requeue_dead_drops_leftover_work_items(conn) -> None:
         " VALUES (%s, gen_random_uuid(), '{}')",
         (row_id,),
     )
-    assert queue.requeue_dead(conn) == [(row_id, "https://example.com/dead")]
+    assert queue_admin.requeue_dead(conn) == [(row_id, "https://example.com/dead")]
     assert table_counts(conn)["work_items"] == 0
 
 
@@ -247,14 +248,14 @@ def test_requeue_dead_filters_by_stage_and_since(conn) -> None:
     _age_finished(conn, "https://example.com/embed-old", 48)
     day_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
 
-    assert queue.requeue_dead(conn, stage="load") == []
-    assert [u for _, u in queue.requeue_dead(conn, stage="crawl", since=day_ago)] == [
+    assert queue_admin.requeue_dead(conn, stage="load") == []
+    assert [u for _, u in queue_admin.requeue_dead(conn, stage="crawl", since=day_ago)] == [
         "https://example.com/crawl-new"
     ]
-    assert [u for _, u in queue.requeue_dead(conn, since=day_ago)] == [
+    assert [u for _, u in queue_admin.requeue_dead(conn, since=day_ago)] == [
         "https://example.com/embed-new"
     ]
-    assert [u for _, u in queue.requeue_dead(conn, stage="embed")] == [
+    assert [u for _, u in queue_admin.requeue_dead(conn, stage="embed")] == [
         "https://example.com/embed-old"
     ]
     statuses = dict(conn.execute("SELECT url, status FROM blogqa.url_queue").fetchall())
@@ -268,13 +269,13 @@ def test_requeue_dead_filters_by_stage_and_since(conn) -> None:
 
 def test_requeue_dead_rejects_bad_arguments(conn) -> None:
     with pytest.raises(ValueError, match="unknown stage 'fetch'"):
-        queue.requeue_dead(conn, stage="fetch")
+        queue_admin.requeue_dead(conn, stage="fetch")
     with pytest.raises(ValueError, match="timezone-aware"):
-        queue.requeue_dead(conn, since=dt.datetime(2025, 1, 1))
+        queue_admin.requeue_dead(conn, since=dt.datetime(2025, 1, 1))
 
 
 def test_failure_stages_match_the_stages_that_fail_rows() -> None:
-    assert set(queue.FAILURE_STAGES) == {crawl.STAGE, llm.STAGE, embed.STAGE, "load", "lease"}
+    assert set(queue_admin.FAILURE_STAGES) == {crawl.STAGE, llm.STAGE, embed.STAGE, "load", "lease"}
 
 
 def test_error_history_stays_bounded_across_cancels_and_redrives(conn) -> None:
@@ -282,9 +283,9 @@ def test_error_history_stays_bounded_across_cancels_and_redrives(conn) -> None:
     queue.enqueue(conn, [url])
     rounds = queue.ERROR_HISTORY_LIMIT + 5
     for _ in range(rounds):
-        assert queue.cancel(conn, url).cancelled
+        assert queue_admin.cancel(conn, url).cancelled
         conn.execute("UPDATE blogqa.url_queue SET status = 'dead' WHERE url = %s", (url,))
-        assert len(queue.requeue_dead(conn)) == 1
+        assert len(queue_admin.requeue_dead(conn)) == 1
     history = _row(conn, url)["error_history"]
     assert len(history) == queue.ERROR_HISTORY_LIMIT
     assert [e["stage"] for e in history[-2:]] == ["cancel", "redrive"]
@@ -304,7 +305,7 @@ def test_recent_errors_newest_first_with_reason(conn) -> None:
     [lease] = _claim(conn)
     transient = PageError("HTTP 503", stage="crawl", permanent=False)
     assert queue.fail(conn, lease, transient, max_attempts=5, base=3600) == "queued"
-    queue.cancel(conn, "https://example.com/fine")
+    queue_admin.cancel(conn, "https://example.com/fine")
     ages = {"https://example.com/dead": 3, "https://example.com/retry": 2}
     for url, minutes in ages.items():
         conn.execute(
@@ -313,7 +314,7 @@ def test_recent_errors_newest_first_with_reason(conn) -> None:
             (minutes, url),
         )
 
-    errors = queue.recent_errors(conn)
+    errors = queue_admin.recent_errors(conn)
     assert [e["url"] for e in errors] == [
         "https://example.com/fine",
         "https://example.com/retry",
@@ -334,7 +335,7 @@ def test_recent_errors_newest_first_with_reason(conn) -> None:
         None,
     )
     assert fine["updated_at"] > retry["updated_at"] > dead["updated_at"]
-    assert [e["url"] for e in queue.recent_errors(conn, limit=2)] == [
+    assert [e["url"] for e in queue_admin.recent_errors(conn, limit=2)] == [
         "https://example.com/fine",
         "https://example.com/retry",
     ]
@@ -344,10 +345,10 @@ def test_recent_errors_skips_clean_rows_and_checks_limit(conn) -> None:
     queue.enqueue(conn, ["https://example.com/clean"])
     [lease] = _claim(conn)
     assert queue.complete(conn, lease)
-    assert queue.recent_errors(conn) == []
-    for bad in (0, queue.MAX_ERRORS_LIMIT + 1):
+    assert queue_admin.recent_errors(conn) == []
+    for bad in (0, queue_admin.MAX_ERRORS_LIMIT + 1):
         with pytest.raises(ValueError, match="between 1 and 1000"):
-            queue.recent_errors(conn, bad)
+            queue_admin.recent_errors(conn, bad)
 
 
 # ---------------------------------------------------------------- the command line
@@ -442,7 +443,7 @@ def test_cli_requeue_rejects_unknown_stage(conn) -> None:
 def test_cli_errors_table_json_and_limit(conn) -> None:
     _kill(conn, "https://example.com/gone", message="HTTP 404 for https://example.com/gone")
     queue.enqueue(conn, ["https://example.com/stopped"])
-    queue.cancel(conn, "https://example.com/stopped")
+    queue_admin.cancel(conn, "https://example.com/stopped")
 
     table = run_cli("errors")
     assert table.returncode == 0, table.stderr

@@ -15,7 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from blogqa import pipeline, queue, store
+from blogqa import pipeline, queue, queue_admin, store
 from blogqa.config import load_settings
 from blogqa.errors import StageStalledError
 from blogqa.llm import ModelCall
@@ -129,7 +129,7 @@ def test_a_result_whose_lease_is_gone_is_not_saved_but_its_call_is_charged(conn,
     queue.enqueue(conn, ["https://example.com/kept", "https://example.com/cancelled"])
     kept, cancelled = queue.claim(conn, 10, owner="test", lease_seconds=60)
     store.save_pages(conn, [(lease, {"text": "t"}, False) for lease in (kept, cancelled)])
-    queue.cancel(conn, str(cancelled.id))  # clears the lease (and the work row)
+    queue_admin.cancel(conn, str(cancelled.id))  # clears the lease (and the work row)
     conn.execute(  # a work row left behind under the old token must not be written either
         "INSERT INTO blogqa.work_items (queue_id, lease_token, page) VALUES (%s, %s, '{}')",
         (cancelled.id, cancelled.token),

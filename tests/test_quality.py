@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from blogqa import pipeline, quality, queue
+from blogqa import pipeline, quality, queue_stats
 from tests.conftest import table_counts
 from tests.test_cli import run_cli
 
@@ -224,7 +224,7 @@ def test_release_requeue_and_drop_do_what_they_say(conn, page_server, model):
     for stage in (pipeline.crawl_chunk, pipeline.summarize_chunk, pipeline.embed_chunk):
         chunks = [stage(chunks[0])]
     pipeline.load_chunk(pipeline.validate_chunk(chunks[0], "manual__again", 0))
-    assert queue.stats(conn)["counts"]["done"] == 2
+    assert queue_stats.stats(conn)["counts"]["done"] == 2
 
 
 def quarantine_answers() -> set[str]:

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 
 import blogqa.db
-from blogqa import queue
+from blogqa import queue, queue_stats, retry
 from blogqa.errors import PageError
-from blogqa.queue import InvalidURLError, normalize_url
+from blogqa.urls import MAX_URL_LENGTH, InvalidURLError, normalize_url
 from tests.conftest import queue_row
 
 # ---------------------------------------------------------------- helpers
@@ -104,7 +104,7 @@ def test_normalize_url_rejects(raw: str, reason: str) -> None:
 
 def test_normalize_url_length_limit_is_inclusive() -> None:
     prefix = "http://example.com/"
-    at_limit = prefix + "a" * (queue.MAX_URL_LENGTH - len(prefix))
+    at_limit = prefix + "a" * (MAX_URL_LENGTH - len(prefix))
     assert normalize_url(at_limit) == at_limit
     with pytest.raises(InvalidURLError):
         normalize_url(at_limit + "a")
@@ -112,6 +112,37 @@ def test_normalize_url_length_limit_is_inclusive() -> None:
 
 def test_normalize_url_keeps_non_utf8_query_values_distinct() -> None:
     assert normalize_url("http://example.com/?q=%E9") != normalize_url("http://example.com/?q=%E8")
+
+
+@pytest.mark.parametrize(
+    ("spellings", "expected"),
+    [
+        (
+            ["http://example.com/a/../b", "http://example.com/a/./../b", "http://example.com/b"],
+            "http://example.com/b",
+        ),
+        (["http://example.com/../../b/./c/"], "http://example.com/b/c/"),
+        (["http://example.com/%7Euser/", "http://example.com/~user/"], "http://example.com/~user/"),
+        (
+            ["http://example.com/%7euser/", "http://Example.com/a/../%7Euser/"],
+            "http://example.com/~user/",
+        ),
+    ],
+)
+def test_normalize_url_resolves_dot_segments_and_unreserved_escapes(
+    spellings: list[str], expected: str
+) -> None:
+    """One page, one queue key: `/a/../b` is `/b` and `%7E` is `~` (RFC 3986 6.2.2)."""
+    for raw in spellings:
+        assert normalize_url(raw) == expected, raw
+    assert normalize_url(expected) == expected
+
+
+def test_normalize_url_leaves_the_query_order_and_bytes_alone() -> None:
+    """Only the path is canonicalized: the query keeps its order and escapes (tracking
+    parameters aside), and reserved escapes in the path stay escaped."""
+    url = "http://example.com/a%2Fb/?z=%7E&a=1&utm_source=x&m=%e9"
+    assert normalize_url(url) == "http://example.com/a%2Fb/?z=%7E&a=1&m=%e9"
 
 
 # ---------------------------------------------------------------- enqueue
@@ -300,7 +331,7 @@ def test_concurrent_claimers_never_share_a_row(conn, settings) -> None:
     assert sum(1 for ids in claimed.values() if ids) >= 2, "the claimers did not overlap"
     owners = dict(conn.execute("SELECT lease_owner, count(*) FROM blogqa.url_queue GROUP BY 1"))
     assert owners == {name: len(ids) for name, ids in claimed.items() if ids}
-    assert queue.stats(conn)["counts"]["processing"] == 2000
+    assert queue_stats.stats(conn)["counts"]["processing"] == 2000
 
 
 # ---------------------------------------------------------------- leases
@@ -337,12 +368,12 @@ def test_expired_lease_is_reclaimed_and_fenced(conn) -> None:
 
 def test_unexpired_lease_is_not_reclaimed(conn) -> None:
     queue.enqueue(conn, ["http://example.com/busy"])
-    assert queue.has_claimable(conn) is True  # a due queued row
+    assert queue_stats.has_claimable(conn) is True  # a due queued row
     [lease] = _claim(conn)
     assert _claim(conn) == []
-    assert queue.has_claimable(conn) is False
+    assert queue_stats.has_claimable(conn) is False
     _expire(conn, lease.id)
-    assert queue.has_claimable(conn) is True
+    assert queue_stats.has_claimable(conn) is True
 
 
 def test_expired_lease_with_attempts_spent_goes_dead(conn) -> None:
@@ -464,7 +495,7 @@ def test_error_history_is_bounded(conn) -> None:
 
 
 def test_backoff_grows_exponentially() -> None:
-    delays = [queue.backoff_seconds(n, 10, rng=random.Random(7)) for n in range(1, 8)]
+    delays = [retry.backoff_seconds(n, 10, rng=random.Random(7)) for n in range(1, 8)]
     for earlier, later in itertools.pairwise(delays):
         assert later == pytest.approx(2 * earlier)
     assert 5 <= delays[0] < 15
@@ -472,31 +503,31 @@ def test_backoff_grows_exponentially() -> None:
 
 def test_backoff_jitter_stays_in_range() -> None:
     rng = random.Random(1234)
-    samples = [queue.backoff_seconds(3, 10, rng=rng) for _ in range(500)]
+    samples = [retry.backoff_seconds(3, 10, rng=rng) for _ in range(500)]
     assert all(20 <= s < 60 for s in samples)
     assert len(set(samples)) > 400
-    attempt_zero = queue.backoff_seconds(0, 10, rng=random.Random(7))
-    assert attempt_zero == queue.backoff_seconds(1, 10, rng=random.Random(7))
+    attempt_zero = retry.backoff_seconds(0, 10, rng=random.Random(7))
+    assert attempt_zero == retry.backoff_seconds(1, 10, rng=random.Random(7))
 
 
 def test_backoff_never_below_retry_after() -> None:
-    assert queue.backoff_seconds(1, 1, retry_after=500, rng=random.Random(3)) == 500
-    assert queue.backoff_seconds(1, 0, retry_after=7) == 7
-    big = queue.backoff_seconds(6, 100, retry_after=1, rng=random.Random(3))
+    assert retry.backoff_seconds(1, 1, retry_after=500, rng=random.Random(3)) == 500
+    assert retry.backoff_seconds(1, 0, retry_after=7) == 7
+    big = retry.backoff_seconds(6, 100, retry_after=1, rng=random.Random(3))
     assert big > 1000
 
 
 def test_backoff_is_capped() -> None:
     for seed in range(20):
-        assert queue.backoff_seconds(40, 30, rng=random.Random(seed)) == (queue.MAX_BACKOFF_SECONDS)
-    assert queue.backoff_seconds(2, 30, rng=random.Random(0)) < queue.MAX_BACKOFF_SECONDS
+        assert retry.backoff_seconds(40, 30, rng=random.Random(seed)) == (retry.MAX_BACKOFF_SECONDS)
+    assert retry.backoff_seconds(2, 30, rng=random.Random(0)) < retry.MAX_BACKOFF_SECONDS
 
 
 # ---------------------------------------------------------------- stats
 
 
 def test_stats_on_empty_queue(conn) -> None:
-    result = queue.stats(conn)
+    result = queue_stats.stats(conn)
     assert result["counts"] == dict.fromkeys(queue.STATUSES, 0)
     assert result["total"] == 0
     assert result["oldest_queued_age_seconds"] is None
@@ -516,7 +547,7 @@ def test_stats_counts_and_oldest_age(conn) -> None:
         "UPDATE blogqa.url_queue SET run_after = now() + interval '1 hour' WHERE url = %s",
         ("http://example.com/s4",),
     )
-    result = queue.stats(conn)
+    result = queue_stats.stats(conn)
     assert result["counts"] == {
         "queued": 3,
         "processing": 1,

@@ -13,9 +13,10 @@ import dataclasses
 import pytest
 from fastapi.testclient import TestClient
 
-from blogqa import db, queue
+from blogqa import db
 from blogqa.api import create_app
 from blogqa.config import load_settings
+from blogqa.urls import normalize_url
 from tests.browser import chromium, free_port, process, serve_app, start_site
 from tests.fakes import ARTICLES
 
@@ -51,7 +52,7 @@ def data(blog):
     process(settings, urls)
     with db.connect(settings) as conn:
         stored = conn.execute("SELECT d.url, d.id FROM blogqa.documents d ORDER BY d.id").fetchall()
-    assert [u for u, _ in stored] == [queue.normalize_url(u) for u in urls]
+    assert [u for u, _ in stored] == [normalize_url(u) for u in urls]
     widget_settings = dataclasses.replace(
         settings, api_cors_origins=(base,), api_rate_limit_per_minute=600, api_rate_burst=60
     )
@@ -162,7 +163,7 @@ def test_widget_routes_are_public_read_only_and_one_page(data):
         js = client.get("/widget.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
         page = client.get("/widget/v1/page", params={"url": data["url"] + "#comments"}).json()
-        assert page["url"] == queue.normalize_url(data["url"])
+        assert page["url"] == normalize_url(data["url"])
         assert set(page) == {"url", "title", "questions"}
         assert all(set(q) == {"question", "answer"} for q in page["questions"])
         unknown = client.get("/widget/v1/page", params={"url": "https://example.com/x"})

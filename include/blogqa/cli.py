@@ -24,9 +24,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from blogqa import cli_fresh, cli_quality, db, export, queue
+from blogqa import cli_fresh, cli_quality, db, export, queue, queue_admin, queue_stats
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
+from blogqa.urls import InvalidURLError, normalize_url
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -172,7 +173,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect(settings) as conn:
-        stats = queue.stats(conn)
+        stats = queue_stats.stats(conn)
     if args.json:
         out.print_json(json.dumps(stats))
         return 0
@@ -223,7 +224,7 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     with db.connect(settings) as conn:
-        rows = queue.requeue_dead(conn, stage=args.stage, since=args.since)
+        rows = queue_admin.requeue_dead(conn, stage=args.stage, since=args.since)
     if args.json:
         out.print_json(
             json.dumps(
@@ -248,11 +249,11 @@ def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with db.connect(settings) as conn:
-            result = queue.cancel(conn, args.target)
-    except queue.QueueRowNotFoundError as exc:
+            result = queue_admin.cancel(conn, args.target)
+    except queue_admin.QueueRowNotFoundError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         return 1
-    except queue.InvalidURLError as exc:
+    except InvalidURLError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     if args.json:
@@ -276,7 +277,7 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_errors(args: argparse.Namespace, settings: Settings) -> int:
     with db.connect(settings) as conn:
-        rows = queue.recent_errors(conn, args.limit)
+        rows = queue_admin.recent_errors(conn, args.limit)
     if args.json:
         items = [
             {**row, "updated_at": _utc(row["updated_at"]), "run_after": _utc(row["run_after"])}
@@ -351,7 +352,7 @@ def _print_example(conn, urls: list[str]) -> None:
     row = conn.execute(
         "SELECT title, url, summary, questions FROM blogqa.document_qa WHERE url = ANY(%s)"
         " ORDER BY url LIMIT 1",
-        ([queue.normalize_url(u) for u in urls],),
+        ([normalize_url(u) for u in urls],),
     ).fetchone()
     if row is None:
         return
@@ -596,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dead", action="store_true", help="requeue rows in status dead (the only redrive)"
     )
-    p.add_argument("--stage", choices=queue.FAILURE_STAGES, help="only rows that died at it")
+    p.add_argument("--stage", choices=queue_admin.FAILURE_STAGES, help="only rows that died at it")
     p.add_argument(
         "--since",
         type=_since,
@@ -615,9 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("errors", help="latest failures with their reason")
     p.add_argument(
         "--limit",
-        type=_at_most(queue.MAX_ERRORS_LIMIT),
+        type=_at_most(queue_admin.MAX_ERRORS_LIMIT),
         default=20,
-        help=f"rows to show (<= {queue.MAX_ERRORS_LIMIT}, default 20)",
+        help=f"rows to show (<= {queue_admin.MAX_ERRORS_LIMIT}, default 20)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_errors)

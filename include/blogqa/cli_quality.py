@@ -64,8 +64,9 @@ def _reasons_of_run(settings: Settings, run_id: str) -> list[str]:
 
 
 def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
-    from blogqa import quarantine, queue
+    from blogqa import quarantine
     from blogqa.cli import err, out
+    from blogqa.urls import InvalidURLError
 
     with db.connect(settings) as conn:
         if args.action == "list":
@@ -96,7 +97,7 @@ def cmd_quarantine(args: argparse.Namespace, settings: Settings) -> int:
                 result = quarantine.requeue(conn, args.target)
             else:
                 result = quarantine.drop(conn, args.target)
-        except (quarantine.NotQuarantinedError, queue.InvalidURLError) as exc:
+        except (quarantine.NotQuarantinedError, InvalidURLError) as exc:
             err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             return 1
     if args.json:

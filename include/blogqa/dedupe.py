@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from blogqa.queue import InvalidURLError, Lease, normalize_url
+from blogqa.queue import Lease
+from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
 

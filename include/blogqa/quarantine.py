@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from blogqa import queue, store
 from blogqa.errors import BlogqaError
 from blogqa.queue import HISTORY_APPEND_SQL, Lease
+from blogqa.urls import normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _lock_quarantined(conn: psycopg.Connection, target: str | int) -> tuple[int,
             "SELECT id, url, status FROM blogqa.url_queue WHERE id = %s FOR UPDATE", (int(text),)
         ).fetchone()
     else:
-        url = queue.normalize_url(text)
+        url = normalize_url(text)
         row = conn.execute(
             "SELECT id, url, status FROM blogqa.url_queue WHERE url = %s FOR UPDATE", (url,)
         ).fetchone()

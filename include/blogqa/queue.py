@@ -1,9 +1,16 @@
-"""The URL queue: normalize, enqueue, claim with leases, complete, fail, stats.
+"""The URL queue's row state machine: enqueue, claim with leases, renew, complete, fail,
+release, refresh.
 
-The claim is one short transaction (expired leases recovered, then `FOR UPDATE SKIP LOCKED`)
-committed before any network call, so concurrent workers never share a row and a crashed
-worker's rows come back once its lease expires. Every write after the claim is fenced by the
-lease token: a late finisher whose lease was taken over changes nothing.
+A row goes queued -> processing (claimed) -> done, or back to queued for a retry, or to a
+terminal status (dead, skipped, cancelled, quarantined); a refresh puts done rows back in the
+queue. The claim is one short transaction (expired leases recovered, then `FOR UPDATE SKIP
+LOCKED`) committed before any network call, so concurrent workers never share a row and a
+crashed worker's rows come back once its lease expires. Every write after the claim is fenced
+by the lease token: a late finisher whose lease was taken over changes nothing.
+
+Elsewhere: URL normalization (the queue key) in blogqa.urls, the retry delay in
+blogqa.retry, counts for runners and dashboards in blogqa.queue_stats, and the operator's
+cancel/redrive/error report in blogqa.queue_admin.
 """
 
 from __future__ import annotations
@@ -11,33 +18,23 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import random
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import psycopg
 
-from blogqa.errors import BlogqaError, PageError
+from blogqa.errors import PageError
+from blogqa.queue_stats import stats  # noqa: F401  re-exported: tests/test_dag.py calls queue.stats
+from blogqa.retry import backoff_seconds
+from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
 
-MAX_URL_LENGTH = 2048
 ERROR_HISTORY_LIMIT = 20
-MAX_BACKOFF_SECONDS = 6 * 3600
-TRACKING_PARAMS = {
-    "fbclid", "gclid", "dclid", "gbraid", "wbraid", "msclkid", "yclid", "igshid",
-    "mc_cid", "mc_eid", "_ga", "_gl", "mkt_tok", "oly_anon_id", "oly_enc_id", "vero_id",
-}  # fmt: skip
-DEFAULT_PORTS = {"http": 80, "https": 443}
 # Final for the pipeline (a run's tally counts them). `quarantined` waits for a person (the
 # review task, `blogqa quarantine`), not for a worker: see blogqa.quarantine.
 TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled", "quarantined")
 STATUSES = ("queued", "processing", *TERMINAL_STATUSES)
-
-
-class InvalidURLError(ValueError):
-    """A URL the queue refuses; the message is the reason shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -69,55 +66,6 @@ class EnqueueResult:
             "already_done": len(self.already_done),
             "rejected": [{"url": url, "reason": reason} for url, reason in self.rejected],
         }
-
-
-def _is_tracking(name: str) -> bool:
-    lowered = name.lower()
-    return lowered.startswith("utm_") or lowered in TRACKING_PARAMS
-
-
-def normalize_url(raw: str) -> str:
-    """Canonical form used as the queue key (and by the API's by-url lookups).
-
-    Lower-cases scheme and host, drops the default port, the fragment and tracking
-    parameters; keeps path and the other parameters as given.
-    """
-    text = (raw or "").strip()
-    if not text:
-        raise InvalidURLError("empty URL")
-    if len(text) > MAX_URL_LENGTH:
-        raise InvalidURLError(f"URL longer than {MAX_URL_LENGTH} characters")
-    if any(ch.isspace() for ch in text) or any(ord(ch) < 32 for ch in text):
-        raise InvalidURLError("URL contains whitespace or control characters")
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidURLError(f"malformed URL ({exc})") from None
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        shown = scheme or "none"
-        raise InvalidURLError(f"scheme {shown!r} is not supported: only http and https")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidURLError("URL contains credentials (user:password@): remove them")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise InvalidURLError("URL has no host")
-    try:
-        host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise InvalidURLError(f"host {host!r} is not a valid domain name") from None
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    # Drop tracking parameters but keep every other byte of the query exactly as given:
-    # re-encoding would merge distinct URLs (invalid UTF-8) and change what is fetched.
-    query = "&".join(
-        pair
-        for pair in parts.query.split("&")
-        if pair and not _is_tracking(unquote_plus(pair.split("=", 1)[0]))
-    )
-    return urlunsplit((scheme, netloc, parts.path or "/", query, ""))
 
 
 def enqueue(
@@ -378,15 +326,6 @@ def mark_done(conn: psycopg.Connection, ids: list[int]) -> None:
     conn.execute(MARK_DONE_SQL, (ids,))
 
 
-def backoff_seconds(
-    attempt: int, base: float, *, retry_after: float | None = None, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff with full jitter in [0.5, 1.5), never shorter than Retry-After."""
-    jitter = (rng or random).uniform(0.5, 1.5)
-    delay = min(base * (2 ** max(attempt - 1, 0)) * jitter, MAX_BACKOFF_SECONDS)
-    return max(delay, retry_after or 0.0)
-
-
 FAIL_SQL = f"""
 UPDATE blogqa.url_queue q
 SET status = %(status)s,
@@ -515,243 +454,3 @@ def requeue_stale(conn: psycopg.Connection, *, older_than: dt.timedelta, limit: 
     """Refresh: put done rows finished longer ago than `older_than` back in the queue, oldest
     first, at most `limit`. Their stored validators make the refetch a conditional GET."""
     return conn.execute(REQUEUE_STALE_SQL, (older_than, limit)).rowcount
-
-
-def stats(conn: psycopg.Connection) -> dict:
-    """Counts per status and the age of the oldest queued row."""
-    counts = dict.fromkeys(STATUSES, 0)
-    for status, count in conn.execute(
-        "SELECT status, count(*) FROM blogqa.url_queue GROUP BY status"
-    ):
-        counts[status] = count
-    row = conn.execute(
-        "SELECT extract(epoch FROM now() - min(enqueued_at)),"
-        " count(*) FILTER (WHERE run_after <= now())"
-        " FROM blogqa.url_queue WHERE status = 'queued'"
-    ).fetchone()
-    return {
-        "counts": counts,
-        "total": sum(counts.values()),
-        "oldest_queued_age_seconds": round(float(row[0]), 1) if row[0] is not None else None,
-        "claimable": int(row[1]),
-    }
-
-
-def next_due_seconds(conn: psycopg.Connection) -> float | None:
-    """Seconds until a row becomes claimable (a retry's run_after, or a lease expiring);
-    None when nothing is queued or in flight."""
-    row = conn.execute(
-        "SELECT extract(epoch FROM min(CASE WHEN status = 'queued' THEN run_after"
-        " ELSE lease_until END) - now())"
-        " FROM blogqa.url_queue WHERE status IN ('queued', 'processing')"
-    ).fetchone()
-    return max(float(row[0]), 0.0) if row[0] is not None else None
-
-
-def claimed_by_run(conn: psycopg.Connection, run_id: str) -> list[int]:
-    """Queue ids the DAG run `run_id` claimed last."""
-    rows = conn.execute(
-        "SELECT id FROM blogqa.url_queue WHERE last_run_id = %s ORDER BY id", (run_id,)
-    ).fetchall()
-    return [row[0] for row in rows]
-
-
-def status_counts(conn: psycopg.Connection, ids: list[int]) -> dict[str, int]:
-    """How many of the rows `ids` are in each status."""
-    rows = conn.execute(
-        "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
-        (ids,),
-    ).fetchall()
-    return dict(rows)
-
-
-def has_claimable(conn: psycopg.Connection) -> bool:
-    """Whether a claim would take anything now: an index probe, not a count (the runner asks
-    before every DAG run, and a count over a million queued rows takes ~150 ms)."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM blogqa.url_queue WHERE status = 'queued'"
-        " AND run_after <= now()) OR EXISTS (SELECT 1 FROM blogqa.url_queue"
-        " WHERE status = 'processing' AND lease_until < now())"
-    ).fetchone()
-    return bool(row[0])
-
-
-# ---------------------------------------------------------------- operator actions
-# cancel, redrive (requeue_dead) and the error report behind `blogqa cancel|requeue|errors`.
-
-
-# Stages a row can fail at (PageError.stage values, and "lease" for an expired lease):
-# what `requeue_dead(stage=...)` filters on.
-FAILURE_STAGES = ("crawl", "summarize", "embed", "load", "lease")
-CANCEL_MESSAGE = "cancelled by operator"
-REDRIVE_MESSAGE = "requeued by operator (redrive of a dead row)"
-MAX_ERRORS_LIMIT = 1000
-
-CANCEL_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'cancelled', finished_at = now(), last_error = %(message)s, last_stage = 'cancel',
-    error_history = {HISTORY_APPEND_SQL},
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.id = %(id)s AND q.status IN ('queued', 'processing')
-RETURNING q.id
-"""
-
-REDRIVE_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
-    started_at = NULL, processing_ms = NULL, last_error = NULL, last_stage = NULL,
-    error_history = {HISTORY_APPEND_SQL},
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.status = 'dead'
-  AND (%(stage)s::text IS NULL OR q.last_stage = %(stage)s::text)
-  AND (%(since)s::timestamptz IS NULL OR q.finished_at >= %(since)s::timestamptz)
-RETURNING q.id, q.url
-"""
-
-RECENT_ERRORS_SQL = """
-SELECT id, url, status, last_stage, attempts, max_attempts, last_error, updated_at,
-       CASE WHEN status = 'queued' THEN run_after END
-FROM blogqa.url_queue
-WHERE last_error IS NOT NULL
-ORDER BY updated_at DESC, id DESC
-LIMIT %s
-"""
-
-
-class QueueRowNotFoundError(BlogqaError, LookupError):
-    """No queue row matches the id or URL an operator gave; the message says what to check."""
-
-
-@dataclass(frozen=True)
-class CancelResult:
-    """What `cancel` did to one row: `cancelled` is False when it was already finished."""
-
-    id: int
-    url: str
-    previous_status: str
-    cancelled: bool
-    discarded_work: bool
-
-    @property
-    def reason(self) -> str:
-        if self.cancelled:
-            return CANCEL_MESSAGE
-        return f"already {self.previous_status}: only queued or processing rows can be cancelled"
-
-    def as_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "url": self.url,
-            "previous_status": self.previous_status,
-            "cancelled": self.cancelled,
-            "discarded_work": self.discarded_work,
-            "reason": self.reason,
-        }
-
-
-def _lock_target(conn: psycopg.Connection, target: str) -> tuple | None:
-    """The row an operator named (a queue id, or a URL normalized as the queue keys are),
-    locked so a worker's fenced write cannot interleave with the cancel."""
-    text = target.strip()
-    if text.isascii() and text.isdigit():
-        return conn.execute(
-            "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE id = %s FOR UPDATE",
-            (int(text),),
-        ).fetchone()
-    try:
-        url = normalize_url(text)
-    except InvalidURLError as exc:
-        raise InvalidURLError(f"{target!r} is neither a queue id nor a valid URL: {exc}") from None
-    return conn.execute(
-        "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE url = %s FOR UPDATE",
-        (url,),
-    ).fetchone()
-
-
-def cancel(conn: psycopg.Connection, target: str) -> CancelResult:
-    """Cancel a queued or processing row, given its queue id or its URL.
-
-    The lease token is cleared, so every later write of a worker still holding the row
-    (renew, fail, complete, the load transaction) is fenced out and its result is discarded;
-    the row's intermediate results in blogqa.work_items are deleted in the same transaction.
-    A finished row is left alone and the result says why. Raises QueueRowNotFoundError when
-    nothing matches and InvalidURLError when `target` is neither an id nor a valid URL.
-    """
-    with conn.transaction():
-        row = _lock_target(conn, target)
-        if row is None:
-            raise QueueRowNotFoundError(
-                f"no queue row matches {target.strip()!r}: give a queue id or a URL that was"
-                " enqueued (URLs are matched in normalized form)"
-            )
-        row_id, url, status, owner = row
-        if status in TERMINAL_STATUSES:
-            return CancelResult(row_id, url, status, cancelled=False, discarded_work=False)
-        detail = f"was {status}" + (f", lease owner {owner}" if owner else "")
-        entry = {"stage": "cancel", "class": "operator", "message": f"{CANCEL_MESSAGE} ({detail})"}
-        conn.execute(
-            CANCEL_SQL,
-            {
-                "id": row_id,
-                "message": CANCEL_MESSAGE,
-                "entry": json.dumps(entry),
-                "keep": ERROR_HISTORY_LIMIT,
-            },
-        )
-        deleted = conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (row_id,))
-    log.info("url=%s stage=cancel queue_id=%s cancelled (%s)", url, row_id, detail)
-    return CancelResult(row_id, url, status, cancelled=True, discarded_work=deleted.rowcount > 0)
-
-
-def requeue_dead(
-    conn: psycopg.Connection, *, stage: str | None = None, since: dt.datetime | None = None
-) -> list[tuple[int, str]]:
-    """Redrive dead rows (optionally only those that died at `stage`, or at or after `since`).
-
-    They go back to queued with a fresh attempt budget, due now; their error history is kept
-    (with a redrive entry, still bounded) so the earlier failures stay visible, and leftover
-    intermediate results are dropped so the retry starts clean. Returns (id, url) by id.
-    """
-    if stage is not None and stage not in FAILURE_STAGES:
-        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(FAILURE_STAGES)}")
-    if since is not None and since.tzinfo is None:
-        raise ValueError("since must be timezone-aware (a naive time is ambiguous)")
-    entry = {"stage": "redrive", "class": "operator", "message": REDRIVE_MESSAGE}
-    with conn.transaction():
-        rows = conn.execute(
-            REDRIVE_SQL,
-            {
-                "stage": stage,
-                "since": since,
-                "entry": json.dumps(entry),
-                "keep": ERROR_HISTORY_LIMIT,
-            },
-        ).fetchall()
-        ids = [row[0] for row in rows]
-        if ids:
-            conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = ANY(%s)", (ids,))
-    rows.sort()
-    log.info("stage=redrive requeued %d dead row(s) (stage=%s since=%s)", len(rows), stage, since)
-    return [(row_id, url) for row_id, url in rows]
-
-
-def recent_errors(conn: psycopg.Connection, limit: int = 20) -> list[dict]:
-    """The latest rows that carry a failure reason, newest first, for an operator to triage.
-
-    Covers dead, skipped and cancelled rows, and rows waiting for (or in) a retry; `run_after`
-    is when a queued row will be retried (None for the others).
-    """
-    if not 1 <= limit <= MAX_ERRORS_LIMIT:
-        raise ValueError(f"limit must be between 1 and {MAX_ERRORS_LIMIT}")
-    keys = (
-        "id",
-        "url",
-        "status",
-        "stage",
-        "attempts",
-        "max_attempts",
-        "last_error",
-        "updated_at",
-        "run_after",
-    )
-    return [dict(zip(keys, row, strict=True)) for row in conn.execute(RECENT_ERRORS_SQL, (limit,))]

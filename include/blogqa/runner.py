@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from blogqa import airflow_cli, db, queue
+from blogqa import airflow_cli, db, queue_stats
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings
 from blogqa.errors import BlogqaError
 
@@ -138,9 +138,9 @@ def _wait_for_claimable(settings: Settings, wait_seconds: float) -> bool:
     deadline = time.monotonic() + wait_seconds
     while True:
         with db.connect(settings) as conn:
-            if queue.has_claimable(conn):
+            if queue_stats.has_claimable(conn):
                 return True
-            due = queue.next_due_seconds(conn)
+            due = queue_stats.next_due_seconds(conn)
         if due is None or time.monotonic() + due > deadline:
             return False
         log.info("waiting %.1fs for the next queued row to fall due", due)
@@ -207,7 +207,7 @@ def run_pipeline(
         first = False
         tally.runs += 1
         with db.connect(settings) as conn:
-            ids = queue.claimed_by_run(conn, run_id)
+            ids = queue_stats.claimed_by_run(conn, run_id)
         claimed_ids.update(ids)
         tally.claimed += len(ids)
         remaining -= len(ids)
@@ -218,7 +218,7 @@ def run_pipeline(
             break
     tally.seconds = time.perf_counter() - started
     with db.connect(settings) as conn:
-        tally.by_status = queue.status_counts(conn, sorted(claimed_ids))
+        tally.by_status = queue_stats.status_counts(conn, sorted(claimed_ids))
     return tally
 
 

@@ -34,6 +34,7 @@ from blogqa.config import Settings
 from blogqa.crawl import HTML_TYPES, XML_TYPES, Validators, fetch, http_client
 from blogqa.errors import BlogqaError, PageError
 from blogqa.politeness import CrawlPolicy
+from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def add(conn: psycopg.Connection, url: str, *, kind: str = "site", max_per_poll:
     if max_per_poll < 1:
         raise SourceError("--max-per-poll must be at least 1")
     try:
-        url = queue.normalize_url(url)
-    except queue.InvalidURLError as exc:
+        url = normalize_url(url)
+    except InvalidURLError as exc:
         raise SourceError(f"{url!r}: {exc}") from None
     cur = conn.execute(ADD_SQL, (url, kind, max_per_poll))
     names = [d.name for d in cur.description]
@@ -87,8 +88,8 @@ def remove(conn: psycopg.Connection, target: str) -> bool:
         cur = conn.execute("DELETE FROM blogqa.sources WHERE id = %s", (int(text),))
     else:
         try:
-            url = queue.normalize_url(text)
-        except queue.InvalidURLError:
+            url = normalize_url(text)
+        except InvalidURLError:
             return False
         cur = conn.execute("DELETE FROM blogqa.sources WHERE url = %s", (url,))
     return cur.rowcount > 0
@@ -323,8 +324,8 @@ def _normalized(entries: list[tuple[str, str | None]]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for raw, lastmod in entries:
         try:
-            found.setdefault(queue.normalize_url(raw), lastmod)
-        except queue.InvalidURLError:
+            found.setdefault(normalize_url(raw), lastmod)
+        except InvalidURLError:
             log.info("url=%s stage=discover entry skipped: not a valid URL", raw)
     return found
 

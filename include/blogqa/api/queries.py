@@ -25,6 +25,7 @@ from blogqa.api import models
 from blogqa.config import Settings
 from blogqa.llm import ModelCall
 from blogqa.store import USAGE_INSERT_SQL, usage_row
+from blogqa.urls import InvalidURLError, normalize_url
 
 
 class NotFoundError(LookupError):
@@ -49,8 +50,8 @@ async def _row(conn: psycopg.AsyncConnection, query: str, params=None) -> dict |
 def normalized(url: str) -> str:
     """The URL as the queue stores it, or InvalidInputError with the queue's reason."""
     try:
-        return queue.normalize_url(url)
-    except queue.InvalidURLError as exc:
+        return normalize_url(url)
+    except InvalidURLError as exc:
         raise InvalidInputError(f"invalid URL: {exc}") from None
 
 

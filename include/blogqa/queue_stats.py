@@ -1,0 +1,70 @@
+"""Read-only counts over the URL queue: what the runner asks before and after a DAG run, and
+what `blogqa stats` and the dashboards show. Nothing here changes a row (blogqa.queue does).
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+
+def stats(conn: psycopg.Connection) -> dict:
+    """Counts per status and the age of the oldest queued row."""
+    # Imported here, not at the top: blogqa.queue re-exports this function for a caller not
+    # yet moved, and a top-level import would be circular. Move it up once that re-export goes.
+    from blogqa.queue import STATUSES
+
+    counts = dict.fromkeys(STATUSES, 0)
+    for status, count in conn.execute(
+        "SELECT status, count(*) FROM blogqa.url_queue GROUP BY status"
+    ):
+        counts[status] = count
+    row = conn.execute(
+        "SELECT extract(epoch FROM now() - min(enqueued_at)),"
+        " count(*) FILTER (WHERE run_after <= now())"
+        " FROM blogqa.url_queue WHERE status = 'queued'"
+    ).fetchone()
+    return {
+        "counts": counts,
+        "total": sum(counts.values()),
+        "oldest_queued_age_seconds": round(float(row[0]), 1) if row[0] is not None else None,
+        "claimable": int(row[1]),
+    }
+
+
+def next_due_seconds(conn: psycopg.Connection) -> float | None:
+    """Seconds until a row becomes claimable (a retry's run_after, or a lease expiring);
+    None when nothing is queued or in flight."""
+    row = conn.execute(
+        "SELECT extract(epoch FROM min(CASE WHEN status = 'queued' THEN run_after"
+        " ELSE lease_until END) - now())"
+        " FROM blogqa.url_queue WHERE status IN ('queued', 'processing')"
+    ).fetchone()
+    return max(float(row[0]), 0.0) if row[0] is not None else None
+
+
+def claimed_by_run(conn: psycopg.Connection, run_id: str) -> list[int]:
+    """Queue ids the DAG run `run_id` claimed last."""
+    rows = conn.execute(
+        "SELECT id FROM blogqa.url_queue WHERE last_run_id = %s ORDER BY id", (run_id,)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def status_counts(conn: psycopg.Connection, ids: list[int]) -> dict[str, int]:
+    """How many of the rows `ids` are in each status."""
+    rows = conn.execute(
+        "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
+        (ids,),
+    ).fetchall()
+    return dict(rows)
+
+
+def has_claimable(conn: psycopg.Connection) -> bool:
+    """Whether a claim would take anything now: an index probe, not a count (the runner asks
+    before every DAG run, and a count grows with the queue while a probe does not)."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM blogqa.url_queue WHERE status = 'queued'"
+        " AND run_after <= now()) OR EXISTS (SELECT 1 FROM blogqa.url_queue"
+        " WHERE status = 'processing' AND lease_until < now())"
+    ).fetchone()
+    return bool(row[0])
