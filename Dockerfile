@@ -35,10 +35,11 @@ RUN --mount=type=bind,source=.,target=/tmp/blogqa-context \
 COPY --chown=airflow:root dags/ /opt/airflow/dags/
 COPY --chown=airflow:root plugins/ /opt/airflow/plugins/
 
-# Fail the build, not the first task, when the installed package lost its migrations or the
-# DAG does not parse (a DagBag parse needs no database).
+# Fail the build, not the first task, when the installed package lost its migrations, the
+# DAG does not parse (a DagBag parse needs no database) or the plugin's app cannot be built
+# (the plugin builds it on the first request: `.app` builds it now).
 RUN python -c "from blogqa import db; assert db.migration_files(), 'blogqa has no migrations'" \
     && python -c "from airflow.dag_processing.dagbag import DagBag; \
 b = DagBag('/opt/airflow/dags'); \
 assert not b.import_errors and 'blogqa_pipeline' in b.dag_ids, b.import_errors" \
-    && python -c "import runpy; runpy.run_path('/opt/airflow/plugins/blogqa_plugin.py')"
+    && python -c "import runpy; runpy.run_path('/opt/airflow/plugins/blogqa_plugin.py')['app'].app"

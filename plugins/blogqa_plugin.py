@@ -9,7 +9,8 @@
   reasons, model calls/tokens/cost per day and model, quality results) in the UI's iframe.
 
 Install the blogqa package in Airflow's environment and put this file in `plugins_folder`.
-Nothing connects to the database until the first request.
+Nothing connects to the database until the first request, and nothing of the app is imported
+before it either: Airflow imports this module in every task process too (`blogqa.asgi`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import ClassVar
 
 from airflow.plugins_manager import AirflowPlugin
 
-from blogqa.api import create_app
+from blogqa.asgi import LazyApp
 
 PREFIX = "/blogqa"
-app = create_app(airflow_auth=True)
+app = LazyApp("blogqa.api:create_app", airflow_auth=True)
 
 
 class BlogqaPlugin(AirflowPlugin):
