@@ -389,7 +389,23 @@ def test_plugin_registers_the_app_under_blogqa(pipeline):
     (entry,) = module.BlogqaPlugin.fastapi_apps
     assert entry["url_prefix"] == "/blogqa" and entry["name"] == "blogqa results API"
     assert entry["app"] is module.app
-    assert "/api/v1/questions/by-url" in entry["app"].openapi()["paths"]
+    assert "/api/v1/questions/by-url" in entry["app"].app.openapi()["paths"]
+
+
+def test_plugin_module_imports_nothing_of_the_app():
+    """Airflow imports every plugin in every task process (to find listeners): the plugin
+    module must not build the app or import its modules there; the api-server builds it on
+    the first request (the deployment tests call it through the api-server)."""
+    path = PROJECT_ROOT / "plugins" / "blogqa_plugin.py"
+    code = (
+        "import runpy, sys\n"
+        f"runpy.run_path({str(path)!r})\n"
+        "print(sorted(m for m in ('fastapi', 'blogqa.api', 'openai') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
 @pytest.fixture
