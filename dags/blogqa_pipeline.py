@@ -1,5 +1,5 @@
-"""blogqa_pipeline: URL queue -> crawl -> summarize -> embed -> validate -> load -> tables in
-schema blogqa; then a table-level validation, and a review of quarantined documents.
+"""blogqa_pipeline: URL queue -> crawl -> enrich (summarize -> embed -> validate -> load) ->
+tables in schema blogqa; then a table-level validation, and a review of quarantined documents.
 
 Wiring only: every task calls a function of `blogqa.pipeline`. XCom carries queue ids and
 lease tokens, never page text; intermediate results live in Postgres (blogqa.work_items).
@@ -74,9 +74,9 @@ TIMETABLE = (
     else CronDataIntervalTimetable(SCHEDULE, timezone="UTC")
 )
 
-# The output tables, as Assets the load task updates: a downstream DAG with
+# The output tables, as Assets the enrich task (its last stage loads) updates: a downstream DAG with
 # `schedule=[Asset.ref(name="blogqa.questions")]` (or the Asset itself) runs after loads.
-# Each mapped load instance emits one event per table, its extra the rows it wrote
+# Each mapped enrich instance emits one event per table, its extra the rows it wrote
 # (pipeline.loaded_rows). The URI is a stable, logical one (host "blogqa", database
 # "blogqa", schema "blogqa"), whatever server BLOGQA_DATABASE_URL names.
 OUTPUT_ASSETS = {

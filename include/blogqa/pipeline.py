@@ -814,7 +814,8 @@ def load_chunk(refs: list[dict], settings: Settings | None = None) -> list[int]:
     return load_chunk_counted(refs, settings)["loaded"]
 
 
-# The output tables the load task declares as Airflow Assets (the DAG's OUTPUT_ASSETS).
+# The output tables the enrich task (its last stage loads) declares as Airflow Assets (the
+# DAG's OUTPUT_ASSETS).
 ASSET_TABLES = ("documents", "summaries", "questions", "chunks")
 
 

@@ -110,12 +110,13 @@ def gx():
     """The great_expectations module, imported once per process: no usage analytics (no
     network call), its import-time deprecation noise kept out of the task log."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    # before the import: it logs a line per API function it registers
+    for name in ("great_expectations", "great_expectations._docs_decorators"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import great_expectations
 
-    for name in ("great_expectations", "great_expectations._docs_decorators"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     return great_expectations
 
 
