@@ -267,3 +267,21 @@ def test_the_lease_keeper_renews_the_whole_claim_while_a_stage_works(conn, setti
     assert queue.renew_claim(conn, [working.ref()], 60) == 1  # a cancelled row stays out
     queue_admin.cancel(conn, working.url)
     assert queue.renew_claim(conn, [working.ref()], 60) == 0  # no held ref, nothing renewed
+
+
+def test_renewing_a_claim_skips_rows_another_task_holds_instead_of_waiting(conn, settings) -> None:
+    """Tasks of one run lock overlapping sets of rows at once (a chunk's own rows while it
+    saves, the whole claim at every stage end). Waiting for each other's rows in two orders
+    made PostgreSQL abort tasks with `deadlock detected` under the scheduler; the claim's
+    renewal now skips a row another transaction holds (that task renews it itself)."""
+    queue.enqueue(conn, [f"https://example.com/{name}" for name in ("a", "b", "c")])
+    first, busy, third = _claim(conn)
+    _shorten_leases(conn)
+    with db.connect(settings) as other, other.transaction():
+        other.execute("SELECT 1 FROM blogqa.url_queue WHERE id = %s FOR UPDATE", (busy.id,))
+        conn.execute("SET lock_timeout = '3s'")  # a wait would fail the test, not hang it
+        renewed = queue.renew_claim(conn, [first.ref()], 600)
+        conn.execute("RESET lock_timeout")
+    assert renewed == 2
+    assert _lease_left(conn, first.id) > 500 and _lease_left(conn, third.id) > 500
+    assert _lease_left(conn, busy.id) < 10  # left to the transaction that holds it

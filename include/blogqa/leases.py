@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Self
 
 import psycopg
@@ -58,13 +57,9 @@ class LeaseKeeper:
 
     async def renew_once(self, conn: psycopg.AsyncConnection) -> None:
         mine = [lease for lease in self.leases if lease.id in self.held]
+        seconds = self.settings.lease_seconds
         cur = await conn.execute(
-            queue.RENEW_SQL,
-            (
-                self.settings.lease_seconds,
-                [lease.id for lease in mine],
-                [uuid.UUID(lease.token) for lease in mine],
-            ),
+            queue.RENEW_SQL, queue.lease_params([lease.ref() for lease in mine], seconds)
         )
         renewed = {row[0] for row in await cur.fetchall()}
         for lease in mine:
@@ -73,14 +68,7 @@ class LeaseKeeper:
         self.held = renewed
         held = [lease.ref() for lease in mine if lease.id in renewed]
         if held:
-            await conn.execute(
-                queue.RENEW_CLAIM_SQL,
-                (
-                    self.settings.lease_seconds,
-                    [int(ref["id"]) for ref in held],
-                    [uuid.UUID(ref["token"]) for ref in held],
-                ),
-            )
+            await conn.execute(queue.RENEW_CLAIM_SQL, queue.lease_params(held, seconds))
 
     async def _run(self) -> None:
         dsn = db.database_dsn(self.settings)

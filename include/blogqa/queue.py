@@ -236,25 +236,44 @@ def claim(
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
 
 
+# Every statement that locks several url_queue rows takes the locks in id order (ORDER BY
+# q.id FOR UPDATE), and renewing a whole claim skips the rows another transaction holds:
+# tasks of one run lock overlapping sets of rows at once (a chunk's own rows, the whole
+# claim), and locks taken in two orders deadlock (PostgreSQL then aborts one task).
 RENEW_SQL = """
-UPDATE blogqa.url_queue q SET lease_until = now() + make_interval(secs => %s), updated_at = now()
-FROM unnest(%s::bigint[], %s::uuid[]) AS r(id, token)
-WHERE q.id = r.id AND q.lease_token = r.token AND q.status = 'processing'
+WITH held AS (
+    SELECT q.id FROM blogqa.url_queue q
+    JOIN unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS r(id, token)
+        ON q.id = r.id AND q.lease_token = r.token
+    WHERE q.status = 'processing'
+    ORDER BY q.id
+    FOR UPDATE OF q
+)
+UPDATE blogqa.url_queue q
+SET lease_until = now() + make_interval(secs => %(seconds)s), updated_at = now()
+FROM held WHERE q.id = held.id
 RETURNING q.id, q.url, q.lease_token, q.attempts
 """
 
 
+def lease_params(refs: list[dict], lease_seconds: int) -> dict:
+    """The parameters of RENEW_SQL and RENEW_CLAIM_SQL (sync and async callers alike)."""
+    return {
+        "ids": [int(r["id"]) for r in refs],
+        "tokens": [uuid.UUID(str(r["token"])) for r in refs],
+        "seconds": lease_seconds,
+    }
+
+
 def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> list[Lease]:
     """Extend the leases still held (fenced by token); return those, dropping lost ones."""
-    ids = [int(r["id"]) for r in refs]
-    tokens = [uuid.UUID(str(r["token"])) for r in refs]
     with conn.transaction():
-        rows = conn.execute(RENEW_SQL, (lease_seconds, ids, tokens)).fetchall()
+        rows = conn.execute(RENEW_SQL, lease_params(refs, lease_seconds)).fetchall()
     held = {r[0] for r in rows}
     for ref in refs:
         if int(ref["id"]) not in held:
             log.warning("queue_id=%s lease lost (expired, cancelled or taken over)", ref["id"])
-    order = {rid: i for i, rid in enumerate(ids)}
+    order = {int(ref["id"]): i for i, ref in enumerate(refs)}
     rows.sort(key=lambda r: order[r[0]])
     return [Lease(id=r[0], url=r[1], token=str(r[2]), attempts=r[3]) for r in rows]
 
@@ -263,16 +282,24 @@ def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> lis
 # and started_at, both set by CLAIM_SQL in one transaction), still processing under that
 # claim: rows of chunks that are only waiting for their next task included. updated_at is
 # left alone: a row kept alive this way has not been started (see NOT_STARTED_SQL).
+# Rows another transaction holds are skipped, not waited for: that transaction is a task
+# working on them (it renews them itself), and waiting would join a lock cycle.
 RENEW_CLAIM_SQL = """
-UPDATE blogqa.url_queue q
-SET lease_until = greatest(q.lease_until, now() + make_interval(secs => %s))
-FROM (
+WITH claim AS (
     SELECT DISTINCT s.lease_owner, s.started_at
-    FROM blogqa.url_queue s JOIN unnest(%s::bigint[], %s::uuid[]) AS r(id, token)
+    FROM blogqa.url_queue s JOIN unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS r(id, token)
         ON s.id = r.id AND s.lease_token = r.token
     WHERE s.status = 'processing'
-) AS c
-WHERE q.status = 'processing' AND q.lease_owner = c.lease_owner AND q.started_at = c.started_at
+), free AS (
+    SELECT q.id FROM blogqa.url_queue q
+    JOIN claim c ON q.lease_owner = c.lease_owner AND q.started_at = c.started_at
+    WHERE q.status = 'processing'
+    ORDER BY q.id
+    FOR UPDATE OF q SKIP LOCKED
+)
+UPDATE blogqa.url_queue q
+SET lease_until = greatest(q.lease_until, now() + make_interval(secs => %(seconds)s))
+FROM free WHERE q.id = free.id
 """
 
 
@@ -291,14 +318,7 @@ def renew_claim(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) 
     """
     if not refs:
         return 0
-    cur = conn.execute(
-        RENEW_CLAIM_SQL,
-        (
-            lease_seconds,
-            [int(r["id"]) for r in refs],
-            [uuid.UUID(str(r["token"])) for r in refs],
-        ),
-    )
+    cur = conn.execute(RENEW_CLAIM_SQL, lease_params(refs, lease_seconds))
     return cur.rowcount
 
 

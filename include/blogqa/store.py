@@ -426,6 +426,7 @@ LOCK_HELD_SQL = """
 SELECT q.id FROM blogqa.url_queue q
 JOIN unnest(%s::bigint[], %s::uuid[]) AS r(id, token) ON q.id = r.id AND q.lease_token = r.token
 WHERE q.status = 'processing'
+ORDER BY q.id
 FOR UPDATE OF q
 """
 
