@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 from blogqa.config import Settings
-from blogqa.llm import ModelCall, _content_words, classify_openai_error, openai_client
+from blogqa.llm import ModelCall, classify_openai_error, openai_client
+from blogqa.text import content_words
 from blogqa.tokens import split_sentences
 
 STAGE = "ask"
@@ -48,11 +49,11 @@ class Answer:
 
 def extractive_answer(question: str, passages: list[Passage]) -> str:
     """The sentence of `passages` sharing the most content words with the question."""
-    wanted = set(_content_words(question))
+    wanted = set(content_words(question))
     best: tuple[float, float, str] | None = None
     for rank, passage in enumerate(passages):
         for sentence in split_sentences(passage.text):
-            words = _content_words(sentence)
+            words = content_words(sentence)
             if len(sentence.split()) < 4 or not words:
                 continue
             overlap = len(wanted.intersection(words))

@@ -20,7 +20,8 @@ import numpy as np
 
 from blogqa.config import Settings
 from blogqa.limits import EndpointLimits, charging
-from blogqa.llm import STOPWORDS, ModelCall, classify_openai_error, openai_client
+from blogqa.llm import ModelCall, classify_openai_error, openai_client
+from blogqa.text import STOPWORDS
 from blogqa.tokens import tokenizer_for
 
 log = logging.getLogger(__name__)

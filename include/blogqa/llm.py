@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 from blogqa.config import Settings
 from blogqa.errors import PageError
 from blogqa.limits import CHAT_OUTPUT_TOKENS, EndpointLimits, charging, retry_after_seconds
+from blogqa.text import STOPWORDS, content_words  # noqa: F401  STOPWORDS: quality.py imports it here
 from blogqa.tokens import split_sentences, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -154,21 +155,6 @@ def user_message(title: str | None, text: str) -> str:
 
 # ---------------------------------------------------------------- offline provider
 
-_STOPWORD_TEXT = """a about above after again against all also am an and any are as at be because been
-    before being below between both but by can could did do does doing down during each few
-    for from further had has have having he her here hers him his how i if in into is it its
-    itself just like more most my no nor not now of off on once only or other our out over own
-    same she should so some such than that the their them then there these they this those
-    through to too under until up very was we were what when where which while who whom why
-    will with would you your yours one two three many much may might must can't don't it's
-    i'm you're we're they're new get got make made use used using way well even still"""
-STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-_WORD = re.compile(r"[A-Za-z][A-Za-z'-]+")
-
-
-def _content_words(sentence: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(sentence) if w.lower() not in STOPWORDS]
-
 
 class LocalChat:
     """Deterministic extractive summary and Q&A: no network, no model. For demos and tests."""
@@ -190,10 +176,10 @@ class LocalChat:
                 stage=STAGE,
                 permanent=True,
             )
-        freq = Counter(w for s in sentences for w in _content_words(s))
+        freq = Counter(w for s in sentences for w in content_words(s))
 
         def weight(i: int) -> float:
-            words = _content_words(sentences[i])
+            words = content_words(sentences[i])
             lead = 1.0 + 0.5 / (1 + i)  # articles put their point first
             return lead * sum(freq[w] for w in words) / (len(words) + 4) if words else 0.0
 
@@ -226,7 +212,7 @@ class LocalChat:
         used: set[str] = set()
         pairs = []
         for i in sorted(chosen):
-            words = [w for w in _content_words(sentences[i]) if w not in used] or ["this"]
+            words = [w for w in content_words(sentences[i]) if w not in used] or ["this"]
             term = max(words, key=lambda w: (freq[w], w))
             used.add(term)
             if re.search(r"\d", sentences[i]):

@@ -14,7 +14,7 @@ made on first use and closed on shutdown (model_clients.py).
 Database access is read-only by construction: pooled async connections are opened with
 `default_transaction_read_only = on` (a connection option, so it holds from the first
 statement). The one write, the `ask` route's usage ledger, goes through a separate pool of
-at most LEDGER_POOL_MAX_SIZE connections that only `queries.write_usage` uses. The pools open
+at most LEDGER_POOL_MAX_SIZE connections that only `answers.write_usage` uses. The pools open
 on first use (a sub-application mounted by Airflow gets no lifespan events) and close on
 shutdown.
 
@@ -48,7 +48,17 @@ from psycopg_pool import AsyncConnectionPool
 
 from blogqa import db, search
 from blogqa.answer import AnswerError
-from blogqa.api import access, metrics, models, operations, quality_docs, queries, ui, widget
+from blogqa.api import (
+    access,
+    answers,
+    metrics,
+    models,
+    operations,
+    quality_docs,
+    queries,
+    ui,
+    widget,
+)
 from blogqa.api.airflow_auth import require_dag_reader
 from blogqa.api.model_clients import ModelClients
 from blogqa.config import Settings, load_settings
@@ -246,7 +256,7 @@ class Database:
         """Append model calls to blogqa.llm_usage through the ledger pool."""
         if calls:
             async with (await self.ledger()).connection() as conn:
-                await queries.write_usage(conn, calls)
+                await answers.write_usage(conn, calls)
 
     async def close(self) -> None:
         for pool in (self._pool, self._ledger):
@@ -533,7 +543,7 @@ async def ask(
         chunks = await queries.ask_sources(
             conn, settings, body, vector, session_ef_search=database.session_ef_search
         )
-    response, calls = await queries.ask_answer(
+    response, calls = await answers.ask_answer(
         settings, body, chunks, embed_call, client=clients.chat(settings)
     )
     await database.record_usage(calls)

@@ -1,9 +1,9 @@
-"""The API's queries, shared by the routes and the CLI (`blogqa questions|search|ask`).
+"""The API's read queries, shared by the routes and the CLI (`blogqa questions|search|ask`).
 
 Every function takes an async connection that is read-only (the pool's connections are opened
-with `default_transaction_read_only = on`); the one write, the `ask` usage ledger, goes
-through `write_usage` on a separate write connection (the API's ledger pool; the CLI's
-`record_usage` opens one).
+with `default_transaction_read_only = on`), and none calls a model: a text search gets its
+query vector from the caller, and the answer flow with its usage ledger (the API's one write)
+is blogqa.api.answers.
 
 Each request costs few round trips: a statement per lookup in autocommit (no BEGIN/COMMIT),
 a document read with its summary and questions in one statement, the vector searches in one
@@ -19,12 +19,9 @@ import psycopg
 from pgvector import Vector
 from psycopg.rows import dict_row
 
-from blogqa import answer as answering
 from blogqa import queue, search
 from blogqa.api import models
 from blogqa.config import Settings
-from blogqa.llm import ModelCall
-from blogqa.store import USAGE_INSERT_SQL, usage_row
 from blogqa.urls import InvalidURLError, normalize_url
 
 
@@ -276,11 +273,11 @@ async def get_question(conn: psycopg.AsyncConnection, question_id: int) -> model
     return models.QuestionDetail(**row)
 
 
-# ---------------------------------------------------------------- search and answers
+# ---------------------------------------------------------------- search
 
 
-# The query document's summary vector, read in binary: as text, PostgreSQL formats 1536 floats
-# and the API parses them back (about 0.6 ms of the API's CPU per request).
+# The query document's summary vector, read in binary: as text, PostgreSQL would format 1536
+# floats and the API parse them back, CPU spent on every by-URL search for nothing.
 QUERY_DOCUMENT_SQL = """
 SELECT d.id, s.embedding FROM blogqa.documents d
 JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = %s
@@ -311,15 +308,16 @@ async def similar(
 ) -> models.SimilarResponse:
     """Documents ranked by cosine similarity of their best chunk to the query.
 
-    `vector`: the text request's query embedding, when the caller has already computed it
-    (the API embeds before it takes a pooled connection). `session_ef_search`: the connection
-    session's hnsw.ef_search, when known (see search.EF_SEARCH_SQL)."""
+    `vector`: a text request's query embedding (search.embed_query_async), which the caller
+    computes before it takes a pooled connection; a `url` request uses the stored document's
+    summary vector. `session_ef_search`: the connection session's hnsw.ef_search, when known
+    (see search.EF_SEARCH_SQL)."""
     exclude = None
     query_url = None
     if request.url is not None:
         query_url, exclude, vector = await similar_query(conn, request)
     elif vector is None:
-        vector, _ = await search.embed_query_async(settings, request.text or "")
+        raise ValueError("a text request needs its query vector: embed the text first")
     matches = await search.similar_documents_async(
         conn,
         vector,
@@ -358,7 +356,7 @@ async def ask_sources(
     *,
     session_ef_search: int | None = None,
 ) -> list[search.ChunkMatch]:
-    """The top-k chunks for an embedded question (the database part of `ask`)."""
+    """The top-k chunks for an embedded question (the database part of `answers.ask`)."""
     return await search.nearest_chunks_async(
         conn,
         vector,
@@ -366,83 +364,6 @@ async def ask_sources(
         ef_search=settings.hnsw_ef_search,
         session_ef_search=session_ef_search,
     )
-
-
-async def ask_answer(
-    settings: Settings,
-    request: models.AskRequest,
-    chunks: list[search.ChunkMatch],
-    embed_call: ModelCall,
-    *,
-    client=None,
-) -> tuple[models.AskResponse, list[ModelCall]]:
-    """The answer from the chunks only (the model part of `ask`, no database). `client`: the
-    caller's reused AsyncOpenAI (see answer.answer_question)."""
-    passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
-    result = await answering.answer_question(settings, request.question, passages, client=client)
-    calls = [dataclasses.replace(embed_call, stage=answering.STAGE), *result.calls]
-    response = models.AskResponse(
-        question=request.question,
-        answer=result.text,
-        model=result.model,
-        provider=result.provider,
-        sources=[
-            models.Source(
-                document_id=c.document_id,
-                chunk_id=c.chunk_id,
-                url=c.url,
-                title=c.title,
-                text=c.text,
-                score=round(c.score, 6),
-            )
-            for c in chunks
-        ],
-        usage=models.Usage(
-            prompt_tokens=sum(c.prompt_tokens for c in calls),
-            completion_tokens=sum(c.completion_tokens for c in calls),
-        ),
-    )
-    return response, calls
-
-
-async def ask(
-    conn: psycopg.AsyncConnection, settings: Settings, request: models.AskRequest
-) -> tuple[models.AskResponse, list[ModelCall]]:
-    """Top-k chunks for the question and an answer from those chunks only.
-
-    Returns the response and the model calls made (query embedding and chat), all with
-    stage 'ask', for the caller to write to the ledger with `write_usage`/`record_usage`.
-    """
-    vector, embed_call = await search.embed_query_async(settings, request.question)
-    chunks = await ask_sources(conn, settings, request, vector)
-    return await ask_answer(settings, request, chunks, embed_call)
-
-
-def _usage_insert_sql(rows: int) -> str:
-    """USAGE_INSERT_SQL with `rows` rows of values: one statement, atomic on its own, so an
-    autocommit connection writes the calls of a request in one round trip (no BEGIN,
-    executemany, COMMIT)."""
-    head, values, row = USAGE_INSERT_SQL.rpartition("VALUES")
-    return f"{head}{values} {', '.join([row.strip()] * rows)}"
-
-
-async def write_usage(conn: psycopg.AsyncConnection, calls: list[ModelCall]) -> None:
-    """Append the ask calls to blogqa.llm_usage on a write-capable autocommit connection."""
-    if not calls:
-        return
-    params = [value for call in calls for value in usage_row(call)]
-    await conn.execute(_usage_insert_sql(len(calls)), params)
-
-
-async def record_usage(dsn: str, calls: list[ModelCall]) -> None:
-    """`write_usage` on a short-lived connection of its own (the CLI; the API uses its
-    ledger pool)."""
-    if not calls:
-        return
-    async with await psycopg.AsyncConnection.connect(
-        dsn, application_name="blogqa-api-ledger", autocommit=True
-    ) as conn:
-        await write_usage(conn, calls)
 
 
 # ---------------------------------------------------------------- jobs
