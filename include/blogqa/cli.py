@@ -492,13 +492,22 @@ def cmd_questions(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from blogqa import search
     from blogqa.api import models, queries
 
     try:
         request = models.SimilarRequest(text=args.text, k=args.k)
     except ValidationError as exc:
         return _invalid_input(exc)
-    result, _ = asyncio.run(_read_only(settings, lambda c: queries.similar(c, settings, request)))
+
+    async def work():
+        # the model call first, as the API does: queries.similar only reads
+        vector, _ = await search.embed_query_async(settings, request.text)
+        return await _read_only(
+            settings, lambda c: queries.similar(c, settings, request, vector=vector)
+        )
+
+    result, _ = asyncio.run(work())
     if args.json:
         _print_model(result)
         return 0
@@ -513,7 +522,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
-    from blogqa.api import models, queries
+    from blogqa.api import answers, models
 
     try:
         request = models.AskRequest(question=args.question, k=args.k)
@@ -522,9 +531,9 @@ def cmd_ask(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work():
         (response, calls), dsn = await _read_only(
-            settings, lambda c: queries.ask(c, settings, request)
+            settings, lambda c: answers.ask(c, settings, request)
         )
-        await queries.record_usage(dsn, calls)
+        await answers.record_usage(dsn, calls)
         return response
 
     response = asyncio.run(work())
