@@ -13,18 +13,18 @@ from pathlib import Path
 
 from blogqa.errors import ConfigError
 
-# URLs per mapped chunk, from bench/pipeline_throughput.py (N=500, 800 ms chat latency): 25 ->
-# 80 task instances whose Airflow overhead and summarize tails add up; 100 and 250 both
-# halve the wall time against 25 and are within 2 % of each other; 100 keeps retries and
-# the grid fine-grained.
+# URLs per mapped chunk, chosen with bench/pipeline_throughput.py (bench/README.md, "Chunk
+# size"): small chunks make many task instances whose Airflow overhead and summarize tails add
+# up; 100 is as fast as larger chunks and keeps retries and the grid fine-grained.
 DEFAULT_CHUNK_SIZE = 100
 MAX_URLS_PER_RUN = 10_000
 MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
-# hnsw.ef_search of the vector searches: the smallest value with recall@10 >= 0.95 at 100k
-# vectors of dimension 1536 in bench/api_bench.py (0.97; pgvector's own default 40 gave 0.87).
+# hnsw.ef_search of the vector searches: the smallest value meeting the recall@10 >= 0.95
+# target in bench/api_bench.py (bench/README.md has the sweep); pgvector's own default falls
+# well short of it.
 HNSW_EF_SEARCH_DEFAULT = 100
 
 

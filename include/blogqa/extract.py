@@ -22,15 +22,12 @@ from blogqa.errors import BlogqaError
 
 logger = logging.getLogger(__name__)
 
-# Options for trafilatura.bare_extraction, measured with bench/extraction_quality.py on the 61
-# pages of ../shared/corpus/aeb-dev (4-token shingles, mean P/R over pages):
-#   trafilatura.extract(html), defaults:  P 0.930  R 0.974  F1 0.952
-#   these options:                        P 0.950  R 0.974  F1 0.962
-# Comments off is the whole gain (precision up, recall unchanged). Also tried, with comments
-# off: favor_recall (F1 0.960), favor_precision (0.955: on one page it keeps only a reprint
-# notice), include_tables=False (0.953), deduplicate (0.946: one page empty). fast=True scores
-# the same 0.962 here but skips the readability/justext fallbacks that rescue unusual layouts,
-# to save ~5 ms of ~22 ms per page.
+# Options for trafilatura.bare_extraction, chosen with bench/extraction_quality.py on a
+# ground-truth corpus (bench/README.md has the scores). Comments off is the whole gain over
+# trafilatura's defaults: precision up, recall unchanged. favor_recall, favor_precision (on one
+# page it keeps only a reprint notice), include_tables=False and deduplicate (one page empty)
+# all scored lower. fast=True scores the same there but skips the readability/justext
+# fallbacks that rescue unusual layouts, and saves only a small part of the extraction time.
 EXTRACTION_OPTIONS: MappingProxyType[str, Any] = MappingProxyType(
     {
         "include_comments": False,

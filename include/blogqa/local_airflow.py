@@ -44,8 +44,9 @@ SCHEDULER_TUNING = {
     # Every step of a DAG run that is not a task start waits for such a loop: the run's move
     # from queued to running, each level of skipped mapped tasks in a run with nothing to do
     # (crawl, summarize, embed, load, finalize: one loop each), a task whose upstream just
-    # finished. 0.2 s takes an empty run from about 8 s to about 3 s; an idle scheduler loop
-    # costs a few ms of CPU, so five a second are affordable even on 2 cores.
+    # finished, so a shorter sleep takes seconds off every run (most of an empty run's wall
+    # time); an idle scheduler loop costs little CPU, so five a second are affordable even on
+    # 2 cores.
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
 }
 # the settings airflow_env tunes for latency and throughput (the bench records their values)
@@ -243,7 +244,7 @@ class LocalAirflow:
         """One request to the api-server's execution API (GET /execution/health), so that
         the first task does not pay for its set-up. FastAPI includes routers lazily and
         Cadwyn builds the versioned routes of the task execution API on its first request:
-        about 5 s of CPU on a 2-core machine, which otherwise lands inside the first task
+        seconds of CPU on a small machine, which otherwise land inside the first task
         instance after every api-server start (its `ti_run` call waits for it). Returns
         the seconds the request took."""
         started = time.monotonic()

@@ -26,8 +26,8 @@ LIMIT %(n)s
 # The similar search ranks 8 chunks per wanted document but shows one per document. Its first
 # query takes ids only; the second reads text and score of the chunks kept. The score reads
 # (detoasts) each stored 6 KB vector from the table, so computing it for the k kept chunks
-# rather than all 8k ranked ones cuts the search's database time by more than half at 100k
-# vectors (bench/api_bench.py). The HNSW index scan itself is the same as above.
+# rather than all 8k ranked ones saves most of the search's database time on a large table
+# (bench/api_bench.py). The HNSW index scan itself is the same as above.
 NEAREST_IDS_SQL = """
 SELECT c.id, c.document_id
 FROM blogqa.chunks c
@@ -154,9 +154,9 @@ async def embed_query_async(
     """`embed_query` inside a running event loop (the API); also returns the model call.
 
     `client`: an AsyncOpenAI the caller keeps open and reuses (the API holds one per event
-    loop). Building one per call costs a new HTTP pool, TLS context and connection: about
-    20 ms of CPU, more than the rest of a search. Without it (the CLI, one query) a client is
-    made for this call and closed after it."""
+    loop). Building one per call costs a new HTTP pool, TLS context and connection, more CPU
+    than the rest of a search. Without it (the CLI, one query) a client is made for this call
+    and closed after it."""
     if client is not None and not settings.offline:
         matrix, call = await OpenAIEmbedder(settings, client=client).embed([text])
         return matrix[0], call

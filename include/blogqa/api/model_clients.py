@@ -1,8 +1,8 @@
 """The API's model clients: one AsyncOpenAI per event loop, reused by every request.
 
-A new AsyncOpenAI builds its own httpx pool and TLS context and opens a new connection: about
-20 ms of CPU per search or answer (issue 13 measured 23.5 ms), which at 60 searches/s is more
-than a core. One client per process serves every request instead, on kept-alive connections.
+A new AsyncOpenAI builds its own httpx pool and TLS context and opens a new connection, which
+per search or answer costs more CPU than the rest of the request and under load uses up a
+core. One client per process serves every request instead, on kept-alive connections.
 
 Per event loop, not per process: an httpx pool belongs to the loop that opened its
 connections, and a process may run more than one loop over its life (tests, a TestClient per
