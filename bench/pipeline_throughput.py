@@ -66,8 +66,9 @@ from common import code_fingerprint, load_average, machine_facts, snapshot_code,
 from servers import ArticleSite, LatencyOpenAI, start_article_site, start_latency_openai
 
 import blogqa
-from blogqa import db, embedded, local_airflow, queue
+from blogqa import db, embedded, local_airflow
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings, load_settings
+from blogqa.urls import normalize_url
 
 RESULTS = ROOT / "bench" / "results" / "pipeline_throughput.json"
 HOMES = ROOT / ".blogqa" / "bench-pipeline"
@@ -258,7 +259,7 @@ def model_requests_in_flight(settings: Settings) -> int:
 def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> None:
     rows = conn.execute(
         "SELECT status, count(*) FROM blogqa.url_queue WHERE url = ANY(%s) GROUP BY status",
-        ([queue.normalize_url(u) for u in urls],),
+        ([normalize_url(u) for u in urls],),
     ).fetchall()
     counts = dict(rows)
     if counts.get("done", 0) == len(urls):
@@ -266,7 +267,7 @@ def require_all_done(conn: psycopg.Connection, urls: list[str], what: str) -> No
     errors = conn.execute(
         "SELECT url, status, last_stage, last_error FROM blogqa.url_queue"
         " WHERE url = ANY(%s) AND status <> 'done' ORDER BY id LIMIT 5",
-        ([queue.normalize_url(u) for u in urls],),
+        ([normalize_url(u) for u in urls],),
     ).fetchall()
     console.print(f"[red bold]{what}: {counts.get('done', 0)} of {len(urls)} URLs done")
     for row in errors:

@@ -4,7 +4,7 @@ tables in schema blogqa; then a table-level validation, and a review of quaranti
 Wiring only: every task calls a function of `blogqa.pipeline`. XCom carries queue ids and
 lease tokens, never page text; intermediate results live in Postgres (blogqa.work_items).
 The dag-processor re-parses this file every 30 s, so it imports only `airflow.sdk` and
-blogqa's settings module (and the standard provider's HITLOperator, about 20 ms more); the
+blogqa's settings module (and the standard provider's HITLOperator); the
 pipeline (httpx, psycopg, openai, tokenizers, Great Expectations) is imported inside the tasks.
 """
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from blogqa import queue, runner
+from blogqa import queue, queue_stats, runner
 from tests.conftest import table_counts
 
 ARTICLE_NAMES = [
@@ -164,7 +164,7 @@ def test_run_respects_max_urls(conn, settings, page_server, max_urls):
     queue.enqueue(conn, urls)
     tally = runner.run_pipeline(settings, max_urls=max_urls, chunk_size=1)
     assert tally.claimed == max_urls
-    assert queue.stats(conn)["counts"]["queued"] == len(urls) - max_urls
+    assert queue_stats.stats(conn)["counts"]["queued"] == len(urls) - max_urls
 
 
 def test_unreachable_database_fails_the_task_instead_of_the_urls(settings):

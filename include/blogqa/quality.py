@@ -9,7 +9,7 @@ document is quarantined; false: a warning is recorded), `meta.enabled` (false: l
 work items (one row per document, per question/answer pair, per vector), so a derived value
 such as an answer's support by the page is a column the suite puts a threshold on.
 
-Great Expectations takes about 4 s to import, so it is imported on first use only (never at
+Great Expectations takes seconds to import, so it is imported on first use only (never at
 DAG parse time) with its analytics off and its progress bars silenced.
 """
 
@@ -36,7 +36,7 @@ from psycopg.types.json import Jsonb
 
 from blogqa.config import Settings, _env_bool, _env_float
 from blogqa.errors import BlogqaError
-from blogqa.llm import STOPWORDS
+from blogqa.text import STOPWORDS
 
 log = logging.getLogger(__name__)
 

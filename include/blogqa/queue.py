@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import psycopg
 
 from blogqa.errors import PageError
-from blogqa.queue_stats import stats  # noqa: F401  re-exported: tests/test_dag.py calls queue.stats
 from blogqa.retry import backoff_seconds
 from blogqa.urls import InvalidURLError, normalize_url
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import psycopg
 
+from blogqa.queue import STATUSES
+
 
 def stats(conn: psycopg.Connection) -> dict:
     """Counts per status and the age of the oldest queued row."""
-    # Imported here, not at the top: blogqa.queue re-exports this function for a caller not
-    # yet moved, and a top-level import would be circular. Move it up once that re-export goes.
-    from blogqa.queue import STATUSES
-
     counts = dict.fromkeys(STATUSES, 0)
     for status, count in conn.execute(
         "SELECT status, count(*) FROM blogqa.url_queue GROUP BY status"
