@@ -59,7 +59,12 @@ def test_blogqa_airflow_serves_the_ui_and_stops_everything_on_ctrl_c(tmp_path):
         assert health.status_code == 200 and health.json()["schema_status"] == "ready"
     finally:
         command.send_signal(signal.SIGINT)
-        assert command.wait(timeout=90) == 0
+        try:
+            code = command.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            _kill_tree(command.pid)  # a failed test leaves no Airflow running on the machine
+            raise
+    assert code == 0
     _gone, alive = psutil.wait_procs(components, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     status = subprocess.run(
@@ -69,3 +74,12 @@ def test_blogqa_airflow_serves_the_ui_and_stops_everything_on_ctrl_c(tmp_path):
         check=False,
     )
     assert status.returncode == 3  # the embedded database it started is stopped too
+
+
+def _kill_tree(pid: int) -> None:
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -453,6 +453,9 @@ def serve(settings: Settings, *, port: int) -> int:
     home = Path(os.environ.get("AIRFLOW_HOME") or settings.home / "airflow-local")
     deployment = LocalAirflow(home, airflow_env(settings, home, port=port), port)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops everything like Ctrl-C
+    # Ctrl-C too when started where SIGINT is ignored (a background job of a shell without job
+    # control), where Python would not have installed its handler
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         log.warning("preparing Airflow in %s (metadata migrations, blogqa init)…", home)
         deployment.prepare()
