@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.fake_batches import BatchAPIMixin, init_batch_state
+
 ARTICLES = Path(__file__).resolve().parents[1] / "include" / "blogqa" / "demo" / "articles"
 
 
@@ -414,8 +416,13 @@ class _FaultRates:
         return "ok"
 
 
+class OpenAIBatchHandler(BatchAPIMixin, OpenAIHandler):
+    """The chat and embeddings routes plus Files and Batches (tests/fake_batches.py)."""
+
+
 def start_openai_server(api_key: str = "test-key"):
-    server = _Server(OpenAIHandler)
+    server = _Server(OpenAIBatchHandler)
+    init_batch_state(server)
     server.api_key = api_key
     server.lock = threading.Lock()
     server.script = []
