@@ -163,6 +163,11 @@ class Settings:
     api_rate_limit_per_minute: int = 600
     api_rate_burst: int = 60
     api_cors_origins: tuple[str, ...] = ()
+    # BLOGQA_LLM_MODE: `sync` (one Chat Completions call per page) or `batch` (the OpenAI
+    # Batch API, about half the price, results within 24 h; blogqa.batch), and how often a
+    # waiting batch is polled
+    llm_mode: str = "sync"
+    batch_poll_seconds: float = 60.0
 
     @property
     def embedded(self) -> bool:
@@ -186,6 +191,22 @@ def _llm_provider() -> str:
         raise ConfigError(f"BLOGQA_LLM_PROVIDER={raw!r}: use 'openai' or 'local'.")
     has_endpoint = os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")
     return "openai" if has_endpoint else "local"
+
+
+LLM_MODES = ("sync", "batch")
+
+
+def _llm_mode(provider: str) -> str:
+    """BLOGQA_LLM_MODE, validated: batch mode exists for the OpenAI provider only."""
+    raw = os.environ.get("BLOGQA_LLM_MODE", "").strip().lower() or "sync"
+    if raw not in LLM_MODES:
+        raise ConfigError(f"BLOGQA_LLM_MODE={raw!r}: use 'sync' or 'batch'.")
+    if raw == "batch" and provider != "openai":
+        raise ConfigError(
+            "BLOGQA_LLM_MODE=batch needs the OpenAI provider (BLOGQA_LLM_PROVIDER=openai): "
+            "the offline provider has no Batch API."
+        )
+    return raw
 
 
 def _stall_seconds(*timeouts: tuple[str, float]) -> float:
@@ -260,4 +281,6 @@ def load_settings() -> Settings:
         ),
         api_rate_burst=_env_int("BLOGQA_API_RATE_BURST", 60, maximum=100_000),
         api_cors_origins=_env_origins("BLOGQA_API_CORS_ORIGINS"),
+        llm_mode=_llm_mode(provider),
+        batch_poll_seconds=_env_float("BLOGQA_BATCH_POLL_SECONDS", 60.0, minimum=0.01),
     )
