@@ -18,6 +18,7 @@ PUBLIC = {
     "airflow.providers": "providers' hooks and operators (e.g. PostgresHook, HITLOperator)",
     "airflow.plugins_manager": "AirflowPlugin, the documented base class of plugins",
     "airflow.exceptions": "public exceptions",
+    "airflow.triggers.base": "BaseTrigger/TriggerEvent, the documented base of custom triggers",
     "airflow.api_fastapi.auth.managers.base_auth_manager": "BaseAuthManager, the public "
     "auth-manager interface",
     "airflow.api_fastapi.auth.managers.models.resource_details": "the resource types in "
