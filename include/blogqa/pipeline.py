@@ -876,17 +876,12 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
     return {"loaded": [item.lease.id for item in loaded], "tables": loaded_rows(loaded)}
 
 
-# URLs per part of an enrich task: the parts go through the chunk's stages one after another,
-# so the load of one (CPU in PostgreSQL) overlaps the model calls of the next (waiting).
-ENRICH_PART_SIZE = 32
-
-
 def enrich_chunk(
     refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
 ) -> dict:
     """Summarize, embed, validate and load one crawled chunk in one task: the stages that
     need the model (one `blogqa_llm` pool slot held throughout) and the quality gate, which
-    must run between embedding and load. What `load_chunk_counted` returns, for the chunk.
+    must run between embedding and load. What `load_chunk_counted` returns.
 
     Why one task and not four: on Airflow's executors every task instance is a process of its
     own that parses the DAG file and imports the pipeline (and the gate imports Great
@@ -894,37 +889,16 @@ def enrich_chunk(
     the chunk's own work on a small machine. The stages stay resumable one by one (each skips
     what an earlier try stored), so a retry of this task pays for nothing twice; each stage's
     log lines name it (`stage=...`), and per-URL failures record their stage on the queue row.
-
-    The chunk goes through in parts of ENRICH_PART_SIZE: this thread summarizes and embeds a
-    part (at most BLOGQA_LLM_CONCURRENCY model requests in flight, as before), and hands it to
-    a second thread that validates and loads it while the next part's model calls are awaited.
-    Great Expectations is imported there too, on the first part, in that same wait.
+    Great Expectations is imported in the background while the model calls are awaited.
     """
+    from blogqa import quality
+
     settings = settings or task_settings()
-    parts = [refs[i : i + ENRICH_PART_SIZE] for i in range(0, len(refs), ENRICH_PART_SIZE)]
-    pending = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-load") as finisher:
-        for index, part in enumerate(parts or [[]]):
-            for done in (future for future in pending if future.done()):
-                done.result()  # an infrastructure failure there stops the model calls here
-            part = embed_chunk(summarize_chunk(part, settings), settings)
-            pending.append(
-                finisher.submit(_validate_and_load, part, run_id, map_index, index, settings)
-            )
-        loads = [future.result() for future in pending]
-    return {
-        "loaded": [queue_id for load in loads for queue_id in load["loaded"]],
-        "tables": {
-            table: {key: sum(load["tables"][table][key] for load in loads) for key in counts}
-            for table, counts in loads[0]["tables"].items()
-        },
-    }
-
-
-def _validate_and_load(
-    refs: list[dict], run_id: str, map_index: int, part: int, settings: Settings
-) -> dict:
-    refs = validate_chunk(refs, run_id, map_index, settings, part=part)
+    importing = quality.import_in_background()
+    refs = summarize_chunk(refs, settings)
+    refs = embed_chunk(refs, settings)
+    importing.join()
+    refs = validate_chunk(refs, run_id, map_index, settings)
     return load_chunk_counted(refs, settings)
 
 
@@ -974,12 +948,7 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
 
 
 def validate_chunk(
-    refs: list[dict],
-    run_id: str,
-    map_index: int,
-    settings: Settings | None = None,
-    *,
-    part: int = 0,
+    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
 ) -> list[dict]:
     """The quality gate between embed and load: run the expectation suites over the chunk's
     results, quarantine each document that fails a blocking expectation (with the failed
@@ -997,7 +966,7 @@ def validate_chunk(
         _fail_missing(conn, leases, items, "validate", settings)
         checked = [item for item in items if not item.unchanged]
         verdict = quality.validate_items(checked, settings)
-        quality.record(conn, run_id, map_index, verdict, replace=part == 0)
+        quality.record(conn, run_id, map_index, verdict)
         for queue_id, reasons in verdict.warnings.items():
             url = next(i.lease.url for i in checked if i.lease.id == queue_id)
             log.info("url=%s stage=validate warning: %s", url, quarantine.describe(reasons))

@@ -15,12 +15,14 @@ DAG parse time) with its analytics off and its progress bars silenced.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -121,6 +123,20 @@ def gx():
 def preload() -> None:
     """Import Great Expectations now (a few seconds): for a process that forks the tasks."""
     gx()
+
+
+def import_in_background() -> threading.Thread:
+    """Start importing Great Expectations in a thread (join it before validating): a task
+    that first waits seconds for model responses gets the import done meanwhile. A failed
+    import is not raised here; the validation's own `gx()` call raises it."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # not cached: gx() raises it again when called
+            gx()
+
+    thread = threading.Thread(target=run, name="gx-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def _quiet(context) -> None:
@@ -463,16 +479,11 @@ DELETE_VALIDATIONS_SQL = (
 )
 
 
-def record(
-    conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdict, *, replace: bool = True
-) -> None:
-    """Write the validations of one chunk (or of the run's tables) in one transaction. With
-    `replace` (a task's first validation) what an earlier try of the task recorded goes;
-    without it (the later parts of an enrich task) the results are added."""
+def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdict) -> None:
+    """Write the validations of one chunk (or of the run's tables) in one transaction."""
     with conn.transaction():
-        if replace:
-            conn.execute(DELETE_RESULTS_SQL, (run_id, map_index))
-            conn.execute(DELETE_VALIDATIONS_SQL, (run_id, map_index))
+        conn.execute(DELETE_RESULTS_SQL, (run_id, map_index))
+        conn.execute(DELETE_VALIDATIONS_SQL, (run_id, map_index))
         with conn.cursor() as cur:
             cur.executemany(
                 INSERT_RESULT_SQL,
@@ -642,7 +653,7 @@ LATEST_RUN_SQL = "SELECT run_id FROM blogqa.quality_results ORDER BY id DESC LIM
 
 def summary(conn: psycopg.Connection, run_id: str | None = None) -> dict | None:
     """A run's quality results (the latest run's by default): per expectation, how many
-    validations (one per part of a chunk, ENRICH_PART_SIZE URLs) it passed and failed and which queue ids failed it; None when there are none."""
+    chunks it passed and failed and which queue ids failed it; None when there are none."""
     if run_id is None:
         row = conn.execute(LATEST_RUN_SQL).fetchone()
         if row is None:
