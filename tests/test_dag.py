@@ -30,7 +30,7 @@ def test_dag_file_defines_the_pipeline():
         "review",
     }
     assert set(dag.params) >= {"urls", "max_urls", "chunk_size", "refresh_days"}
-    assert dag.params["chunk_size"] == 100
+    assert dag.params["chunk_size"] == 250
     assert dag.timetable.expression == "0 2 * * *"  # nightly refresh and backlog
     assert dag.max_active_runs == 1  # runs would only compete for the pool and the workers
     for task in dag.tasks:
