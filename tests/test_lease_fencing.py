@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from blogqa import db, pipeline, queue, queue_admin, store
+from blogqa.errors import PageError
 from blogqa.leases import LeaseKeeper
 from tests.conftest import queue_row
 
@@ -285,3 +286,20 @@ def test_renewing_a_claim_skips_rows_another_task_holds_instead_of_waiting(conn,
     assert renewed == 2
     assert _lease_left(conn, first.id) > 500 and _lease_left(conn, third.id) > 500
     assert _lease_left(conn, busy.id) < 10  # left to the transaction that holds it
+
+
+def test_a_row_that_will_not_be_retried_leaves_no_work_item(conn) -> None:
+    """A transient failure keeps the row's work item (its paid results serve the retry); a
+    terminal one removes it: nothing would read it again, and dead rows kept page text and
+    model results in work_items for good."""
+    queue.enqueue(conn, ["https://example.com/retried", "https://example.com/dead"])
+    retried, dead = _claim(conn)
+    assert store.save_pages(conn, [(retried, {"n": 1}, False), (dead, {"n": 2}, False)]) == []
+
+    transient = PageError("model endpoint busy", stage="summarize", permanent=False)
+    permanent = PageError("model output still invalid", stage="summarize", permanent=True)
+    assert queue.fail(conn, retried, transient, max_attempts=3, base=1) == "queued"
+    assert queue.fail(conn, dead, permanent, max_attempts=3, base=1) == "dead"
+
+    rows = conn.execute("SELECT queue_id FROM blogqa.work_items").fetchall()
+    assert rows == [(retried.id,)]

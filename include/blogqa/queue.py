@@ -360,10 +360,14 @@ RETURNING q.status
 """
 
 
+DELETE_WORK_ITEM_SQL = "DELETE FROM blogqa.work_items WHERE queue_id = %s"
+
+
 def fail(
     conn: psycopg.Connection, lease: Lease, error: PageError, *, max_attempts: int, base: float
 ) -> str | None:
-    """Record a per-URL failure: retry later, or a terminal status. Returns the new status."""
+    """Record a per-URL failure: retry later (its work item, paid results included, is kept
+    for the retry), or a terminal status (its work item goes). Returns the new status."""
     if error.permanent:
         status, delay = error.terminal_status, 0.0
     else:
@@ -396,6 +400,10 @@ def fail(
                 "token": uuid.UUID(lease.token),
             },
         ).fetchone()
+        if row is not None and row[0] != "queued":
+            # A row that will not be retried never reads its work item again (a redrive
+            # claims it under a new lease, and store.work_items ignores older leases' rows).
+            conn.execute(DELETE_WORK_ITEM_SQL, (lease.id,))
     if row is None:
         log.warning("url=%s stage=%s lease lost; failure not recorded", lease.url, error.stage)
         return None
