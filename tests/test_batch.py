@@ -284,3 +284,18 @@ def test_a_refused_credential_is_a_configuration_error(batch_env, pages) -> None
     line = {"custom_id": "100", "response": {"status_code": 401, "body": {"error": {}}}}
     with pytest.raises(LLMConfigurationError):
         batch.line_outcome(line, pages[0], load_settings())
+
+
+def test_the_dag_refuses_batch_mode_until_it_submits_batches(settings):
+    """The parts above are not called by the DAG yet: with BLOGQA_LLM_MODE=batch the
+    summarize stage says so rather than quietly making one call per page."""
+    import dataclasses
+
+    from blogqa import pipeline
+    from blogqa.errors import ConfigError
+
+    batch_settings = dataclasses.replace(settings, llm_mode="batch")
+    with pytest.raises(ConfigError, match="BLOGQA_LLM_MODE=batch is not available"):
+        pipeline.summarize_chunk(
+            [{"id": 1, "token": "00000000-0000-0000-0000-000000000000"}], batch_settings
+        )

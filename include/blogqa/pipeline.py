@@ -31,7 +31,7 @@ from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import MAX_CHUNKS_PER_RUN, MAX_URLS_PER_RUN, Settings, load_settings
 from blogqa.crawl import Validators, content_hash, fetch, http_client
 from blogqa.embed import EmbeddingDimensionError, embedder
-from blogqa.errors import BlogqaError, PageError, StageStalledError
+from blogqa.errors import BlogqaError, ConfigError, PageError, StageStalledError
 from blogqa.extraction_pool import ExtractionPool
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
@@ -605,6 +605,13 @@ async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
 
 def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
     settings = settings or task_settings()
+    if settings.llm_mode == "batch":
+        # blogqa.batch and blogqa.batch_trigger submit, wait and collect; the DAG does not
+        # call them yet, and running the pages one call at a time instead would be a surprise
+        raise ConfigError(
+            "BLOGQA_LLM_MODE=batch is not available in the DAG yet: unset it (or set it to "
+            "'sync') to summarize with one Chat Completions call per page"
+        )
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
