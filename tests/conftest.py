@@ -37,6 +37,12 @@ STATE_TABLES = ("robots_txt", "circuit_breakers")
 
 @pytest.fixture(scope="session", autouse=True)
 def blogqa_home():
+    # Airflow reads its database settings once, when airflow.settings is imported: a test module
+    # importing Airflow's core at collection would leave every in-process dag.test() on a
+    # default SQLite database ("no such table: task_instance") instead of the test PostgreSQL.
+    assert "airflow.settings" not in sys.modules, (
+        "a test module imported Airflow's core at collection; import it inside the test"
+    )
     settings = load_settings()
     runner.configure_airflow(settings, log_level="WARNING")
     yield _HOME

@@ -16,7 +16,6 @@ import pytest
 
 from blogqa import batch
 from blogqa.batch import BatchEndedError, BatchError, BatchPage
-from blogqa.batch_trigger import BatchTrigger
 from blogqa.config import load_settings
 from blogqa.errors import ConfigError, PageError
 from blogqa.extract import extract_article
@@ -65,7 +64,15 @@ def _sync_summary(page: BatchPage) -> QAResult:
     return asyncio.run(run())
 
 
-def _events(trigger: BatchTrigger) -> list:
+def _trigger(*args, **kwargs):
+    """The trigger class, imported when a test runs: it imports Airflow's core, which must not
+    be configured before conftest's session fixture points it at the test database."""
+    from blogqa.batch_trigger import BatchTrigger
+
+    return BatchTrigger(*args, **kwargs)
+
+
+def _events(trigger) -> list:
     async def run() -> list:
         return [event async for event in trigger.run()]
 
@@ -74,7 +81,7 @@ def _events(trigger: BatchTrigger) -> list:
 
 def _wait(batch_id: str) -> str:
     """Drive the trigger the task would defer to; the status it reports."""
-    [event] = _events(BatchTrigger(batch_id, load_settings().batch_poll_seconds))
+    [event] = _events(_trigger(batch_id, load_settings().batch_poll_seconds))
     assert event.payload["batch_id"] == batch_id
     return event.payload["status"]
 
@@ -230,7 +237,7 @@ def test_trigger_waits_until_the_batch_is_terminal(batch_env, pages) -> None:
     batch_env.batch_polls.update(validating=2, in_progress=3)
     batch_id = batch.submit_pages(pages, load_settings())
 
-    events = _events(BatchTrigger(batch_id, poll_seconds=0.01))
+    events = _events(_trigger(batch_id, poll_seconds=0.01))
     assert [event.payload for event in events] == [{"batch_id": batch_id, "status": "completed"}]
     assert batch_env.batch_retrievals == 6  # 2 validating + 3 in progress + the completing one
 
@@ -243,17 +250,17 @@ def test_trigger_waits_for_the_configured_time(batch_env, pages) -> None:
 
 
 def test_trigger_reports_a_batch_it_cannot_poll(batch_env) -> None:
-    [event] = _events(BatchTrigger("batch_unknown", poll_seconds=0.01))
+    [event] = _events(_trigger("batch_unknown", poll_seconds=0.01))
     assert event.payload["status"] == "error"
     assert "no such batch" in event.payload["error"]
 
 
 def test_trigger_serialize_round_trips() -> None:
-    trigger = BatchTrigger("batch_42", poll_seconds=7.5)
+    trigger = _trigger("batch_42", poll_seconds=7.5)
     classpath, kwargs = trigger.serialize()
     module, _, name = classpath.rpartition(".")
     rebuilt = getattr(importlib.import_module(module), name)(**kwargs)
-    assert isinstance(rebuilt, BatchTrigger)
+    assert isinstance(rebuilt, type(trigger))
     assert rebuilt.serialize() == (classpath, kwargs)
     assert kwargs == {"batch_id": "batch_42", "poll_seconds": 7.5}
 
