@@ -84,7 +84,9 @@ def openai_server():
 
 @pytest.fixture
 def openai_env(openai_server, monkeypatch):
-    """Point the real `openai` client at the test server."""
+    """Point the real `openai` client at the test server. The client's shared limits live in
+    the results database, so its schema is there first (a module run on its own too)."""
+    db.migrate(load_settings())
     openai_server.script.clear()
     openai_server.embedding_script.clear()
     openai_server.page_faults.clear()
