@@ -47,13 +47,26 @@ def hitl_path(run_id: str) -> str:
     )
 
 
+# How long the review must have been awaiting input before a test answers. Airflow 3.3 races
+# an answer that lands before the executor has reported the paused task's process as ended:
+# the scheduler then sees "finished with state success, but the state is queued", marks the
+# task for retry, and the new try asks again. A person never answers that fast; a test would.
+SETTLED_SECONDS = 3.0
+
+
 def until_review_waits(airflow, client: httpx.Client, conf: dict, timeout: float = 300) -> str:
-    """Trigger a run and wait until its review task is awaiting input: the run id."""
+    """Trigger a run and wait until its review task has been awaiting input for
+    SETTLED_SECONDS: the run id."""
     run_id = local_airflow.trigger(client, conf)
     deadline = time.monotonic() + timeout
+    waiting_since = None
     while time.monotonic() < deadline:
         review = states_by_task(client, run_id).get("review", [None])[0]
-        if review == "awaiting_input":
+        if review != "awaiting_input":
+            waiting_since = None
+        elif waiting_since is None:
+            waiting_since = time.monotonic()
+        elif time.monotonic() - waiting_since >= SETTLED_SECONDS:
             return run_id
         state = client.get(f"/api/v2/dags/{local_airflow.DAG_ID}/dagRuns/{run_id}").json()
         assert state["state"] in ("queued", "running"), (state, states_by_task(client, run_id))
