@@ -59,7 +59,7 @@ class LeaseKeeper:
         mine = [lease for lease in self.leases if lease.id in self.held]
         seconds = self.settings.lease_seconds
         cur = await conn.execute(
-            queue.RENEW_SQL, queue.lease_params([lease.ref() for lease in mine], seconds)
+            queue.SQL.renew, queue.lease_params([lease.ref() for lease in mine], seconds)
         )
         renewed = {row[0] for row in await cur.fetchall()}
         for lease in mine:
@@ -68,7 +68,7 @@ class LeaseKeeper:
         self.held = renewed
         held = [lease.ref() for lease in mine if lease.id in renewed]
         if held:
-            await conn.execute(queue.RENEW_CLAIM_SQL, queue.lease_params(held, seconds))
+            await conn.execute(queue.SQL.renew_claim, queue.lease_params(held, seconds))
 
     async def _run(self) -> None:
         dsn = db.database_dsn(self.settings)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
-from blogqa import queue, store
+from blogqa import queue, sql_queries, store
 from blogqa.errors import BlogqaError
-from blogqa.queue import HISTORY_APPEND_SQL, Lease
+from blogqa.queue import Lease
 from blogqa.urls import normalize_url
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/quarantine.sql
 
 ACTIONS = ("release", "requeue", "drop")
 
@@ -50,19 +51,6 @@ def describe(reasons: list[dict]) -> str:
     return "; ".join(parts)
 
 
-QUARANTINE_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'quarantined', finished_at = now(),
-    processing_ms = (extract(epoch FROM now() - q.started_at) * 1000)::integer,
-    last_error = %(message)s, last_stage = 'quality',
-    quarantine_reasons = %(reasons)s, quarantined_run = %(run_id)s,
-    error_history = {HISTORY_APPEND_SQL},
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.id = %(id)s AND q.lease_token = %(token)s AND q.status = 'processing'
-RETURNING q.id
-"""
-
-
 def quarantine(
     conn: psycopg.Connection, failures: list[tuple[Lease, list[dict]]], run_id: str
 ) -> list[int]:
@@ -79,7 +67,7 @@ def quarantine(
                 "message": message[:2000],
             }
             row = conn.execute(
-                QUARANTINE_SQL,
+                SQL.quarantine,
                 {
                     "message": message[:2000],
                     "reasons": Jsonb(reasons),
@@ -98,18 +86,10 @@ def quarantine(
     return done
 
 
-LIST_SQL = """
-SELECT id, url, quarantined_run, finished_at, attempts, quarantine_reasons
-FROM blogqa.url_queue
-WHERE status = 'quarantined' AND (%s::bigint[] IS NULL OR id = ANY(%s::bigint[]))
-ORDER BY id
-"""
-
-
 def list_quarantined(conn: psycopg.Connection, ids: list[int] | None = None) -> list[dict]:
     """The quarantined rows (of `ids` when given), oldest id first, with their reasons."""
     keys = ("id", "url", "run_id", "quarantined_at", "attempts", "reasons")
-    return [dict(zip(keys, row, strict=True)) for row in conn.execute(LIST_SQL, (ids, ids))]
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(SQL.list, (ids, ids))]
 
 
 @dataclass(frozen=True)
@@ -127,14 +107,10 @@ def _lock_quarantined(conn: psycopg.Connection, target: str | int) -> tuple[int,
     """The quarantined row named by queue id or URL, locked for the caller's transaction."""
     text = str(target).strip()
     if text.isascii() and text.isdigit():
-        row = conn.execute(
-            "SELECT id, url, status FROM blogqa.url_queue WHERE id = %s FOR UPDATE", (int(text),)
-        ).fetchone()
+        row = conn.execute(SQL.lock_by_id, (int(text),)).fetchone()
     else:
         url = normalize_url(text)
-        row = conn.execute(
-            "SELECT id, url, status FROM blogqa.url_queue WHERE url = %s FOR UPDATE", (url,)
-        ).fetchone()
+        row = conn.execute(SQL.lock_by_url, (url,)).fetchone()
     if row is None:
         raise NotQuarantinedError(f"no queue row matches {text!r}: give a queue id or a URL")
     if row[2] != "quarantined":
@@ -149,25 +125,6 @@ def _history(message: str, stage: str = "review") -> dict:
     }
 
 
-RELEASED_SQL = f"""
-UPDATE blogqa.url_queue q
-SET last_error = NULL, last_stage = NULL, error_history = {HISTORY_APPEND_SQL}
-WHERE q.id = %(id)s
-"""
-REQUEUE_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL, started_at = NULL,
-    processing_ms = NULL, last_error = NULL, last_stage = NULL, quarantine_reasons = NULL,
-    error_history = {HISTORY_APPEND_SQL}, updated_at = now()
-WHERE q.id = %(id)s
-"""
-DROP_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'cancelled', finished_at = now(), last_error = %(message)s, last_stage = 'review',
-    error_history = {HISTORY_APPEND_SQL}, updated_at = now()
-WHERE q.id = %(id)s
-"""
-DELETE_WORK_SQL = "DELETE FROM blogqa.work_items WHERE queue_id = %s"
 RELEASE_MESSAGE = "released by reviewer: loaded as it is"
 REQUEUE_MESSAGE = "requeued by reviewer: processed afresh"
 DROP_MESSAGE = "dropped by reviewer: not loaded"
@@ -185,8 +142,8 @@ def release(
                 f"queue id {row_id} ({url}) kept no results to load: requeue or drop it"
             )
         store.load_released(conn, item, embed_model=embed_model, fetched_at=dt.datetime.now(dt.UTC))
-        conn.execute(queue.MARK_DONE_SQL, ([row_id],))
-        conn.execute(RELEASED_SQL, {"id": row_id, **_history(RELEASE_MESSAGE)})
+        queue.mark_done(conn, [row_id])
+        conn.execute(SQL.released, {"id": row_id, **_history(RELEASE_MESSAGE)})
     log.info("url=%s stage=review queue_id=%s %s", url, row_id, RELEASE_MESSAGE)
     return ActionResult("release", row_id, url, "done")
 
@@ -195,8 +152,8 @@ def requeue(conn: psycopg.Connection, target: str | int) -> ActionResult:
     """Put a quarantined row back in the queue with a fresh attempt budget, due now."""
     with conn.transaction():
         row_id, url = _lock_quarantined(conn, target)
-        conn.execute(REQUEUE_SQL, {"id": row_id, **_history(REQUEUE_MESSAGE)})
-        conn.execute(DELETE_WORK_SQL, (row_id,))
+        conn.execute(SQL.requeue, {"id": row_id, **_history(REQUEUE_MESSAGE)})
+        queue.delete_work_items(conn, [row_id])
     log.info("url=%s stage=review queue_id=%s %s", url, row_id, REQUEUE_MESSAGE)
     return ActionResult("requeue", row_id, url, "queued")
 
@@ -205,8 +162,8 @@ def drop(conn: psycopg.Connection, target: str | int) -> ActionResult:
     """Never load a quarantined document: its row is cancelled (reasons kept)."""
     with conn.transaction():
         row_id, url = _lock_quarantined(conn, target)
-        conn.execute(DROP_SQL, {"id": row_id, "message": DROP_MESSAGE, **_history(DROP_MESSAGE)})
-        conn.execute(DELETE_WORK_SQL, (row_id,))
+        conn.execute(SQL.drop, {"id": row_id, "message": DROP_MESSAGE, **_history(DROP_MESSAGE)})
+        queue.delete_work_items(conn, [row_id])
     log.info("url=%s stage=review queue_id=%s %s", url, row_id, DROP_MESSAGE)
     return ActionResult("drop", row_id, url, "cancelled")
 

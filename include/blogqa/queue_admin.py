@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import psycopg
 
+from blogqa import queue, sql_queries
 from blogqa.errors import BlogqaError
-from blogqa.queue import ERROR_HISTORY_LIMIT, HISTORY_APPEND_SQL, TERMINAL_STATUSES
+from blogqa.queue import ERROR_HISTORY_LIMIT, TERMINAL_STATUSES
 from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/queue_admin.sql
 
 # Stages a row can fail at (PageError.stage values, and "lease" for an expired lease):
 # what `requeue_dead(stage=...)` filters on.
@@ -27,36 +29,6 @@ FAILURE_STAGES = ("crawl", "summarize", "embed", "load", "lease")
 CANCEL_MESSAGE = "cancelled by operator"
 REDRIVE_MESSAGE = "requeued by operator (redrive of a dead row)"
 MAX_ERRORS_LIMIT = 1000
-
-CANCEL_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'cancelled', finished_at = now(), last_error = %(message)s, last_stage = 'cancel',
-    error_history = {HISTORY_APPEND_SQL},
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.id = %(id)s AND q.status IN ('queued', 'processing')
-RETURNING q.id
-"""
-
-REDRIVE_SQL = f"""
-UPDATE blogqa.url_queue q
-SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
-    started_at = NULL, processing_ms = NULL, last_error = NULL, last_stage = NULL,
-    error_history = {HISTORY_APPEND_SQL},
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL, updated_at = now()
-WHERE q.status = 'dead'
-  AND (%(stage)s::text IS NULL OR q.last_stage = %(stage)s::text)
-  AND (%(since)s::timestamptz IS NULL OR q.finished_at >= %(since)s::timestamptz)
-RETURNING q.id, q.url
-"""
-
-RECENT_ERRORS_SQL = """
-SELECT id, url, status, last_stage, attempts, max_attempts, last_error, updated_at,
-       CASE WHEN status = 'queued' THEN run_after END
-FROM blogqa.url_queue
-WHERE last_error IS NOT NULL
-ORDER BY updated_at DESC, id DESC
-LIMIT %s
-"""
 
 
 class QueueRowNotFoundError(BlogqaError, LookupError):
@@ -95,18 +67,12 @@ def _lock_target(conn: psycopg.Connection, target: str) -> tuple | None:
     locked so a worker's fenced write cannot interleave with the cancel."""
     text = target.strip()
     if text.isascii() and text.isdigit():
-        return conn.execute(
-            "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE id = %s FOR UPDATE",
-            (int(text),),
-        ).fetchone()
+        return conn.execute(SQL.lock_by_id, (int(text),)).fetchone()
     try:
         url = normalize_url(text)
     except InvalidURLError as exc:
         raise InvalidURLError(f"{target!r} is neither a queue id nor a valid URL: {exc}") from None
-    return conn.execute(
-        "SELECT id, url, status, lease_owner FROM blogqa.url_queue WHERE url = %s FOR UPDATE",
-        (url,),
-    ).fetchone()
+    return conn.execute(SQL.lock_by_url, (url,)).fetchone()
 
 
 def cancel(conn: psycopg.Connection, target: str) -> CancelResult:
@@ -131,7 +97,7 @@ def cancel(conn: psycopg.Connection, target: str) -> CancelResult:
         detail = f"was {status}" + (f", lease owner {owner}" if owner else "")
         entry = {"stage": "cancel", "class": "operator", "message": f"{CANCEL_MESSAGE} ({detail})"}
         conn.execute(
-            CANCEL_SQL,
+            SQL.cancel,
             {
                 "id": row_id,
                 "message": CANCEL_MESSAGE,
@@ -139,9 +105,9 @@ def cancel(conn: psycopg.Connection, target: str) -> CancelResult:
                 "keep": ERROR_HISTORY_LIMIT,
             },
         )
-        deleted = conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (row_id,))
+        discarded = queue.delete_work_items(conn, [row_id])
     log.info("url=%s stage=cancel queue_id=%s cancelled (%s)", url, row_id, detail)
-    return CancelResult(row_id, url, status, cancelled=True, discarded_work=deleted.rowcount > 0)
+    return CancelResult(row_id, url, status, cancelled=True, discarded_work=discarded > 0)
 
 
 def requeue_dead(
@@ -160,7 +126,7 @@ def requeue_dead(
     entry = {"stage": "redrive", "class": "operator", "message": REDRIVE_MESSAGE}
     with conn.transaction():
         rows = conn.execute(
-            REDRIVE_SQL,
+            SQL.redrive,
             {
                 "stage": stage,
                 "since": since,
@@ -170,7 +136,7 @@ def requeue_dead(
         ).fetchall()
         ids = [row[0] for row in rows]
         if ids:
-            conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = ANY(%s)", (ids,))
+            queue.delete_work_items(conn, ids)
     rows.sort()
     log.info("stage=redrive requeued %d dead row(s) (stage=%s since=%s)", len(rows), stage, since)
     return [(row_id, url) for row_id, url in rows]
@@ -195,4 +161,4 @@ def recent_errors(conn: psycopg.Connection, limit: int = 20) -> list[dict]:
         "updated_at",
         "run_after",
     )
-    return [dict(zip(keys, row, strict=True)) for row in conn.execute(RECENT_ERRORS_SQL, (limit,))]
+    return [dict(zip(keys, row, strict=True)) for row in conn.execute(SQL.recent_errors, (limit,))]

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import psycopg
 
+from blogqa import sql_queries
 from blogqa.queue import STATUSES
+
+SQL = sql_queries.load(__name__)  # queries/queue_stats.sql
 
 
 def stats(conn: psycopg.Connection) -> dict:
     """Counts per status and the age of the oldest queued row."""
     counts = dict.fromkeys(STATUSES, 0)
-    for status, count in conn.execute(
-        "SELECT status, count(*) FROM blogqa.url_queue GROUP BY status"
-    ):
+    for status, count in conn.execute(SQL.counts_by_status):
         counts[status] = count
-    row = conn.execute(
-        "SELECT extract(epoch FROM now() - min(enqueued_at)),"
-        " count(*) FILTER (WHERE run_after <= now())"
-        " FROM blogqa.url_queue WHERE status = 'queued'"
-    ).fetchone()
+    row = conn.execute(SQL.queued_age_and_claimable).fetchone()
     return {
         "counts": counts,
         "total": sum(counts.values()),
@@ -32,37 +29,24 @@ def stats(conn: psycopg.Connection) -> dict:
 def next_due_seconds(conn: psycopg.Connection) -> float | None:
     """Seconds until a row becomes claimable (a retry's run_after, or a lease expiring);
     None when nothing is queued or in flight."""
-    row = conn.execute(
-        "SELECT extract(epoch FROM min(CASE WHEN status = 'queued' THEN run_after"
-        " ELSE lease_until END) - now())"
-        " FROM blogqa.url_queue WHERE status IN ('queued', 'processing')"
-    ).fetchone()
+    row = conn.execute(SQL.next_due).fetchone()
     return max(float(row[0]), 0.0) if row[0] is not None else None
 
 
 def claimed_by_run(conn: psycopg.Connection, run_id: str) -> list[int]:
     """Queue ids the DAG run `run_id` claimed last."""
-    rows = conn.execute(
-        "SELECT id FROM blogqa.url_queue WHERE last_run_id = %s ORDER BY id", (run_id,)
-    ).fetchall()
+    rows = conn.execute(SQL.claimed_by_run, (run_id,)).fetchall()
     return [row[0] for row in rows]
 
 
 def status_counts(conn: psycopg.Connection, ids: list[int]) -> dict[str, int]:
     """How many of the rows `ids` are in each status."""
-    rows = conn.execute(
-        "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
-        (ids,),
-    ).fetchall()
+    rows = conn.execute(SQL.status_counts, (ids,)).fetchall()
     return dict(rows)
 
 
 def has_claimable(conn: psycopg.Connection) -> bool:
     """Whether a claim would take anything now: an index probe, not a count (the runner asks
     before every DAG run, and a count grows with the queue while a probe does not)."""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM blogqa.url_queue WHERE status = 'queued'"
-        " AND run_after <= now()) OR EXISTS (SELECT 1 FROM blogqa.url_queue"
-        " WHERE status = 'processing' AND lease_until < now())"
-    ).fetchone()
+    row = conn.execute(SQL.has_claimable).fetchone()
     return bool(row[0])

@@ -479,7 +479,7 @@ def load_documents(
         _replace_outputs(conn, [i for i in mine if not i.unchanged], embed_model, fetched_at)
         ids = [i.lease.id for i in mine]
         queue.mark_done(conn, ids)
-        conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = ANY(%s)", (ids,))
+        queue.delete_work_items(conn, ids)
     return mine, lost
 
 
@@ -632,4 +632,4 @@ def load_released(
         _touch_unchanged(conn, [item], fetched_at)
     else:
         _replace_outputs(conn, [item], embed_model, fetched_at)
-    conn.execute("DELETE FROM blogqa.work_items WHERE queue_id = %s", (item.lease.id,))
+    queue.delete_work_items(conn, [item.lease.id])
