@@ -25,7 +25,7 @@ What it does, and why:
 3. Recall@10 of the HNSW search against exact search, on 200 held-out query vectors from the
    same distribution (half new questions about stored documents, half questions of documents
    that were generated but not stored). It is measured on the query the similar route runs to
-   rank chunks (search.NEAREST_IDS_SQL, through `search.nearest_chunk_ids_async`; the route
+   rank chunks (search.SQL.nearest_ids, through `search.nearest_chunk_ids_async`; the route
    then keeps each document's best chunk, ask runs the same index scan with LIMIT k). Exact
    neighbours are a numpy brute force over the stored vectors, checked against PostgreSQL's
    own sequential scan (index scans disabled) on a few queries. The sweep runs LIMIT 10 at
@@ -573,7 +573,7 @@ async def measure_recall(
     return {
         "queries": count,
         "query_kinds": {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)},
-        "measured_query": "search.NEAREST_IDS_SQL (the similar route's ranking), LIMIT 10",
+        "measured_query": "search.SQL.nearest_ids (the similar route's ranking), LIMIT 10",
         "exact": "numpy brute force over the stored chunk vectors",
         "exact_check_against_seq_scan": check,
         "cosine": _cosine_levels(vectors, truth),
@@ -594,9 +594,9 @@ def _choose_ef(sweep: dict) -> int:
 async def _plan(conn: psycopg.AsyncConnection, vector: np.ndarray, ef: int) -> str:
     """EXPLAIN of the similar route's ranking query: does it use the HNSW index?"""
     async with conn.transaction():
-        await conn.execute(search.EF_SEARCH_SQL, (str(ef),))
+        await conn.execute(search.SQL.ef_search, (str(ef),))
         cur = await conn.execute(
-            "EXPLAIN " + search.NEAREST_IDS_SQL,
+            "EXPLAIN " + search.SQL.nearest_ids,
             {"v": vector, "n": SIMILAR_CHUNKS, "exclude": None},
         )
         return "\n".join(row[0] for row in await cur.fetchall())

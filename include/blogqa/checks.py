@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from blogqa import db, llm
+from blogqa import db, llm, sql_queries
 from blogqa.config import Settings
 from blogqa.errors import BlogqaError
 
+SQL = sql_queries.load(__name__)  # queries/checks.sql
 DATABASE_CONNECT_TIMEOUT = 5  # seconds (libpq connect_timeout)
 ENDPOINT_TIMEOUT = 10.0  # seconds for the one request to the model endpoint
 DATABASE_HINT = (
@@ -76,13 +77,9 @@ def check_database(settings: Settings) -> Check:
             connect_timeout=DATABASE_CONNECT_TIMEOUT,
             application_name="blogqa-init-check",
         ) as conn:
-            server = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-            vector = conn.execute(
-                "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-            ).fetchone()
-            present = conn.execute(
-                "SELECT to_regclass('blogqa.schema_migrations') IS NOT NULL"
-            ).fetchone()[0]
+            server = conn.execute(SQL.server_version).fetchone()[0]
+            vector = conn.execute(SQL.pgvector_version).fetchone()
+            present = conn.execute(SQL.schema_present).fetchone()[0]
             version = db.schema_version(conn) if present else 0
     except psycopg.Error as exc:
         return Check(name, False, f"{where} did not answer ({first_line(exc)}): {DATABASE_HINT}")

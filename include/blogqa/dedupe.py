@@ -43,10 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
+from blogqa import sql_queries
 from blogqa.queue import Lease
 from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/dedupe.sql
 
 NUM_PERM = 128
 BANDS = 32
@@ -135,11 +137,6 @@ def _signature(raw: bytes) -> np.ndarray:
 
 # ---------------------------------------------------------------- stored fingerprints
 
-SAVE_FINGERPRINT_SQL = """
-INSERT INTO blogqa.document_fingerprints (document_id, content_hash, minhash, bands)
-VALUES (%s, %s, %s, %s)
-"""
-
 
 def save_fingerprints(conn: psycopg.Connection, documents: list[tuple[int, str, str]]) -> int:
     """Store the fingerprints of (document id, text, content hash), replacing older ones;
@@ -148,7 +145,7 @@ def save_fingerprints(conn: psycopg.Connection, documents: list[tuple[int, str, 
     if not documents:
         return 0
     ids = [doc_id for doc_id, _, _ in documents]
-    conn.execute("DELETE FROM blogqa.document_fingerprints WHERE document_id = ANY(%s)", (ids,))
+    conn.execute(SQL.delete_fingerprints, (ids,))
     rows = []
     for doc_id, text, content_hash in documents:
         found = fingerprint(text)
@@ -156,18 +153,10 @@ def save_fingerprints(conn: psycopg.Connection, documents: list[tuple[int, str, 
             rows.append((doc_id, content_hash, found.minhash.astype("<u4").tobytes(), found.bands))
     if rows:
         with conn.cursor() as cur:
-            cur.executemany(SAVE_FINGERPRINT_SQL, rows)
+            cur.executemany(SQL.save_fingerprint, rows)
     return len(rows)
 
 
-BACKFILL_SQL = """
-SELECT d.id, d.text, d.content_hash FROM blogqa.documents d
-WHERE NOT EXISTS (SELECT 1 FROM blogqa.document_fingerprints f
-                  WHERE f.document_id = d.id AND f.content_hash = d.content_hash)
-  AND d.word_count >= %s
-ORDER BY d.id
-LIMIT %s
-"""
 BACKFILL_DONE_KEY = "fingerprints_backfilled"
 
 
@@ -175,46 +164,20 @@ def backfill(conn: psycopg.Connection, limit: int = 500) -> int:
     """Fingerprint up to `limit` stored documents that have none (those loaded before
     migration 011). Once a pass finds none, blogqa.settings remembers it and later calls
     return at once: from then on the load keeps every fingerprint current."""
-    done = conn.execute(
-        "SELECT 1 FROM blogqa.settings WHERE key = %s", (BACKFILL_DONE_KEY,)
-    ).fetchone()
+    done = conn.execute(SQL.backfill_done, (BACKFILL_DONE_KEY,)).fetchone()
     if done:
         return 0
     with conn.transaction():
-        rows = conn.execute(BACKFILL_SQL, (MIN_WORDS, limit)).fetchall()
+        rows = conn.execute(SQL.backfill, (MIN_WORDS, limit)).fetchall()
         saved = save_fingerprints(conn, rows)
         if len(rows) < limit:
-            conn.execute(
-                "INSERT INTO blogqa.settings (key, value) VALUES (%s, 'true')"
-                " ON CONFLICT (key) DO NOTHING",
-                (BACKFILL_DONE_KEY,),
-            )
+            conn.execute(SQL.mark_backfill_done, (BACKFILL_DONE_KEY,))
     if saved:
         log.info("stage=dedupe fingerprinted %d stored documents", saved)
     return saved
 
 
 # ---------------------------------------------------------------- the check
-
-CANONICAL_SQL = """
-SELECT url FROM blogqa.documents
-WHERE (url = %(canonical)s OR canonical_url IN (%(canonical)s, %(raw)s)) AND url <> %(url)s
-ORDER BY (url = %(canonical)s) DESC, id
-LIMIT 1
-"""
-
-# The declared canonical URL is queued or being processed (by this run's other chunks, or
-# another run): it will be stored, so the copy is not processed as well.
-CANONICAL_QUEUED_SQL = """
-SELECT url FROM blogqa.url_queue
-WHERE url = %s AND status IN ('queued', 'processing')
-"""
-
-CANDIDATES_SQL = """
-SELECT d.url, f.minhash FROM blogqa.document_fingerprints f
-JOIN blogqa.documents d ON d.id = f.document_id
-WHERE f.bands && %s::bigint[] AND d.url <> %s
-"""
 
 
 def _canonical(page: dict, url: str) -> str | None:
@@ -255,11 +218,11 @@ def _check_one(
     canonical = _canonical(page, lease.url)
     if canonical is not None:
         row = conn.execute(
-            CANONICAL_SQL,
+            SQL.canonical,
             {"canonical": canonical, "raw": page["canonical_url"], "url": lease.url},
         ).fetchone()
         if row is None:
-            row = conn.execute(CANONICAL_QUEUED_SQL, (canonical,)).fetchone()
+            row = conn.execute(SQL.canonical_queued, (canonical,)).fetchone()
         if row is not None:
             return Duplicate(lease.url, row[0], "canonical")
         for other, other_page, _ in originals:
@@ -268,7 +231,7 @@ def _check_one(
     if mine is None:
         return None
     best_url, best = None, 0.0
-    for url, raw in conn.execute(CANDIDATES_SQL, (mine.bands, lease.url)):
+    for url, raw in conn.execute(SQL.candidates, (mine.bands, lease.url)):
         similarity = mine.similarity(_signature(raw))
         if similarity > best:
             best_url, best = url, similarity
@@ -282,22 +245,13 @@ def _check_one(
     return None
 
 
-RECORD_SQL = """
-INSERT INTO blogqa.duplicates (url, queue_id, original_url, reason, similarity, content_hash)
-VALUES (%s, %s, %s, %s, %s, %s)
-ON CONFLICT (url) DO UPDATE SET queue_id = EXCLUDED.queue_id,
-    original_url = EXCLUDED.original_url, reason = EXCLUDED.reason,
-    similarity = EXCLUDED.similarity, content_hash = EXCLUDED.content_hash, detected_at = now()
-"""
-
-
 def record(conn: psycopg.Connection, found: list[tuple[Lease, dict, Duplicate]]) -> None:
     """Link each duplicate to its original (blogqa.duplicates)."""
     if not found:
         return
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
-            RECORD_SQL,
+            SQL.record,
             [
                 (
                     lease.url,
@@ -315,4 +269,4 @@ def record(conn: psycopg.Connection, found: list[tuple[Lease, dict, Duplicate]])
 def forget(conn: psycopg.Connection, urls: list[str]) -> None:
     """Drop the duplicate links of URLs now stored as documents of their own."""
     if urls:
-        conn.execute("DELETE FROM blogqa.duplicates WHERE url = ANY(%s)", (urls,))
+        conn.execute(SQL.forget, (urls,))

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import psycopg
 
-from blogqa import db
+from blogqa import db, sql_queries
 from blogqa.config import Settings
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/export.sql
 
 FORMATS = ("parquet", "jsonl")
 BATCH_ROWS = 10_000
@@ -41,24 +42,6 @@ COLUMNS = (
     "position",
     "created_at",
 )
-
-# The supporting passage is an exact search among the page's own chunks: `+ 0` keeps the
-# planner off the HNSW index (which ranks every document's chunks and filters afterwards).
-EXPORT_SQL = """
-SELECT d.url, d.title, q.question, q.answer, sp.passage AS supporting_passage,
-       s.model, s.prompt_version, d.id AS document_id, q.position, q.created_at
-FROM blogqa.questions q
-JOIN blogqa.documents d ON d.id = q.document_id
-LEFT JOIN blogqa.summaries s ON s.document_id = d.id
-LEFT JOIN LATERAL (
-    SELECT c.text AS passage FROM blogqa.chunks c
-    WHERE c.document_id = q.document_id
-    ORDER BY (c.embedding <=> q.embedding) + 0, c.position
-    LIMIT 1
-) sp ON true
-WHERE %(since)s::timestamptz IS NULL OR q.created_at >= %(since)s::timestamptz
-ORDER BY d.id, q.position
-"""
 
 
 def parse_since(text: str) -> dt.datetime:
@@ -76,7 +59,7 @@ def batches(conn: psycopg.Connection, since: dt.datetime | None) -> Iterator[lis
     """Rows of the dataset, BATCH_ROWS at a time, from a server-side cursor."""
     with conn.transaction(), conn.cursor(name="blogqa_export") as cur:
         cur.itersize = BATCH_ROWS
-        cur.execute(EXPORT_SQL, {"since": since})
+        cur.execute(SQL.dataset, {"since": since})
         while rows := cur.fetchmany(BATCH_ROWS):
             yield rows
 

@@ -45,9 +45,11 @@ from typing import Any, Self
 
 import psycopg
 
+from blogqa import sql_queries
 from blogqa.config import Settings
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/limits.sql
 
 SLOT_LEASE_SECONDS = 30.0  # a killed holder's slot is free again after this
 RATE_BURST_SECONDS = 1.0  # RPM/TPM: up to one second's worth at once, then evenly spaced
@@ -59,39 +61,6 @@ DEFAULT_429_PAUSE_SECONDS = 1.0  # a 429 that says nothing about when to come ba
 # Tokens a chat request is charged for its reply before the usage is known (the requests
 # set no max_tokens; a summary and 3-5 pairs take about 300-600), corrected afterwards.
 CHAT_OUTPUT_TOKENS = 1024
-
-ACQUIRE_SQL = """
-SELECT granted, wait_seconds, reason FROM blogqa.limit_acquire(
-    %(scope)s::text, %(holder)s::text, %(lease)s::float8, %(max_slots)s::integer,
-    %(spacing)s::float8, %(rpm)s::float8, %(tpm)s::float8, %(tokens)s::float8, %(burst)s::float8)
-"""
-
-RELEASE_SQL = """
-UPDATE blogqa.shared_limits SET
-    slots = slots - %(holder)s::text,
-    paused_until = CASE WHEN %(pause)s::float8 > 0
-        THEN greatest(paused_until, clock_timestamp() + make_interval(secs => %(pause)s::float8))
-        ELSE paused_until END,
-    pause_reason = CASE WHEN %(pause)s::float8 > 0 THEN %(reason)s::text ELSE pause_reason END,
-    updated_at = clock_timestamp()
-WHERE scope = %(scope)s::text
-"""
-
-RENEW_SQL = """
-UPDATE blogqa.shared_limits SET
-    slots = jsonb_set(slots, ARRAY[%(holder)s::text],
-        to_jsonb(extract(epoch FROM clock_timestamp()) + %(lease)s::float8))
-WHERE scope = %(scope)s::text AND slots ? %(holder)s::text
-"""
-
-# A request's token charge corrected by the usage the server reported (negative: refund).
-CORRECT_TOKENS_SQL = """
-UPDATE blogqa.shared_limits
-SET tokens_tat = tokens_tat + make_interval(secs => 60.0 * %(delta)s::float8 / %(tpm)s::float8)
-WHERE scope = %(scope)s::text AND tokens_tat IS NOT NULL
-"""
-
-STATE_SQL = "SELECT * FROM blogqa.shared_limits WHERE scope = %(scope)s::text"
 
 # Errors meaning "these limits cannot be kept in this database", not "the database is down".
 UNUSABLE_ERRORS = (
@@ -221,13 +190,13 @@ class SharedLimits:
         release = {"scope": scope, "holder": holder, "pause": 0.0, "reason": None}
 
         def work() -> Grant:
-            granted, wait, reason = _execute(dsn, ACQUIRE_SQL, params)  # type: ignore[misc]
+            granted, wait, reason = _execute(dsn, SQL.acquire, params)  # type: ignore[misc]
             grant = Grant(bool(granted), wait, reason)
             with attempt.lock:
                 attempt.result = grant
                 undo = attempt.abandoned and grant.granted and max_slots is not None
             if undo:
-                _execute(dsn, RELEASE_SQL, release)
+                _execute(dsn, SQL.release, release)
             return grant
 
         loop = asyncio.get_running_loop()
@@ -248,7 +217,7 @@ class SharedLimits:
                 attempt.abandoned = True
                 finished = attempt.result
             if finished is not None and finished.granted and max_slots is not None:
-                loop.run_in_executor(None, _execute, dsn, RELEASE_SQL, release)
+                loop.run_in_executor(None, _execute, dsn, SQL.release, release)
             raise
 
     async def acquire(
@@ -295,15 +264,15 @@ class SharedLimits:
     async def pause(self, scope: str, seconds: float, reason: str) -> None:
         """Pause every process's requests in `scope` for `seconds` (without a slot)."""
         params = {"scope": scope, "holder": "", "pause": seconds, "reason": reason}
-        await self._run(RELEASE_SQL, params)
+        await self._run(SQL.release, params)
 
     async def correct_tokens(self, scope: str, delta: float, tpm: float) -> None:
-        await self._run(CORRECT_TOKENS_SQL, {"scope": scope, "delta": delta, "tpm": tpm})
+        await self._run(SQL.correct_tokens, {"scope": scope, "delta": delta, "tpm": tpm})
 
     def state(self, scope: str) -> dict | None:
         """The scope's row (for tests and diagnostics); blocking."""
         conn = _connection(self.dsn)
-        cur = conn.execute(STATE_SQL, {"scope": scope})
+        cur = conn.execute(SQL.state, {"scope": scope})
         row = cur.fetchone()
         return dict(zip([d.name for d in cur.description], row, strict=True)) if row else None
 
@@ -329,7 +298,7 @@ class Permit:
         params = {"scope": self.scope, "holder": self.holder, "lease": self.lease}
         while True:
             await asyncio.sleep(self.lease / 3)
-            await self.limits._run(RENEW_SQL, params)
+            await self.limits._run(SQL.renew, params)
 
     async def release(self, *, pause: float = 0.0, reason: str | None = None) -> None:
         """Give the slot back; with `pause`, also pause the scope (one statement)."""
@@ -341,7 +310,7 @@ class Permit:
         if not self.holds_slot and pause <= 0:
             return
         params = {"scope": self.scope, "holder": self.holder, "pause": pause, "reason": reason}
-        await self.limits._run(RELEASE_SQL, params)
+        await self.limits._run(SQL.release, params)
 
 
 # ---------------------------------------------------------------- crawled hosts

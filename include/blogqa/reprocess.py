@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from blogqa import db, store
+from blogqa import db, sql_queries, store
 from blogqa.config import Settings, _env_bool, _env_float, _env_int
 from blogqa.errors import ConfigError
 from blogqa.llm import PROMPT_VERSION
 from blogqa.queue import Lease
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/reprocess.sql
 
 CAUSES = ("all", "summaries", "embeddings")
 DAG_CHOICES = ("none", *CAUSES)  # the DAG param's values
@@ -89,45 +90,6 @@ class RequeueResult:
         }
 
 
-# Documents (by first fetch, documents.created_at, in [since, until)) whose stored rows the
-# cause makes stale: for `summaries` those made by another chat model or prompt version, for
-# `embeddings` those embedded by another model, for `all` (and with `force`) every one.
-# Only done rows are put back; queued rows just get the flag. Done rows first become
-# queued with a fresh attempt budget, due now.
-STALE_SQL = """
-SELECT q.id, q.url, q.status
-FROM blogqa.documents d
-JOIN blogqa.url_queue q ON q.url = d.url
-LEFT JOIN blogqa.summaries s ON s.document_id = d.id
-WHERE (%(since)s::timestamptz IS NULL OR d.created_at >= %(since)s::timestamptz)
-  AND (%(until)s::timestamptz IS NULL OR d.created_at < %(until)s::timestamptz)
-  AND (%(force)s OR %(cause)s = 'all'
-       OR (%(cause)s = 'summaries' AND (s.model IS DISTINCT FROM %(chat_model)s
-                                        OR s.prompt_version IS DISTINCT FROM %(prompt)s))
-       OR (%(cause)s = 'embeddings' AND s.embed_model IS DISTINCT FROM %(embed_model)s))
-  AND q.status IN ('done', 'queued', 'processing')
-  AND (q.status <> 'queued' OR q.redo IS NULL OR %(rank)s > CASE q.redo
-       WHEN 'embeddings' THEN 1 WHEN 'summaries' THEN 2 ELSE 3 END)
-ORDER BY d.created_at, q.id
-LIMIT %(limit)s
-"""
-
-REQUEUE_SQL = """
-UPDATE blogqa.url_queue q
-SET redo = CASE WHEN q.redo IS NULL OR %(rank)s > CASE q.redo
-                    WHEN 'embeddings' THEN 1 WHEN 'summaries' THEN 2 ELSE 3 END
-                THEN %(cause)s ELSE q.redo END,
-    status = 'queued',
-    attempts = CASE WHEN q.status = 'done' THEN 0 ELSE q.attempts END,
-    run_after = CASE WHEN q.status = 'done' THEN now() ELSE q.run_after END,
-    finished_at = NULL,
-    processing_ms = CASE WHEN q.status = 'done' THEN NULL ELSE q.processing_ms END,
-    updated_at = now()
-WHERE q.id = ANY(%(ids)s) AND q.status IN ('done', 'queued')
-RETURNING q.id
-"""
-
-
 def requeue(
     conn: psycopg.Connection,
     cause: str,
@@ -141,7 +103,7 @@ def requeue(
     limit: int = MAX_REQUEUE,
     dry_run: bool = False,
 ) -> RequeueResult:
-    """Flag the stored documents the cause makes stale for reprocessing (see STALE_SQL).
+    """Flag the stored documents the cause makes stale for reprocessing (queries/reprocess.sql, `stale`).
 
     Idempotent: `summaries` and `embeddings` pick only documents whose stored rows do not
     match the current models and prompt, so a second call after the reprocessing finds
@@ -167,11 +129,11 @@ def requeue(
     }
     result = RequeueResult(cause, dry_run=dry_run)
     with conn.transaction():
-        rows = conn.execute(STALE_SQL + " FOR UPDATE OF q SKIP LOCKED", params).fetchall()
+        rows = conn.execute(SQL.stale, params).fetchall()
         result.in_progress = sum(1 for _, _, status in rows if status == "processing")
         wanted = [(row_id, url, status) for row_id, url, status in rows if status != "processing"]
         if not dry_run and wanted:
-            conn.execute(REQUEUE_SQL, {**params, "ids": [row_id for row_id, _, _ in wanted]})
+            conn.execute(SQL.requeue, {**params, "ids": [row_id for row_id, _, _ in wanted]})
     for _, url, status in wanted:
         (result.requeued if status == "done" else result.flagged).append(url)
     log.info(
@@ -189,13 +151,6 @@ def requeue(
 
 # ---------------------------------------------------------------- the crawl stage's side
 
-REDO_SQL = """
-SELECT q.id, q.redo,
-       d.fetched_at IS NOT NULL AND d.fetched_at > now() - make_interval(days => %s)
-FROM blogqa.url_queue q LEFT JOIN blogqa.documents d ON d.url = q.url
-WHERE q.id = ANY(%s) AND q.redo IS NOT NULL
-"""
-
 
 @dataclass(frozen=True)
 class Redo:
@@ -209,7 +164,7 @@ def redo_flags(conn: psycopg.Connection, leases: list[Lease], fresh_days: int) -
     """The claimed rows that carry a `redo` flag, by queue id."""
     if not leases:
         return {}
-    rows = conn.execute(REDO_SQL, (fresh_days, [lease.id for lease in leases])).fetchall()
+    rows = conn.execute(SQL.redo_flags, (fresh_days, [lease.id for lease in leases])).fetchall()
     return {row_id: Redo(cause, bool(fresh)) for row_id, cause, fresh in rows}
 
 
@@ -250,18 +205,6 @@ def stage_plan(
     return "unchanged"
 
 
-STORED_QA_SQL = """
-SELECT d.url, s.summary, s.model, s.prompt_version,
-       coalesce(jsonb_agg(jsonb_build_object('question', q.question, 'answer', q.answer)
-                          ORDER BY q.position) FILTER (WHERE q.id IS NOT NULL), '[]'::jsonb)
-FROM blogqa.documents d
-JOIN blogqa.summaries s ON s.document_id = d.id
-LEFT JOIN blogqa.questions q ON q.document_id = d.id
-WHERE d.url = ANY(%s)
-GROUP BY d.url, s.summary, s.model, s.prompt_version
-"""
-
-
 def stored_llm_results(conn: psycopg.Connection, urls: list[str]) -> dict[str, dict]:
     """The stored summary and question/answer pairs of each URL, in the shape summarize
     saves (`QAResult.as_json`), with the model and prompt version that made them: what a
@@ -269,7 +212,7 @@ def stored_llm_results(conn: psycopg.Connection, urls: list[str]) -> dict[str, d
     if not urls:
         return {}
     found = {}
-    for url, summary, model, prompt_version, qa in conn.execute(STORED_QA_SQL, (urls,)):
+    for url, summary, model, prompt_version, qa in conn.execute(SQL.stored_qa, (urls,)):
         found[url] = {
             "summary": summary,
             "qa": qa,

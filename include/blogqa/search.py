@@ -8,66 +8,21 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
+from blogqa import sql_queries
 from blogqa.config import HNSW_EF_SEARCH_DEFAULT, Settings
 from blogqa.embed import OpenAIEmbedder, embedder
 from blogqa.llm import ModelCall
 
-# The chunks nearest a vector, leaving out one document (the query document of a "more like
-# this URL" search; NULL leaves out none).
-NEAREST_CHUNKS_SQL = """
-SELECT c.id, c.document_id, c.position, d.url, d.title, c.text,
-       1 - (c.embedding <=> %(v)s) AS score
-FROM blogqa.chunks c JOIN blogqa.documents d ON d.id = c.document_id
-WHERE c.document_id IS DISTINCT FROM %(exclude)s
-ORDER BY c.embedding <=> %(v)s
-LIMIT %(n)s
-"""
-
-# The similar search ranks 8 chunks per wanted document but shows one per document. Its first
-# query takes ids only; the second reads text and score of the chunks kept. The score reads
-# (detoasts) each stored 6 KB vector from the table, so computing it for the k kept chunks
-# rather than all 8k ranked ones saves most of the search's database time on a large table
-# (bench/api_bench.py). The HNSW index scan itself is the same as above.
-NEAREST_IDS_SQL = """
-SELECT c.id, c.document_id
-FROM blogqa.chunks c
-WHERE c.document_id IS DISTINCT FROM %(exclude)s
-ORDER BY c.embedding <=> %(v)s
-LIMIT %(n)s
-"""
-CHUNKS_BY_ID_SQL = """
-SELECT c.id, c.document_id, c.position, d.url, d.title, c.text,
-       1 - (c.embedding <=> %(v)s) AS score
-FROM blogqa.chunks c JOIN blogqa.documents d ON d.id = c.document_id
-WHERE c.id = ANY(%(ids)s)
-"""
-
-# The chunks of one document nearest a vector, by exact distance: the widget answers from the
-# page the reader is on. MATERIALIZED keeps the planner off the HNSW index, which would rank
-# chunks of every document and filter afterwards (returning fewer than asked, or none); a page
-# has tens of chunks, found through the (document_id, position) unique index.
-DOCUMENT_CHUNKS_SQL = """
-WITH own AS MATERIALIZED (
-  SELECT c.id, c.document_id, c.position, c.text, c.embedding
-  FROM blogqa.chunks c WHERE c.document_id = %(document)s
-)
-SELECT o.id, o.document_id, o.position, d.url, d.title, o.text,
-       1 - (o.embedding <=> %(v)s) AS score
-FROM own o JOIN blogqa.documents d ON d.id = o.document_id
-ORDER BY o.embedding <=> %(v)s, o.position
-LIMIT %(n)s
-"""
+SQL = sql_queries.load(__name__)  # queries/search.sql
 
 # pgvector (0.6 in the embedded server) returns at most hnsw.ef_search rows from an HNSW index
 # scan: a LIMIT above it silently returns fewer rows. Each search therefore runs with the value
 # raised to its LIMIT (capped at pgvector's maximum). A caller that knows the value already in
 # force for its connection's session (the API's pool sets it when connecting) passes it as
 # `session_ef_search`: when that is the value needed, the search is the one statement. Otherwise
-# the search sets the value for its own transaction: BEGIN, set_config, the search, COMMIT, four
-# round trips instead of one. `SET` takes no bind parameters; set_config does (is_local = true:
-# until the end of the transaction).
+# the search sets the value for its own transaction (SQL.ef_search): BEGIN, set_config, the
+# search, COMMIT, four round trips instead of one.
 MAX_EF_SEARCH = 1000
-EF_SEARCH_SQL = "SELECT set_config('hnsw.ef_search', %s, true)"
 
 
 @dataclass(frozen=True)
@@ -142,10 +97,10 @@ def similar_documents(
     """Documents ranked by their best-matching chunk; the passage is that chunk."""
     n = similar_candidates(k)
     with conn.transaction():
-        conn.execute(EF_SEARCH_SQL, (str(ef_search_for(n, ef_search)),))
-        ranked = conn.execute(NEAREST_IDS_SQL, {"v": vector, "n": n, "exclude": None}).fetchall()
+        conn.execute(SQL.ef_search, (str(ef_search_for(n, ef_search)),))
+        ranked = conn.execute(SQL.nearest_ids, {"v": vector, "n": n, "exclude": None}).fetchall()
     ids = _best_chunk_ids(ranked, k)
-    return _document_matches(conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids}))
+    return _document_matches(conn.execute(SQL.chunks_by_id, {"v": vector, "ids": ids}))
 
 
 async def embed_query_async(
@@ -183,7 +138,7 @@ async def _search(
         cur = await conn.execute(query, params)
         return await cur.fetchall()
     async with conn.transaction():
-        await conn.execute(EF_SEARCH_SQL, (str(needed),))
+        await conn.execute(SQL.ef_search, (str(needed),))
         cur = await conn.execute(query, params)
         return await cur.fetchall()
 
@@ -199,11 +154,11 @@ async def nearest_chunks_async(
 ) -> list[ChunkMatch]:
     """The `n` chunks nearest to `vector` (cosine, HNSW, searched with `ef_search` raised to
     `n`), best first. `session_ef_search`: the hnsw.ef_search of the connection's session,
-    when the caller knows it (see EF_SEARCH_SQL)."""
+    when the caller knows it (see SQL.ef_search)."""
     params = {"v": vector, "n": n, "exclude": exclude_document}
     rows = await _search(
         conn,
-        NEAREST_CHUNKS_SQL,
+        SQL.nearest_chunks,
         params,
         ef_search=ef_search,
         session_ef_search=session_ef_search,
@@ -224,7 +179,7 @@ async def nearest_chunk_ids_async(
     of `nearest_chunks_async` without reading texts or stored vectors."""
     params = {"v": vector, "n": n, "exclude": exclude_document}
     rows = await _search(
-        conn, NEAREST_IDS_SQL, params, ef_search=ef_search, session_ef_search=session_ef_search
+        conn, SQL.nearest_ids, params, ef_search=ef_search, session_ef_search=session_ef_search
     )
     return [(chunk_id, document_id) for chunk_id, document_id in rows]
 
@@ -248,7 +203,7 @@ async def similar_documents_async(
         session_ef_search=session_ef_search,
     )
     ids = _best_chunk_ids(ranked, k)
-    cur = await conn.execute(CHUNKS_BY_ID_SQL, {"v": vector, "ids": ids})
+    cur = await conn.execute(SQL.chunks_by_id, {"v": vector, "ids": ids})
     return _document_matches(await cur.fetchall())
 
 
@@ -256,5 +211,5 @@ async def document_chunks_async(
     conn: psycopg.AsyncConnection, vector: np.ndarray, document_id: int, n: int
 ) -> list[ChunkMatch]:
     """The `n` chunks of one document nearest to `vector` (exact cosine), best first."""
-    cur = await conn.execute(DOCUMENT_CHUNKS_SQL, {"v": vector, "document": document_id, "n": n})
+    cur = await conn.execute(SQL.document_chunks, {"v": vector, "document": document_id, "n": n})
     return _chunk_matches(await cur.fetchall())

@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 import psycopg
 from lxml import etree, html
 
-from blogqa import db, politeness, queue
+from blogqa import db, politeness, queue, sql_queries
 from blogqa.config import Settings
 from blogqa.crawl import HTML_TYPES, XML_TYPES, Validators, fetch, http_client
 from blogqa.errors import BlogqaError, PageError
@@ -37,6 +37,7 @@ from blogqa.politeness import CrawlPolicy
 from blogqa.urls import InvalidURLError, normalize_url
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/sources.sql
 
 KINDS = ("feed", "sitemap", "site")
 MAX_CHILD_SITEMAPS = 20
@@ -53,18 +54,6 @@ class SourceError(BlogqaError):
 
 # ---------------------------------------------------------------- the table
 
-ADD_SQL = """
-INSERT INTO blogqa.sources (url, kind, max_per_poll) VALUES (%s, %s, %s)
-ON CONFLICT (url) DO UPDATE SET kind = EXCLUDED.kind, max_per_poll = EXCLUDED.max_per_poll,
-    enabled = true
-RETURNING id, url, kind, max_per_poll, enabled, created_at
-"""
-LIST_SQL = """
-SELECT id, url, kind, max_per_poll, enabled, last_polled_at, last_status, last_error,
-       last_found, last_enqueued, created_at
-FROM blogqa.sources ORDER BY id
-"""
-
 
 def add(conn: psycopg.Connection, url: str, *, kind: str = "site", max_per_poll: int = 100) -> dict:
     """Follow a source (adding it again updates its kind and limit)."""
@@ -76,7 +65,7 @@ def add(conn: psycopg.Connection, url: str, *, kind: str = "site", max_per_poll:
         url = normalize_url(url)
     except InvalidURLError as exc:
         raise SourceError(f"{url!r}: {exc}") from None
-    cur = conn.execute(ADD_SQL, (url, kind, max_per_poll))
+    cur = conn.execute(SQL.add, (url, kind, max_per_poll))
     names = [d.name for d in cur.description]
     return dict(zip(names, cur.fetchone(), strict=True))
 
@@ -85,18 +74,18 @@ def remove(conn: psycopg.Connection, target: str) -> bool:
     """Stop following a source (by id or URL); its remembered entries go with it."""
     text = target.strip()
     if text.isdigit():
-        cur = conn.execute("DELETE FROM blogqa.sources WHERE id = %s", (int(text),))
+        cur = conn.execute(SQL.remove_by_id, (int(text),))
     else:
         try:
             url = normalize_url(text)
         except InvalidURLError:
             return False
-        cur = conn.execute("DELETE FROM blogqa.sources WHERE url = %s", (url,))
+        cur = conn.execute(SQL.remove_by_url, (url,))
     return cur.rowcount > 0
 
 
 def list_sources(conn: psycopg.Connection) -> list[dict]:
-    cur = conn.execute(LIST_SQL)
+    cur = conn.execute(SQL.list)
     names = [d.name for d in cur.description]
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
@@ -280,46 +269,6 @@ async def _poll_site(client, url: str, settings: Settings, policy, result: PollR
             log.warning("url=%s stage=discover sitemap not read: %s", sitemap, exc)
 
 
-UPSERT_ENTRIES_SQL = """
-INSERT INTO blogqa.source_entries (source_id, url)
-SELECT %s, u FROM unnest(%s::text[]) AS u
-ON CONFLICT (source_id, url) DO NOTHING
-"""
-
-# New entries (never enqueued) and entries whose lastmod changed since they were enqueued,
-# newest first.
-DUE_SQL = """
-SELECT e.url, v.lastmod, e.enqueued_at IS NOT NULL AS seen
-FROM blogqa.source_entries e
-JOIN unnest(%s::text[], %s::text[]) AS v(url, lastmod) ON v.url = e.url
-WHERE e.source_id = %s
-  AND (e.enqueued_at IS NULL OR e.lastmod IS DISTINCT FROM v.lastmod)
-ORDER BY v.lastmod DESC NULLS LAST, e.url
-"""
-# Entries not listed this time (a 304) but never enqueued: the backlog of earlier polls.
-BACKLOG_SQL = """
-SELECT url, lastmod, false FROM blogqa.source_entries
-WHERE source_id = %s AND enqueued_at IS NULL
-ORDER BY lastmod DESC NULLS LAST, url
-"""
-MARK_SQL = """
-UPDATE blogqa.source_entries e SET enqueued_at = now(), lastmod = v.lastmod
-FROM unnest(%s::text[], %s::text[]) AS v(url, lastmod)
-WHERE e.source_id = %s AND e.url = v.url
-"""
-PENDING_LASTMOD_SQL = """
-UPDATE blogqa.source_entries e SET lastmod = v.lastmod
-FROM unnest(%s::text[], %s::text[]) AS v(url, lastmod)
-WHERE e.source_id = %s AND e.url = v.url AND e.enqueued_at IS NULL
-"""
-SOURCE_DONE_SQL = """
-UPDATE blogqa.sources SET last_polled_at = now(), last_status = %s, last_error = %s,
-    last_found = %s, last_enqueued = %s, etag = coalesce(%s, etag),
-    last_modified = coalesce(%s, last_modified)
-WHERE id = %s
-"""
-
-
 def _normalized(entries: list[tuple[str, str | None]]) -> dict[str, str | None]:
     found: dict[str, str | None] = {}
     for raw, lastmod in entries:
@@ -348,15 +297,15 @@ async def _poll_all(conn, sources: list[dict], settings: Settings, policy) -> li
             result = await _poll_one(client, source, settings, policy)
             entries = _normalized(result.entries)
             if entries:
-                conn.execute(UPSERT_ENTRIES_SQL, (source["id"], list(entries)))
+                conn.execute(SQL.upsert_entries, (source["id"], list(entries)))
                 due = conn.execute(
-                    DUE_SQL, (list(entries), list(entries.values()), source["id"])
+                    SQL.due, (list(entries), list(entries.values()), source["id"])
                 ).fetchall()
                 conn.execute(
-                    PENDING_LASTMOD_SQL, (list(entries), list(entries.values()), source["id"])
+                    SQL.pending_lastmod, (list(entries), list(entries.values()), source["id"])
                 )
             else:
-                due = conn.execute(BACKLOG_SQL, (source["id"],)).fetchall()
+                due = conn.execute(SQL.backlog, (source["id"],)).fetchall()
             limit = source["max_per_poll"]
             wanted = due[: limit * 2]  # room for some robots refusals
             allowed = await _allowed(client, policy, [url for url, _, _ in wanted])
@@ -366,7 +315,7 @@ async def _poll_all(conn, sources: list[dict], settings: Settings, policy) -> li
             added = queue.enqueue(conn, new, max_attempts=settings.max_attempts)
             again = queue.enqueue(conn, changed, force=True, max_attempts=settings.max_attempts)
             conn.execute(
-                MARK_SQL,
+                SQL.mark_enqueued,
                 (
                     [url for url, _, _ in chosen],
                     [lastmod for _, lastmod, _ in chosen],
@@ -376,7 +325,7 @@ async def _poll_all(conn, sources: list[dict], settings: Settings, policy) -> li
             result.enqueued = len(added.new) + len(added.requeued) + len(again.requeued)
             result.enqueued += len(again.new)
             conn.execute(
-                SOURCE_DONE_SQL,
+                SQL.source_polled,
                 (
                     result.status,
                     result.error,
@@ -399,18 +348,12 @@ async def _poll_all(conn, sources: list[dict], settings: Settings, policy) -> li
     return results
 
 
-SOURCES_DUE_SQL = """
-SELECT id, url, kind, max_per_poll, etag, last_modified FROM blogqa.sources
-WHERE enabled ORDER BY last_polled_at NULLS FIRST, id
-"""
-
-
 def poll_all(settings: Settings) -> list[PollResult]:
     """Poll every enabled source once and enqueue what is new or changed (the nightly run's
     first step, and `blogqa sources poll`). A source that cannot be read is recorded with
     its error; the others are polled all the same."""
     with db.connect(settings) as conn:
-        cur = conn.execute(SOURCES_DUE_SQL)
+        cur = conn.execute(SQL.sources_due)
         names = [d.name for d in cur.description]
         sources = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         if not sources:

@@ -95,7 +95,7 @@ class SchemaNotReadyError(Exception):
 def session_options(dsn: str, settings: Settings) -> str:
     """libpq `options` of the read pool: read-only transactions, and hnsw.ef_search at the
     configured value so a search that needs no more runs as one statement
-    (search.EF_SEARCH_SQL). Options already in the DSN (or PGOPTIONS) are kept."""
+    (search.SQL.ef_search). Options already in the DSN (or PGOPTIONS) are kept."""
     given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS", "")
     ours = f"-c default_transaction_read_only=on -c hnsw.ef_search={settings.hnsw_ef_search}"
     return f"{given} {ours}".strip()

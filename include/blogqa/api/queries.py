@@ -7,7 +7,10 @@ is blogqa.api.answers.
 
 Each request costs few round trips: a statement per lookup in autocommit (no BEGIN/COMMIT),
 a document read with its summary and questions in one statement, the vector searches in one
-statement when the session's hnsw.ef_search is the one needed (search.EF_SEARCH_SQL).
+statement when the session's hnsw.ef_search is the one needed (search.SQL.ef_search).
+
+The statements are in queries/api/queries.sql; `list_documents` alone assembles its WHERE
+clause here, from fixed fragments, for the filters a request gives.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import psycopg
 from pgvector import Vector
 from psycopg.rows import dict_row
 
-from blogqa import queue, search
+from blogqa import queue, search, sql_queries
 from blogqa.api import models
 from blogqa.config import Settings
 from blogqa.urls import InvalidURLError, normalize_url
+
+SQL = sql_queries.load(__name__)  # queries/api/queries.sql
 
 
 class NotFoundError(LookupError):
@@ -102,9 +107,7 @@ async def schema_state(conn: psycopg.AsyncConnection, expected: int) -> SchemaSt
     works on a read-only connection)."""
     from blogqa.db import schema_version_async
 
-    present = await _row(
-        conn, "SELECT to_regclass('blogqa.schema_migrations') IS NOT NULL AS present"
-    )
+    present = await _row(conn, SQL.schema_present)
     version = await schema_version_async(conn) if present["present"] else 0
     return SchemaState(version=version, expected=expected)
 
@@ -123,16 +126,17 @@ async def health(conn: psycopg.AsyncConnection, expected: int) -> tuple[models.H
     if not state.ready:
         body.detail = state.message
         return body, state
-    row = await _row(
-        conn,
-        "SELECT count(*) AS n FROM blogqa.url_queue WHERE status IN ('queued', 'processing')",
-    )
+    row = await _row(conn, SQL.queue_depth)
     body.queue_depth = row["n"]
     return body, state
 
 
 # ---------------------------------------------------------------- documents
 
+# The one query kept in code: list_documents joins the filters a request gives (fixed
+# fragments, values always as parameters) into its WHERE clause. A single static statement
+# with `(%(url)s IS NULL OR d.url = %(url)s)` terms would, once psycopg prepares it, leave
+# PostgreSQL a generic plan that cannot use the url index.
 DOCUMENT_COLUMNS = """
 d.id, d.url, d.title, d.author, d.published, d.site_name, d.language, d.word_count,
 d.fetched_at,
@@ -186,39 +190,9 @@ async def list_documents(
 
 async def _questions_of(conn: psycopg.AsyncConnection, document_ids: list[int]) -> dict:
     found: dict[int, list[models.QuestionItem]] = {i: [] for i in document_ids}
-    for row in await _rows(
-        conn,
-        "SELECT document_id, id, position, question, answer FROM blogqa.questions"
-        " WHERE document_id = ANY(%s) ORDER BY document_id, position",
-        (document_ids,),
-    ):
+    for row in await _rows(conn, SQL.questions_of, (document_ids,)):
         found[row.pop("document_id")].append(models.QuestionItem(**row))
     return found
-
-
-# One statement for a document page: its columns, summary, chunk count and questions (as one
-# JSON array, in position order), instead of one query for the document and one for its
-# questions.
-DOCUMENT_DETAIL_SQL = """
-SELECT d.id, d.url, d.title, d.author, d.published, d.site_name, d.language, d.word_count,
-  d.fetched_at, q.question_count, d.canonical_url, d.content_hash, d.created_at, d.updated_at,
-  -- the text only when asked: it is the largest column, read (detoasted) only if used
-  CASE WHEN %(include_text)s THEN d.text END AS text,
-  (SELECT count(*) FROM blogqa.chunks c WHERE c.document_id = d.id) AS chunk_count,
-  s.summary, s.model, s.prompt_version, s.embed_model, s.created_at AS summary_created_at,
-  q.questions
-FROM blogqa.documents d
-LEFT JOIN blogqa.summaries s ON s.document_id = d.id
-CROSS JOIN LATERAL (
-  SELECT count(*) AS question_count,
-    coalesce(json_agg(json_build_object('id', q.id, 'position', q.position,
-      'question', q.question, 'answer', q.answer) ORDER BY q.position), '[]') AS questions
-  FROM blogqa.questions q WHERE q.document_id = d.id
-) q
-WHERE {key} = %(value)s
-"""
-DOCUMENT_BY_ID_SQL = DOCUMENT_DETAIL_SQL.format(key="d.id")
-DOCUMENT_BY_URL_SQL = DOCUMENT_DETAIL_SQL.format(key="d.url")
 
 
 async def get_document(
@@ -230,9 +204,9 @@ async def get_document(
 ) -> models.DocumentDetail:
     """One document with its summary and questions, by id or by (normalized) URL."""
     if url is not None:
-        query, value = DOCUMENT_BY_URL_SQL, normalized(url)
+        query, value = SQL.document_by_url, normalized(url)
     else:
-        query, value = DOCUMENT_BY_ID_SQL, document_id
+        query, value = SQL.document_by_id, document_id
     row = await _row(conn, query, {"include_text": include_text, "value": value})
     if row is None:
         raise NotFoundError(await _not_found_message(conn, document_id, url))
@@ -251,9 +225,7 @@ async def _not_found_message(
     if url is None:
         return f"no document with id {document_id}"
     url = normalized(url)
-    job = await _row(
-        conn, "SELECT id, status, last_error FROM blogqa.url_queue WHERE url = %s", (url,)
-    )
+    job = await _row(conn, SQL.job_by_url, (url,))
     if job is None:
         return f"no document for {url}: the URL has not been enqueued"
     detail = f"; last error: {job['last_error']}" if job["last_error"] else ""
@@ -261,27 +233,13 @@ async def _not_found_message(
 
 
 async def get_question(conn: psycopg.AsyncConnection, question_id: int) -> models.QuestionDetail:
-    row = await _row(
-        conn,
-        "SELECT q.id, q.position, q.question, q.answer, q.document_id, q.created_at,"
-        " d.url, d.title FROM blogqa.questions q JOIN blogqa.documents d"
-        " ON d.id = q.document_id WHERE q.id = %s",
-        (question_id,),
-    )
+    row = await _row(conn, SQL.question, (question_id,))
     if row is None:
         raise NotFoundError(f"no question with id {question_id}")
     return models.QuestionDetail(**row)
 
 
 # ---------------------------------------------------------------- search
-
-
-# The query document's summary vector, read in binary: as text, PostgreSQL would format 1536
-# floats and the API parse them back, CPU spent on every by-URL search for nothing.
-QUERY_DOCUMENT_SQL = """
-SELECT d.id, s.embedding FROM blogqa.documents d
-JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = %s
-"""
 
 
 async def similar_query(
@@ -291,7 +249,7 @@ async def similar_query(
     document, or NotFoundError."""
     query_url = normalized(request.url or "")
     async with conn.cursor(binary=True) as cur:
-        await cur.execute(QUERY_DOCUMENT_SQL, (query_url,))
+        await cur.execute(SQL.query_document, (query_url,))
         row = await cur.fetchone()
     if row is None:
         raise NotFoundError(await _not_found_message(conn, None, request.url))
@@ -311,7 +269,7 @@ async def similar(
     `vector`: a text request's query embedding (search.embed_query_async), which the caller
     computes before it takes a pooled connection; a `url` request uses the stored document's
     summary vector. `session_ef_search`: the connection session's hnsw.ef_search, when known
-    (see search.EF_SEARCH_SQL)."""
+    (see search.SQL.ef_search)."""
     exclude = None
     query_url = None
     if request.url is not None:
@@ -368,25 +326,6 @@ async def ask_sources(
 
 # ---------------------------------------------------------------- jobs
 
-JOB_COLUMNS = """
-q.id, q.url, q.status, q.priority, q.attempts, q.max_attempts, q.last_stage AS stage,
-q.last_error, q.run_after, q.enqueued_at, q.started_at, q.finished_at, q.processing_ms,
-q.updated_at
-"""
-
-JOB_STATS_SQL = """
-SELECT
-  count(*) FILTER (WHERE status = 'done' AND finished_at > now() - interval '1 hour') AS done,
-  count(*) FILTER (WHERE status = 'dead' AND finished_at > now() - interval '1 hour') AS failed,
-  (SELECT count(*) FROM blogqa.url_queue r, jsonb_array_elements(r.error_history) e
-   WHERE (e->>'at')::timestamptz > now() - interval '1 hour') AS retries,
-  avg(extract(epoch FROM started_at - enqueued_at))
-    FILTER (WHERE finished_at > now() - interval '1 hour' AND started_at IS NOT NULL) AS wait,
-  avg(processing_ms / 1000.0)
-    FILTER (WHERE status = 'done' AND finished_at > now() - interval '1 hour') AS processing
-FROM blogqa.url_queue
-"""
-
 
 def _round(value, digits: int = 3) -> float | None:
     return None if value is None else round(float(value), digits)
@@ -394,15 +333,10 @@ def _round(value, digits: int = 3) -> float | None:
 
 async def job_stats(conn: psycopg.AsyncConnection) -> models.JobStats:
     counts = dict.fromkeys(queue.STATUSES, 0)
-    for row in await _rows(conn, "SELECT status, count(*) AS n FROM blogqa.url_queue GROUP BY 1"):
+    for row in await _rows(conn, SQL.job_counts):
         counts[row["status"]] = row["n"]
-    oldest = await _row(
-        conn,
-        "SELECT extract(epoch FROM now() - min(enqueued_at)) AS age,"
-        " count(*) FILTER (WHERE run_after <= now()) AS claimable"
-        " FROM blogqa.url_queue WHERE status = 'queued'",
-    )
-    window = await _row(conn, JOB_STATS_SQL)
+    oldest = await _row(conn, SQL.job_oldest)
+    window = await _row(conn, SQL.job_window)
     finished = window["done"] + window["failed"]
     return models.JobStats(
         counts=counts,
@@ -422,24 +356,12 @@ async def list_jobs(
     conn: psycopg.AsyncConnection, *, status: str | None = None, limit: int = 20, offset: int = 0
 ) -> models.JobList:
     """Queue rows, most recently updated first."""
-    rows = await _rows(
-        conn,
-        f"SELECT {JOB_COLUMNS} FROM blogqa.url_queue q"
-        " WHERE %(status)s::text IS NULL OR q.status = %(status)s"
-        " ORDER BY q.updated_at DESC, q.id DESC LIMIT %(limit)s OFFSET %(offset)s",
-        {"status": status, "limit": limit, "offset": offset},
-    )
+    rows = await _rows(conn, SQL.list_jobs, {"status": status, "limit": limit, "offset": offset})
     return models.JobList(items=[models.JobItem(**row) for row in rows])
 
 
 async def get_job(conn: psycopg.AsyncConnection, job_id: int) -> models.JobDetail:
-    row = await _row(
-        conn,
-        f"SELECT {JOB_COLUMNS}, q.lease_until, q.error_history, d.id AS document_id"
-        " FROM blogqa.url_queue q LEFT JOIN blogqa.documents d ON d.url = q.url"
-        " WHERE q.id = %s",
-        (job_id,),
-    )
+    row = await _row(conn, SQL.job, (job_id,))
     if row is None:
         raise NotFoundError(f"no queue job with id {job_id}")
     return models.JobDetail(**row)

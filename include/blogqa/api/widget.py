@@ -25,26 +25,13 @@ from fastapi.responses import Response
 from psycopg.rows import dict_row
 
 from blogqa import answer as answering
-from blogqa import search
+from blogqa import search, sql_queries
 from blogqa.api import models
 from blogqa.api.queries import NotFoundError, normalized
 
 STATIC = Path(__file__).resolve().parent / "static"
 PASSAGES = 4  # chunks of the page given to the answerer
-
-# A page's title and questions, by its normalized URL (documents.url is unique).
-WIDGET_PAGE_SQL = """
-SELECT d.id, d.url, d.title,
-  coalesce(json_agg(json_build_object('question', q.question, 'answer', q.answer)
-                    ORDER BY q.position) FILTER (WHERE q.id IS NOT NULL), '[]') AS questions
-FROM blogqa.documents d
-LEFT JOIN blogqa.questions q ON q.document_id = d.id
-WHERE d.url = %(url)s
-GROUP BY d.id
-"""
-# A page found under its canonical URL when the reader's address is another one.
-WIDGET_CANONICAL_SQL = "SELECT url FROM blogqa.documents WHERE canonical_url = %(url)s LIMIT 1"
-WIDGET_DOCUMENT_SQL = "SELECT id FROM blogqa.documents WHERE url = %(url)s"
+SQL = sql_queries.load(__name__)  # queries/api/widget.sql
 
 
 async def _one(conn: psycopg.AsyncConnection, query: str, params: dict) -> dict | None:
@@ -56,11 +43,11 @@ async def _one(conn: psycopg.AsyncConnection, query: str, params: dict) -> dict 
 async def page(conn: psycopg.AsyncConnection, url: str) -> tuple[int, models.WidgetPage]:
     """(document id, widget view) of the page at `url` (or whose canonical URL it is)."""
     key = normalized(url)
-    row = await _one(conn, WIDGET_PAGE_SQL, {"url": key})
+    row = await _one(conn, SQL.page, {"url": key})
     if row is None:
-        canonical = await _one(conn, WIDGET_CANONICAL_SQL, {"url": key})
+        canonical = await _one(conn, SQL.canonical, {"url": key})
         if canonical is not None:
-            row = await _one(conn, WIDGET_PAGE_SQL, {"url": canonical["url"]})
+            row = await _one(conn, SQL.page, {"url": canonical["url"]})
     if row is None:
         raise NotFoundError(f"no questions for {key} (yet)")
     return row["id"], models.WidgetPage(
