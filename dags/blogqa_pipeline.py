@@ -17,6 +17,7 @@ import pendulum
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import (
     Asset,
+    BaseOperator,
     CronDataIntervalTimetable,
     Param,
     dag,
@@ -27,6 +28,7 @@ from airflow.sdk import (
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN
+from blogqa.errors import ConfigError
 
 # Task retries cover infrastructure failures (database restarted, worker lost); per-URL
 # failures are retried through the queue instead. BLOGQA_TASK_RETRY_DELAY_SECONDS shortens
@@ -97,6 +99,47 @@ OUTPUT_ASSETS = {
 MAX_ACTIVE_RUNS = 1
 
 REVIEW_OPTIONS = ["Release", "Requeue", "Drop", "Leave quarantined"]  # pipeline.REVIEW_OPTIONS
+
+
+class Enrich(BaseOperator):
+    """Summarize, embed, validate (the quality gate) and load one crawled chunk: one task, one
+    pool slot (see pipeline.enrich_chunk for why not four).
+
+    In batch mode (BLOGQA_LLM_MODE=batch, or the run's `llm_mode` param) the pages are
+    summarized through the OpenAI Batch API: the task submits them, defers to the triggerer
+    (no worker and no pool slot held while the batch runs, up to 24 hours) and, woken when
+    the batch has ended, collects the results and goes on with embed, validate and load.
+    """
+
+    def execute(self, context):
+        return self._advance(context)
+
+    def resume(self, context, event=None):
+        """Called in a new task process when the batch this task waits for has ended."""
+        from blogqa import batch_stage
+
+        batch_stage.check_event(event)
+        return self._advance(context)
+
+    def _advance(self, context):
+        pipeline = _pipeline()
+        ti = context["ti"]
+        # this chunk's crawl, the same map index of the mapped `process` group
+        chunk = ti.xcom_pull(task_ids="process.crawl", map_indexes=ti.map_index) or []
+        context["chunk_label"] = pipeline.chunk_label(chunk)
+        mode = context["params"].get("llm_mode", "default")
+        try:
+            result = pipeline.enrich_chunk(chunk, context["run_id"], ti.map_index, llm_mode=mode)
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None  # a retry would find the same
+        if "wait_for" in result:
+            from blogqa import batch_stage
+
+            trigger, timeout = batch_stage.wait(result["wait_for"])
+            self.defer(trigger=trigger, method_name="resume", timeout=timeout)
+        for table, extra in result["tables"].items():
+            context["outlet_events"][OUTPUT_ASSETS[table]].extra = extra
+        return result["loaded"]
 
 
 class QuarantineReview(HITLOperator):
@@ -180,6 +223,14 @@ class QuarantineReview(HITLOperator):
             "made by another embedding model; all: refetch and redo every stage. A run "
             "without a data interval fails when this is not none.",
         ),
+        "llm_mode": Param(
+            "default",
+            enum=["default", "sync", "batch"],
+            title="How to call the chat model",
+            description="sync: one Chat Completions call per page; batch: the OpenAI Batch "
+            "API (half the price, results within 24 hours, the run waits deferred); "
+            "default: BLOGQA_LLM_MODE of the workers (sync unless set).",
+        ),
         "discover": Param(
             True,
             type="boolean",
@@ -225,24 +276,15 @@ def blogqa_pipeline():
             _label(chunk)
             return _pipeline().crawl_chunk(chunk)
 
-        @task(
+        enrich = Enrich(
+            task_id="enrich",
             map_index_template=CHUNK_LABEL,
             execution_timeout=timedelta(minutes=60),
             pool=LLM_POOL,
             outlets=list(OUTPUT_ASSETS.values()),
         )
-        def enrich(chunk: list[dict]) -> list[int]:
-            """Summarize, embed, validate (the quality gate) and load: one task, one pool
-            slot (see pipeline.enrich_chunk for why not four)."""
-            _label(chunk)
-            context = get_current_context()
-            result = _pipeline().enrich_chunk(chunk, context["run_id"], context["ti"].map_index)
-            events = context["outlet_events"]
-            for table, extra in result["tables"].items():
-                events[OUTPUT_ASSETS[table]].extra = extra
-            return result["loaded"]
-
-        return enrich(crawl(chunk))
+        crawl(chunk) >> enrich
+        return enrich.output
 
     @task(execution_timeout=timedelta(minutes=2))
     def finalize(chunks: list[list[dict]], loaded) -> dict:

@@ -111,6 +111,19 @@ def scheduler(
             airflow.kill(name, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def triggerer(airflow: local_airflow.LocalAirflow, env: dict | None = None) -> Iterator[None]:
+    """Airflow's triggerer (deferred tasks: batch mode's wait) for a test module."""
+    airflow.start("triggerer", env=env)
+    try:
+        airflow.wait_ready(components=("triggerer",))
+        yield
+    finally:
+        if "triggerer" in airflow.processes:
+            airflow.kill("triggerer", signal.SIGTERM)
+            airflow.processes.pop("triggerer", None)
+
+
 def article_urls(page_server, names: list[str] | None = None, query: str = "") -> list[str]:
     """The test articles' URLs; a `query` makes them new URLs for the queue (the page
     server ignores it)."""

@@ -5,21 +5,31 @@ API with a JWT, on the test PostgreSQL."""
 from __future__ import annotations
 
 import signal
+import time
 
 import httpx
 import pytest
 
 from blogqa import local_airflow
 from tests.conftest import table_counts
-from tests.deployment import CHAT_MODEL, article_urls, run_to_end, scheduler, states_by_task
+from tests.deployment import (
+    CHAT_MODEL,
+    article_urls,
+    run_to_end,
+    scheduler,
+    states_by_task,
+    triggerer,
+)
+from tests.fake_batches import reset_batch_state
+from tests.fakes import ARTICLE_FILES
 
 pytestmark = pytest.mark.timeout(900)
-local = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor"}
+local = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "BLOGQA_BATCH_POLL_SECONDS": "1"}
 
 
 @pytest.fixture(scope="module")
 def airflow(airflow_base):
-    with scheduler(airflow_base, env=local):
+    with scheduler(airflow_base, env=local), triggerer(airflow_base):
         yield airflow_base
 
 
@@ -58,6 +68,22 @@ def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
     ).fetchone()
     assert (status, stage) == ("dead", "crawl") and "HTTP 404" in error
 
+    # The enrich tasks' asset events, as a downstream DAG or an operator sees them: one per
+    # output table and chunk, each with the rows that chunk wrote.
+    answer = client.get(
+        "/api/v2/assets/events", params={"source_run_id": run_id, "limit": 100}
+    ).json()
+    written: dict[str, int] = {}
+    for event in answer["asset_events"]:
+        assert event["source_task_id"] == "process.enrich"
+        written[event["name"]] = written.get(event["name"], 0) + event["extra"]["rows"]
+    assert written == {
+        "blogqa.documents": len(urls),
+        "blogqa.summaries": len(urls),
+        "blogqa.questions": counts["questions"],
+        "blogqa.chunks": counts["chunks"],
+    }
+
     # The plugin: health open, the API closed to anonymous callers, open with Airflow's JWT.
     health = httpx.get(f"{airflow.base_url}/blogqa/health", timeout=10)
     assert health.status_code == 200 and health.json()["database"] is True
@@ -94,6 +120,36 @@ def test_a_run_in_which_nothing_could_be_processed_is_red(airflow, client, conn,
         "SELECT status, last_error FROM blogqa.url_queue WHERE url = %s", (url,)
     ).fetchone()
     assert status == "queued" and "HTTP 503" in error
+
+
+def test_batch_mode_waits_in_the_triggerer(airflow, client, conn, page_server, openai_env):
+    """A run with `llm_mode` batch: the enrich tasks submit their pages to the Batch API,
+    wait deferred (no worker, no pool slot) while the triggerer polls, and go on to load
+    when the batch has ended: one chat call per page, charged at the batch price."""
+    reset_batch_state(openai_env)
+    openai_env.batch_min_seconds = 6  # long enough for the REST polls below to see the wait
+    urls = article_urls(page_server, ARTICLE_FILES[:3], query="batch-mode")
+    chat = openai_env.chat_calls
+
+    run_id = local_airflow.trigger(client, {"urls": urls, "llm_mode": "batch"})
+    seen: set[str] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "deferred" not in seen:
+        seen.update(states_by_task(client, run_id).get("process.enrich", []))
+        airflow.check_alive()
+        time.sleep(0.5)
+    assert "deferred" in seen, seen
+    state = local_airflow.wait_run(client, run_id, timeout=240, check=airflow.check_alive)
+
+    assert state == "success", states_by_task(client, run_id)
+    assert openai_env.chat_calls - chat == len(urls)  # each page asked once, in a batch
+    rows = conn.execute(
+        "SELECT q.status, u.provider FROM blogqa.url_queue q"
+        " JOIN blogqa.llm_usage u ON u.queue_id = q.id AND u.stage = 'summarize'"
+        " WHERE q.url = ANY(%s)",
+        (urls,),
+    ).fetchall()
+    assert sorted(rows) == [("done", "openai-batch")] * len(urls)
 
 
 def test_unreachable_results_database_fails_the_tasks_and_the_run(

@@ -22,6 +22,7 @@ from blogqa.extract import extract_article
 from blogqa.llm import LLMConfigurationError, OpenAIChat, QAResult, openai_client
 from blogqa.store import usage_row
 from tests.fake_batches import reset_batch_state
+from tests.fakes import ARTICLE_FILES
 
 ARTICLES = Path(__file__).resolve().parents[1] / "include" / "blogqa" / "demo" / "articles"
 FILES = ["01-sourdough-starter.html", "06-easy-runs-zone-2.html", "03-home-network-vlans.html"]
@@ -293,16 +294,109 @@ def test_a_refused_credential_is_a_configuration_error(batch_env, pages) -> None
         batch.line_outcome(line, pages[0], load_settings())
 
 
-def test_the_dag_refuses_batch_mode_until_it_submits_batches(settings):
-    """The parts above are not called by the DAG yet: with BLOGQA_LLM_MODE=batch the
-    summarize stage says so rather than quietly making one call per page."""
-    import dataclasses
+def _held_for_hours(conn, refs: list[dict]) -> list[float]:
+    """How many hours the rows' leases still run."""
+    rows = conn.execute(
+        "SELECT extract(epoch FROM lease_until - now()) / 3600 FROM blogqa.url_queue"
+        " WHERE id = ANY(%s) ORDER BY id",
+        ([r["id"] for r in refs],),
+    ).fetchall()
+    return [float(row[0]) for row in rows]
 
-    from blogqa import pipeline
-    from blogqa.errors import ConfigError
 
-    batch_settings = dataclasses.replace(settings, llm_mode="batch")
-    with pytest.raises(ConfigError, match="BLOGQA_LLM_MODE=batch is not available"):
-        pipeline.summarize_chunk(
-            [{"id": 1, "token": "00000000-0000-0000-0000-000000000000"}], batch_settings
-        )
+def test_the_stage_submits_once_and_resumes_where_it_left(batch_env, conn, page_server):
+    """The enrich task's batch step, called as the task calls it: when it starts, again as a
+    retried task would (no second batch, no second payment), and once the batch has ended."""
+    from blogqa import batch_stage, pipeline, queue
+
+    settings = load_settings()
+    urls = [f"{page_server.base_url}/articles/{name}?batch-stage" for name in ARTICLE_FILES[:3]]
+    queue.enqueue(conn, urls)
+    chunk = [ref for part in pipeline.claim_chunks(10, 10, settings) for ref in part]
+    refs = pipeline.crawl_chunk(chunk, settings)
+    assert len(refs) == 3
+    batch_env.script[:] = ["ok", "400", "ok"]  # the second line: context length exceeded
+    batch_env.batch_polls["in_progress"] = 3
+    chat_before, batches = batch_env.chat_calls, len(batch_env.batches)
+
+    first = batch_stage.advance(refs, settings)
+    assert first.wait_for is not None and len(batch_env.batches) == batches + 1
+    assert [r["id"] for r in first.refs] == [r["id"] for r in refs]
+    assert min(_held_for_hours(conn, refs)) > 24  # nothing renews them while deferred
+    retried = batch_stage.advance(refs, settings)  # a retry of the task, batch still running
+    assert retried.wait_for == first.wait_for and len(batch_env.batches) == batches + 1
+    assert conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone() == (0,)
+
+    assert _wait(first.wait_for) == "completed"
+    done = batch_stage.advance(refs, settings)
+
+    assert done.wait_for is None and len(done.refs) == 2
+    assert batch_env.chat_calls - chat_before == 3  # each page was asked once, in the batch
+    assert max(_held_for_hours(conn, done.refs)) < 1  # back to the usual lease
+    rows = conn.execute(
+        "SELECT q.status, q.last_stage, q.last_error, w.llm_result IS NOT NULL"
+        " FROM blogqa.url_queue q LEFT JOIN blogqa.work_items w ON w.queue_id = q.id"
+        " ORDER BY q.id"
+    ).fetchall()
+    assert sorted(row[0] for row in rows) == ["dead", "processing", "processing"]
+    [dead] = [row for row in rows if row[0] == "dead"]
+    assert dead[1] == "summarize" and "context length exceeded" in dead[2]
+    assert all(row[3] for row in rows if row[0] == "processing")  # summaries saved
+    usage = conn.execute(
+        "SELECT provider, count(*), count(DISTINCT queue_id) FROM blogqa.llm_usage GROUP BY 1"
+    ).fetchall()
+    assert usage == [("openai-batch", 2, 2)]
+    again = batch_stage.advance(done.refs, settings)  # nothing left to submit or collect
+    assert again.wait_for is None and len(batch_env.batches) == batches + 1
+
+
+def test_a_batch_that_expired_fails_its_pages_for_a_retry(batch_env, conn, page_server):
+    from blogqa import batch_stage, pipeline, queue
+
+    settings = load_settings()
+    urls = [f"{page_server.base_url}/articles/{name}?batch-expired" for name in ARTICLE_FILES[:2]]
+    queue.enqueue(conn, urls)
+    chunk = [ref for part in pipeline.claim_chunks(10, 10, settings) for ref in part]
+    refs = pipeline.crawl_chunk(chunk, settings)
+    batch_env.batch_outcome = "expired"
+
+    step = batch_stage.advance(refs, settings)
+    assert _wait(step.wait_for) == "expired"
+    after = batch_stage.advance(refs, settings)
+
+    assert after == batch_stage.Step([], None)
+    rows = conn.execute("SELECT status, last_stage, last_error FROM blogqa.url_queue").fetchall()
+    assert [(status, stage) for status, stage, _ in rows] == [("queued", "summarize")] * 2
+    assert all("ended expired" in error for _, _, error in rows)
+
+
+def test_an_event_that_cannot_be_polled_fails_the_task() -> None:
+    from blogqa import batch_stage
+
+    batch_stage.check_event({"batch_id": "b1", "status": "completed"})
+    with pytest.raises(batch_stage.BatchPollError, match="b1 could not be polled: no such batch"):
+        batch_stage.check_event({"batch_id": "b1", "status": "error", "error": "no such batch"})
+
+
+def test_a_dag_run_in_batch_mode(batch_env, conn, page_server):
+    """`blogqa run` (dag.test, which runs the trigger in line) with BLOGQA_LLM_MODE=batch:
+    one batch per chunk, one chat call per page, every page done and charged at the batch
+    price. Under the scheduler and the triggerer: tests/test_airflow_local.py."""
+    from blogqa import runner
+
+    settings = load_settings()
+    urls = [f"{page_server.base_url}/articles/{name}?batch-run" for name in ARTICLE_FILES[:5]]
+    chat_before, known = batch_env.chat_calls, set(batch_env.batches)
+
+    tally = runner.run_pipeline(settings, urls=urls, chunk_size=3)
+
+    assert tally.failed_runs == [] and tally.by_status == {"done": 5}
+    new = [b for key, b in batch_env.batches.items() if key not in known]
+    # 5 URLs in a whole round of the pool's 4 slots: chunks of 2, 2 and 1, a batch each
+    assert sorted(b["request_counts"]["total"] for b in new) == [1, 2, 2]
+    assert batch_env.chat_calls - chat_before == 5
+    assert conn.execute(
+        "SELECT count(*), count(DISTINCT provider), min(provider) FROM blogqa.llm_usage"
+        " WHERE stage = 'summarize'"
+    ).fetchone() == (5, 1, "openai-batch")
+    assert conn.execute("SELECT count(*) FROM blogqa.summaries").fetchone() == (5,)

@@ -201,14 +201,20 @@ LLM_MODES = ("sync", "batch")
 def _llm_mode(provider: str) -> str:
     """BLOGQA_LLM_MODE, validated: batch mode exists for the OpenAI provider only."""
     raw = os.environ.get("BLOGQA_LLM_MODE", "").strip().lower() or "sync"
-    if raw not in LLM_MODES:
-        raise ConfigError(f"BLOGQA_LLM_MODE={raw!r}: use 'sync' or 'batch'.")
-    if raw == "batch" and provider != "openai":
+    return checked_llm_mode(raw, provider, source="BLOGQA_LLM_MODE")
+
+
+def checked_llm_mode(mode: str, provider: str, *, source: str) -> str:
+    """`mode` if it is one of LLM_MODES that `provider` can do; ConfigError naming `source`
+    (the variable or the run param it came from) otherwise."""
+    if mode not in LLM_MODES:
+        raise ConfigError(f"{source}={mode!r}: use 'sync' or 'batch'.")
+    if mode == "batch" and provider != "openai":
         raise ConfigError(
-            "BLOGQA_LLM_MODE=batch needs the OpenAI provider (BLOGQA_LLM_PROVIDER=openai): "
+            f"{source}=batch needs the OpenAI provider (BLOGQA_LLM_PROVIDER=openai): "
             "the offline provider has no Batch API."
         )
-    return raw
+    return mode
 
 
 def _stall_seconds(*timeouts: tuple[str, float]) -> float:

@@ -28,10 +28,16 @@ import psycopg
 
 from blogqa import db, dedupe, politeness, queue, reprocess, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
-from blogqa.config import MAX_CHUNKS_PER_RUN, MAX_URLS_PER_RUN, Settings, load_settings
+from blogqa.config import (
+    MAX_CHUNKS_PER_RUN,
+    MAX_URLS_PER_RUN,
+    Settings,
+    checked_llm_mode,
+    load_settings,
+)
 from blogqa.crawl import Validators, content_hash, fetch, http_client
 from blogqa.embed import EmbeddingDimensionError, embedder
-from blogqa.errors import BlogqaError, ConfigError, PageError, StageStalledError
+from blogqa.errors import BlogqaError, PageError, StageStalledError
 from blogqa.extraction_pool import ExtractionPool
 from blogqa.leases import LeaseKeeper, LeaseLostError
 from blogqa.llm import PROMPT_VERSION, chat_provider
@@ -187,7 +193,7 @@ def chunk_label(refs: list[dict]) -> str:
 NO_WORK_ITEM = "no work item for this row: the crawl result was lost or never saved"
 
 
-def _fail_missing(conn, leases: list[Lease], items, stage: str, settings: Settings) -> None:
+def fail_missing(conn, leases: list[Lease], items, stage: str, settings: Settings) -> None:
     """Record a failure on every held row that has no work item, instead of dropping its ref.
 
     A held lease past the crawl always has one (a crawl failure, a refused write or a lost
@@ -200,21 +206,21 @@ def _fail_missing(conn, leases: list[Lease], items, stage: str, settings: Settin
     missing = [lease for lease in leases if lease.id not in have]
     for lease in missing:
         log.error("url=%s stage=%s %s", lease.url, stage, NO_WORK_ITEM)
-    _fail_all(
+    fail_all(
         conn,
         [(lease, PageError(NO_WORK_ITEM, stage=stage, permanent=False)) for lease in missing],
         settings,
     )
 
 
-def _hand_off(conn, refs: list[dict], settings: Settings) -> list[dict]:
+def hand_off(conn, refs: list[dict], settings: Settings) -> list[dict]:
     """The refs that go on, with the leases of their whole claim extended as the stage ends:
     the next task may wait a long time for a pool slot or a worker (`queue.renew_claim`)."""
     queue.renew_claim(conn, refs, settings.lease_seconds)
     return refs
 
 
-def _fail_all(conn, failures: list[tuple[Lease, PageError]], settings: Settings) -> None:
+def fail_all(conn, failures: list[tuple[Lease, PageError]], settings: Settings) -> None:
     for lease, error in failures:
         queue.fail(
             conn,
@@ -417,8 +423,8 @@ def crawl_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
             )
         for lease in reuse:
             log.info("url=%s stage=crawl embedding model changed: re-embed only", lease.url)
-        _fail_all(conn, failures, settings)
-        return _hand_off(conn, _survivors(leases, failures, lost), settings)
+        fail_all(conn, failures, settings)
+        return hand_off(conn, refs_going_on(leases, failures, lost), settings)
 
 
 def _drop_duplicates(conn, pages: list, previous: dict, fresh) -> tuple[list, list]:
@@ -445,7 +451,7 @@ def _drop_duplicates(conn, pages: list, previous: dict, fresh) -> tuple[list, li
     return [p for p in pages if p[0].id not in found], failures
 
 
-def _survivors(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
+def refs_going_on(leases: list[Lease], failures, dropped: set[int]) -> list[dict]:
     """Refs that go on to the next stage: neither failed, released nor lost."""
     gone = dropped | {lease.id for lease, _ in failures}
     return [lease.ref() for lease in leases if lease.id not in gone]
@@ -460,7 +466,7 @@ def _load_breaker(conn, settings: Settings, items, todo, stage: str):
     if not todo or breaker.seconds_left() == 0:
         return breaker, None
     released = _release(conn, [item.lease for item in todo], breaker, stage)
-    return breaker, _survivors([item.lease for item in items], [], released)
+    return breaker, refs_going_on([item.lease for item in items], [], released)
 
 
 def _release(conn, leases: list[Lease], breaker: CircuitBreaker, stage: str) -> set[int]:
@@ -604,23 +610,18 @@ async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
 
 
 def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+    """The summarize stage in sync mode: one Chat Completions call per page, results saved
+    as they arrive (batch mode: blogqa.batch_stage)."""
     settings = settings or task_settings()
-    if settings.llm_mode == "batch":
-        # blogqa.batch and blogqa.batch_trigger submit, wait and collect; the DAG does not
-        # call them yet, and running the pages one call at a time instead would be a surprise
-        raise ConfigError(
-            "BLOGQA_LLM_MODE=batch is not available in the DAG yet: unset it (or set it to "
-            "'sync') to summarize with one Chat Completions call per page"
-        )
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
-        _fail_missing(conn, leases, items, "summarize", settings)
+        fail_missing(conn, leases, items, "summarize", settings)
         # Rows whose result a failed earlier try of this task saved are not called again.
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
         if passed_on is not None:
-            return _hand_off(conn, passed_on, settings)
+            return hand_off(conn, passed_on, settings)
         outcomes, unsaved = (
             asyncio.run(_summarize_all(conn, todo, settings, breaker)) if todo else ([], [])
         )
@@ -637,11 +638,11 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
             else:
                 results += 1
                 calls += len(outcome.calls)
-        _fail_all(conn, failures, settings)
+        fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
         released = _release(conn, deferred, breaker, "summarize") if deferred else set()
-        survivors = _survivors([item.lease for item in items], failures, released | lost)
-        _hand_off(conn, survivors, settings)
+        survivors = refs_going_on([item.lease for item in items], failures, released | lost)
+        hand_off(conn, survivors, settings)
     log.info(
         "stage=summarize %d documents, %d model calls, %d deferred, %d failed",
         results,
@@ -780,20 +781,20 @@ def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
-        _fail_missing(conn, leases, items, "embed", settings)
+        fail_missing(conn, leases, items, "embed", settings)
         # Documents whose vectors a failed earlier try of this task saved are left out.
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "embed")
         if passed_on is not None:
-            return _hand_off(conn, passed_on, settings)
+            return hand_off(conn, passed_on, settings)
         docs, texts = _embed_docs(todo, settings)
         unsaved = asyncio.run(_embed_all(conn, docs, texts, settings, breaker)) if texts else []
         failures = [(doc.item.lease, doc.error) for doc in docs if doc.error is not None]
-        _fail_all(conn, failures, settings)
+        fail_all(conn, failures, settings)
         breaker.save(conn, reason=str(failures[-1][1]) if failures else "")
         lost = {lease.id for lease in unsaved}
-        survivors = _hand_off(
-            conn, _survivors([item.lease for item in items], failures, lost), settings
+        survivors = hand_off(
+            conn, refs_going_on([item.lease for item in items], failures, lost), settings
         )
     requests = math.ceil(len(texts) / settings.embed_batch_size)
     log.info("stage=embed %d inputs in %d requests", len(texts), requests)
@@ -858,7 +859,7 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
         leases = queue.renew(conn, refs, settings.lease_seconds)
         ready, failures = [], []
         items = store.work_items(conn, leases, settings.embed_dim)
-        _fail_missing(conn, leases, items, "load", settings)
+        fail_missing(conn, leases, items, "load", settings)
         for item in items:
             try:
                 store.check_complete(item)
@@ -875,7 +876,7 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
             else:
                 loaded += outcome[0]
                 lost += outcome[1]
-        _fail_all(conn, failures, settings)
+        fail_all(conn, failures, settings)
     for item in lost:
         log.warning("url=%s stage=load lease lost; result discarded", item.lease.url)
     for item in loaded:
@@ -884,11 +885,18 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
 
 
 def enrich_chunk(
-    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
+    refs: list[dict],
+    run_id: str,
+    map_index: int,
+    settings: Settings | None = None,
+    *,
+    llm_mode: str = "default",
 ) -> dict:
     """Summarize, embed, validate and load one crawled chunk in one task: the stages that
     need the model (one `blogqa_llm` pool slot held throughout) and the quality gate, which
-    must run between embedding and load. What `load_chunk_counted` returns.
+    must run between embedding and load. What `load_chunk_counted` returns, or, in batch
+    mode while a batch runs, {"wait_for": batch id}: the task defers until that batch has
+    ended, then calls this again (`llm_mode`: the run's param; "default" is BLOGQA_LLM_MODE).
 
     Why one task and not four: on Airflow's executors every task instance is a process of its
     own that parses the DAG file and imports the pipeline (and the gate imports Great
@@ -901,8 +909,18 @@ def enrich_chunk(
     from blogqa import quality
 
     settings = settings or task_settings()
-    importing = quality.import_in_background()
-    refs = summarize_chunk(refs, settings)
+    mode = settings.llm_mode if llm_mode == "default" else llm_mode
+    if checked_llm_mode(mode, settings.llm_provider, source="llm_mode") == "batch":
+        from blogqa import batch_stage
+
+        step = batch_stage.advance(refs, settings)
+        if step.wait_for is not None:
+            return {"wait_for": step.wait_for}
+        importing = quality.import_in_background()
+        refs = step.refs
+    else:
+        importing = quality.import_in_background()
+        refs = summarize_chunk(refs, settings)
     refs = embed_chunk(refs, settings)
     importing.join()
     refs = validate_chunk(refs, run_id, map_index, settings)
@@ -970,7 +988,7 @@ def validate_chunk(
     with db.connect(settings) as conn:
         leases = queue.renew(conn, refs, settings.lease_seconds)
         items = store.work_items(conn, leases, settings.embed_dim)
-        _fail_missing(conn, leases, items, "validate", settings)
+        fail_missing(conn, leases, items, "validate", settings)
         checked = [item for item in items if not item.unchanged]
         verdict = quality.validate_items(checked, settings)
         quality.record(conn, run_id, map_index, verdict)
@@ -982,9 +1000,9 @@ def validate_chunk(
         quarantined = quarantine.quarantine(
             conn, [(held[i], reasons) for i, reasons in failing.items() if i in held], run_id
         )
-        survivors = _hand_off(
+        survivors = hand_off(
             conn,
-            _survivors([item.lease for item in items], [], set(failing) | set(quarantined)),
+            refs_going_on([item.lease for item in items], [], set(failing) | set(quarantined)),
             settings,
         )
     log.info(
