@@ -1,5 +1,6 @@
 """A non-editable install (a wheel, as the Dockerfile puts blogqa into Airflow's image) carries
-the migrations, the DAG file and the plugin: nothing is found through the source checkout."""
+the migrations, the named queries, the DAG file and the plugin: nothing is found through the
+source checkout."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ CHECK = textwrap.dedent(
     assert blogqa.__file__.startswith(sys.argv[1]), blogqa.__file__
     assert [v for v, _, _ in db.migration_files()] == list(range(1, len(db.migration_files()) + 1))
     assert "CREATE TABLE blogqa.url_queue" in db.migration_files()[0][2].read_text()
+    from blogqa import queue
+    from blogqa.api import queries
+    assert queue.SQL.path == "queries/queue.sql" and "FOR UPDATE SKIP LOCKED" in queue.SQL.claim
+    assert "d.url = %(value)s" in queries.SQL.document_by_url
     plugin = local_airflow.PLUGINS_FOLDER / "blogqa_plugin.py"
     assert plugin.is_file() and str(plugin).startswith(sys.argv[1])
     from airflow.dag_processing.dagbag import DagBag
