@@ -27,33 +27,18 @@ from datetime import timedelta
 
 import psycopg
 
-from blogqa import batch, db, queue, store
+from blogqa import batch, db, queue, sql_queries, store
 from blogqa.config import Settings
 from blogqa.errors import BlogqaError, PageError
 from blogqa.llm import STAGE
 
 log = logging.getLogger(__name__)
+SQL = sql_queries.load(__name__)  # queries/batch_stage.sql
 
 # The Batch API's completion window (24 h) and an hour to collect: while the task is deferred
 # nothing renews the chunk's leases, and a lapsed lease would let a later run claim the rows
 # and pay for them a second time.
 BATCH_LEASE_SECONDS = 25 * 3600
-
-MARK_SUBMITTED_SQL = """
-UPDATE blogqa.work_items w SET batch_id = %(batch_id)s, updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS v(id, token)
-JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
-WHERE w.queue_id = v.id AND w.lease_token = v.token
-RETURNING w.queue_id
-"""
-
-SUBMITTED_SQL = """
-SELECT w.queue_id, w.batch_id
-FROM blogqa.work_items w
-JOIN unnest(%(ids)s::bigint[], %(tokens)s::uuid[]) AS v(id, token)
-    ON w.queue_id = v.id AND w.lease_token = v.token
-WHERE w.batch_id IS NOT NULL
-"""
 
 
 class BatchPollError(BlogqaError):
@@ -137,7 +122,7 @@ def _submitted(conn: psycopg.Connection, items: list[store.WorkItem]) -> dict[in
     """queue id -> the batch an earlier try submitted its page in."""
     if not items:
         return {}
-    return dict(conn.execute(SUBMITTED_SQL, _fence(items)).fetchall())
+    return dict(conn.execute(SQL.submitted, _fence(items)).fetchall())
 
 
 def _by_batch(items: list[store.WorkItem], submitted: dict[int, str]) -> dict[str, list]:
@@ -152,7 +137,7 @@ def _submit(conn: psycopg.Connection, items: list[store.WorkItem], settings: Set
     """One new batch for `items`; its id is stored on their work items."""
     batch_id = batch.submit_pages([_page(i) for i in items], settings)
     marked = {
-        row[0] for row in conn.execute(MARK_SUBMITTED_SQL, {**_fence(items), "batch_id": batch_id})
+        row[0] for row in conn.execute(SQL.mark_submitted, {**_fence(items), "batch_id": batch_id})
     }
     for item in items:
         if item.lease.id not in marked:
