@@ -84,7 +84,10 @@ CREATE TABLE blogqa.llm_usage (
 CREATE INDEX llm_usage_created_idx ON blogqa.llm_usage (created_at);
 
 -- Results between stages of one claim (XCom carries ids only). A row belongs to the lease
--- that wrote it; load deletes it.
+-- that wrote it: a later claim of the URL ignores it, and its crawl replaces it. The load
+-- deletes it; a row queued for a retry keeps it; a quarantined row keeps it until a reviewer
+-- acts; a failure that ends the row, a cancel, a redrive and a reviewer's requeue or drop
+-- delete it (the queue's states: migration 001).
 CREATE TABLE blogqa.work_items (
     queue_id        bigint PRIMARY KEY REFERENCES blogqa.url_queue (id) ON DELETE CASCADE,
     lease_token     uuid NOT NULL,

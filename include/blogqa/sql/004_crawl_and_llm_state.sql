@@ -13,7 +13,8 @@ CREATE TABLE blogqa.robots_txt (
 );
 
 -- circuit_breakers: while open_until is in the future no task calls the endpoint named
--- `name`; URLs that reach the stage meanwhile go back to the queue without losing an attempt.
+-- `name`; URLs that reach the stage meanwhile go back to the queue without losing an attempt
+-- (processing -> queued, released untried with the claim's attempt refunded: migration 001).
 CREATE TABLE blogqa.circuit_breakers (
     name         text PRIMARY KEY,
     open_until   timestamptz,

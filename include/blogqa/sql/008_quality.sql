@@ -1,16 +1,19 @@
 -- 008: the quality gate (blogqa.quality, expectation suites in blogqa/expectations/*.json).
 --
--- New queue status `quarantined`, final for the pipeline (a run's tally counts it) and
--- waiting for a person:
+-- New queue status `quarantined` (the rest of the state machine: migration 001), final for
+-- the pipeline (a run's tally counts it) and waiting for a person, in the DAG's review task
+-- or with `blogqa quarantine`:
 --   processing  -> quarantined  the validate task found a blocking expectation failed for the
---                               document; nothing is loaded, the work item (page, summary,
---                               questions, vectors) is kept and the failed expectations with
---                               their observed values are in quarantine_reasons
+--                               document (fenced by the lease token); nothing is loaded, the
+--                               work item (page, summary, questions, vectors) is kept and the
+--                               failed expectations with their observed values are in
+--                               quarantine_reasons
 --   quarantined -> done         released (review "Release" / `blogqa quarantine release`):
 --                               the kept work item is loaded as it is
 --   quarantined -> queued       requeued: attempts reset, work item dropped, processed afresh
 --   quarantined -> cancelled    dropped: never loaded, never processed again unless enqueued
---                               with --force
+--                               with --force (which does not touch a row still quarantined)
+-- Each of the three appends the reviewer's decision to the row's error history.
 ALTER TABLE blogqa.url_queue DROP CONSTRAINT url_queue_status_check;
 ALTER TABLE blogqa.url_queue ADD CONSTRAINT url_queue_status_check
     CHECK (status IN ('queued', 'processing', 'done', 'dead', 'skipped', 'cancelled',

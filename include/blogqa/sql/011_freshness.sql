@@ -1,7 +1,10 @@
 -- 011: keeping the outputs fresh (blogqa.reprocess, blogqa.dedupe, blogqa.sources).
 --
 -- Reprocessing by cause. `redo` on a queue row says which stages a claim must redo even
--- though the page may be unchanged (set by `blogqa reprocess`, cleared when the row is done):
+-- though the page may be unchanged (set by `blogqa reprocess`, cleared when the row is done).
+-- `blogqa reprocess` puts done rows back (done -> queued, attempts 0, due now) with the
+-- flag; a row already queued only gets it (the broader cause wins: all over summaries over
+-- embeddings); a row being processed is left alone (the queue's states: migration 001):
 --   NULL          the usual path: conditional GET, and only what changed is redone
 --   'all'         the content may have changed: unconditional fetch, every stage
 --   'summaries'   prompt or chat model changed: summarize and embed from the stored text
