@@ -124,6 +124,35 @@ def triggerer(airflow: local_airflow.LocalAirflow, env: dict | None = None) -> I
             airflow.processes.pop("triggerer", None)
 
 
+@contextlib.contextmanager
+def scheduled(
+    airflow: local_airflow.LocalAirflow, client: httpx.Client, cron: str
+) -> Iterator[None]:
+    """The DAG with BLOGQA_SCHEDULE=`cron` (read where the DAG file is parsed): the shared
+    dag-processor is restarted with it, and restarted without it on the way out, each time
+    waiting until the stored DAG shows the change (so later tests see no schedule)."""
+
+    def restart_dag_processor(env: dict | None, summary: str | None) -> None:
+        airflow.kill("dag-processor", signal.SIGTERM)
+        airflow.start("dag-processor", env=env)
+        airflow.poll(
+            lambda: (
+                client.get(f"/api/v2/dags/{local_airflow.DAG_ID}/details").json()[
+                    "timetable_summary"
+                ]
+                == summary
+            ),
+            timeout=120,
+            what=f"the DAG's timetable is not {summary}",
+        )
+
+    restart_dag_processor({"BLOGQA_SCHEDULE": cron}, cron)
+    try:
+        yield
+    finally:
+        restart_dag_processor(None, None)
+
+
 def article_urls(page_server, names: list[str] | None = None, query: str = "") -> list[str]:
     """The test articles' URLs; a `query` makes them new URLs for the queue (the page
     server ignores it)."""

@@ -4,18 +4,21 @@ API with a JWT, on the test PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
 
 import httpx
 import pytest
 
-from blogqa import local_airflow
+from blogqa import airflow_cli, local_airflow
 from tests.conftest import table_counts
 from tests.deployment import (
     CHAT_MODEL,
     article_urls,
     run_to_end,
+    scheduled,
     scheduler,
     states_by_task,
     triggerer,
@@ -150,6 +153,77 @@ def test_batch_mode_waits_in_the_triggerer(airflow, client, conn, page_server, o
         (urls,),
     ).fetchall()
     assert sorted(rows) == [("done", "openai-batch")] * len(urls)
+
+
+def test_airflow_backfill_create_reprocesses_each_period(
+    airflow, client, conn, page_server, openai_env
+):
+    """`airflow backfill create` over a past day, with the nightly schedule: its run has that
+    day as its data interval, and its `reprocess` param redoes only the documents first
+    fetched in it (from the stored text: no fetch), paying one chat call each."""
+    urls = article_urls(page_server, ARTICLE_FILES[:2], query="backfill")
+    assert run_to_end(airflow, client, {"urls": urls})[1] == "success"
+    in_window, before_it = urls
+    for url, first in ((in_window, "2026-03-10 12:00Z"), (before_it, "2026-03-09 12:00Z")):
+        conn.execute("UPDATE blogqa.documents SET created_at = %s WHERE url = %s", (first, url))
+    conn.execute("UPDATE blogqa.summaries SET model = 'an-older-chat-model'")
+    chat, fetches = openai_env.chat_calls, sum(page_server.hits.values())
+
+    with scheduled(airflow, client, "0 2 * * *"):
+        subprocess.run(
+            [
+                airflow_cli.executable(),
+                "backfill",
+                "create",
+                "--dag-id",
+                local_airflow.DAG_ID,
+                "--from-date",
+                "2026-03-10",
+                "--to-date",
+                "2026-03-11",
+                "--dag-run-conf",
+                json.dumps({"reprocess": "summaries"}),
+                "--max-active-runs",
+                "1",
+            ],
+            env=airflow.env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        [backfill] = _runs_until_done(airflow, client, run_type="backfill")
+        _runs_until_done(airflow, client, run_type="scheduled")  # the schedule's latest, if any
+
+    assert backfill["state"] == "success", states_by_task(client, backfill["dag_run_id"])
+    assert backfill["data_interval_start"].startswith("2026-03-10T02:00:00")
+    assert backfill["data_interval_end"].startswith("2026-03-11T02:00:00")
+    models = dict(
+        conn.execute(
+            "SELECT d.url, s.model FROM blogqa.documents d"
+            " JOIN blogqa.summaries s ON s.document_id = d.id WHERE d.url = ANY(%s)",
+            (urls,),
+        ).fetchall()
+    )
+    assert models == {in_window: CHAT_MODEL, before_it: "an-older-chat-model"}
+    assert openai_env.chat_calls - chat == 1
+    assert sum(page_server.hits.values()) == fetches  # the stored copy was fresh
+
+
+def _runs_until_done(airflow, client, run_type: str) -> list[dict]:
+    """The DAG's runs of `run_type`, once none is queued or running (backfill: once there is
+    one)."""
+
+    def finished() -> list[dict] | None:
+        runs = client.get(
+            f"/api/v2/dags/{local_airflow.DAG_ID}/dagRuns",
+            params={"limit": 100, "run_type": run_type},
+        ).json()["dag_runs"]
+        if not runs and run_type == "backfill":
+            return None
+        done = all(run["state"] in ("success", "failed") for run in runs)
+        return (runs or [{}]) if done else None
+
+    return airflow.poll(finished, timeout=240, what=f"{run_type} runs not finished")
 
 
 def test_unreachable_results_database_fails_the_tasks_and_the_run(
