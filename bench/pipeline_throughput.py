@@ -84,13 +84,12 @@ WORKER_CONCURRENCY = 4  # 2 x 4 = 8 task slots, as [core] parallelism under Loca
 POLL_SECONDS = 0.1
 # the DAG's edges, per task: its upstream task (in the mapped group: the same map index)
 UPSTREAM = {
-    "claim": "enqueue",
     "process.crawl": "claim",
     "process.enrich": "process.crawl",
     "finalize": "process.enrich",
     "validate_tables": "process.enrich",
 }
-STAGES = ("enqueue", *UPSTREAM)  # in the DAG's order
+STAGES = ("claim", *UPSTREAM)  # in the DAG's order
 
 console = Console(highlight=False, width=160)
 

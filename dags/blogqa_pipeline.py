@@ -241,8 +241,13 @@ class QuarantineReview(HITLOperator):
     },
 )
 def blogqa_pipeline():
-    @task(execution_timeout=timedelta(minutes=2))
-    def enqueue() -> dict:
+    @task(execution_timeout=timedelta(minutes=5))
+    def claim() -> list[list[dict]]:
+        """Enqueue the run's URLs (params, reprocess over the data interval, the sources'
+        new entries, stale pages), then claim up to max_urls of the queue in chunks. One
+        task, not two: every hop costs a task process and a scheduler round on a small
+        machine. Both halves are safe to retry: what is already queued is not added twice,
+        and rows a failed try claimed come back when their leases lapse, at no attempt."""
         context = get_current_context()
         params = context["params"]
         pipeline = _pipeline()
@@ -259,13 +264,8 @@ def blogqa_pipeline():
         if params.get("discover", True):
             enqueued["discovered"] = pipeline.discover()
         enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
-        return enqueued
-
-    @task(execution_timeout=timedelta(minutes=2))
-    def claim(enqueued: dict) -> list[list[dict]]:
-        context = get_current_context()
-        params = context["params"]
-        return _pipeline().claim_chunks(
+        context["ti"].xcom_push(key="enqueued", value=enqueued)  # shown in the task's XCom tab
+        return pipeline.claim_chunks(
             params["max_urls"], params["chunk_size"], run_id=context["run_id"]
         )
 
@@ -317,7 +317,7 @@ def blogqa_pipeline():
         execution_timeout=timedelta(minutes=5),
     )
 
-    chunks = claim(enqueue())
+    chunks = claim()
     loaded = process.expand(chunk=chunks)
     finalize(chunks, loaded) >> review
     validate_tables(chunks, loaded)

@@ -130,7 +130,7 @@ def test_batch_mode_waits_in_the_triggerer(airflow, client, conn, page_server, o
     wait deferred (no worker, no pool slot) while the triggerer polls, and go on to load
     when the batch has ended: one chat call per page, charged at the batch price."""
     reset_batch_state(openai_env)
-    openai_env.batch_min_seconds = 6  # long enough for the REST polls below to see the wait
+    openai_env.batch_min_seconds = 3  # long enough for the REST polls below to see the wait
     urls = article_urls(page_server, ARTICLE_FILES[:3], query="batch-mode")
     chat = openai_env.chat_calls
 
@@ -237,9 +237,9 @@ def test_unreachable_results_database_fails_the_tasks_and_the_run(
     with scheduler(airflow, "scheduler-no-db", env={**local, **no_db}):
         run_id, state = run_to_end(airflow, client, {"urls": [url]}, timeout=180)
     assert state == "failed"
-    [enqueue] = [t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "enqueue"]
-    assert enqueue["state"] == "failed"
-    assert enqueue["try_number"] == 4  # the first try and Airflow's 3 retries
+    [claim] = [t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "claim"]
+    assert claim["state"] == "failed"
+    assert claim["try_number"] == 4  # the first try and Airflow's 3 retries
     assert conn.execute(
         "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
     ).fetchone() == (0,)

@@ -21,8 +21,7 @@ ARTICLE_NAMES = [
 def test_dag_file_defines_the_pipeline():
     dag = runner.load_dag()  # the file the dag-processor parses, imported as `blogqa run` does
     assert set(dag.task_ids) == {
-        "enqueue",
-        "claim",
+        "claim",  # enqueue, then claim: one task process
         "process.crawl",
         "process.enrich",  # summarize, embed, validate, load: one task process per chunk
         "finalize",
