@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,6 +71,11 @@ def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
         "SELECT status, last_stage, last_error FROM blogqa.url_queue WHERE url = %s", (gone,)
     ).fetchone()
     assert (status, stage) == ("dead", "crawl") and "HTTP 404" in error
+
+    # The scheduler preloaded the pipeline and Great Expectations (and so pandas) for the
+    # task processes it forks (blogqa.preload); Airflow's scheduler alone imports no pandas.
+    maps = Path(f"/proc/{airflow.processes['scheduler'].pid}/maps").read_text()
+    assert "pandas/_libs" in maps
 
     # The enrich tasks' asset events, as a downstream DAG or an operator sees them: one per
     # output table and chunk, each with the rows that chunk wrote.

@@ -1,0 +1,1 @@
+../../../plugins/airflow_local_settings.py

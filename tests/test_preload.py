@@ -1,0 +1,59 @@
+"""blogqa.preload: the scheduler and Celery workers import the pipeline before they fork task
+processes (the effect under a real scheduler: tests/test_airflow_local.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from blogqa import preload
+
+
+@pytest.mark.parametrize(
+    ("argv", "forks"),
+    [
+        (["airflow", "scheduler"], True),
+        (["airflow", "scheduler", "--num-runs", "1"], True),
+        (["airflow", "celery", "worker", "--concurrency", "4"], True),
+        (["airflow", "standalone"], True),
+        (["airflow", "api-server"], False),
+        (["airflow", "dag-processor"], False),
+        (["airflow", "triggerer"], False),
+        (["airflow", "celery", "flower"], False),
+        (["airflow", "db", "migrate"], False),
+        (["blogqa", "run"], False),
+        (["pytest"], False),
+    ],
+)
+def test_only_the_processes_that_fork_task_processes_preload(argv, forks):
+    assert preload.forks_task_processes(argv) is forks
+
+
+def _preloaded(env: dict[str, str]) -> str:
+    """What a fresh interpreter that calls itself `airflow scheduler` has imported after
+    preload(): run apart, so this test process's own imports do not count."""
+    code = (
+        "import sys; from blogqa import preload;"
+        "done = preload.preload(['airflow', 'scheduler']);"
+        "print(done, 'great_expectations' in sys.modules, 'blogqa.pipeline' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_preload_imports_the_pipeline_and_great_expectations():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "BLOGQA_PRELOAD"}
+    assert _preloaded(env) == "['blogqa.pipeline', 'great_expectations'] True True"
+    assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] False False"
