@@ -37,7 +37,8 @@ def _preloaded(env: dict[str, str]) -> str:
     code = (
         "import sys; from blogqa import preload;"
         "done = preload.preload(['airflow', 'scheduler']);"
-        "print(done, 'great_expectations' in sys.modules, 'blogqa.pipeline' in sys.modules)"
+        "again = preload.preload(['airflow', 'scheduler']);"
+        "print(done, again, 'great_expectations' in sys.modules, 'blogqa.pipeline' in sys.modules)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -55,5 +56,5 @@ def test_preload_imports_the_pipeline_and_great_expectations():
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "BLOGQA_PRELOAD"}
-    assert _preloaded(env) == "['blogqa.pipeline', 'great_expectations'] True True"
-    assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] False False"
+    assert _preloaded(env) == "['blogqa.pipeline', 'great_expectations'] [] True True"
+    assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] [] False False"

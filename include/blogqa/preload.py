@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # The Airflow commands whose processes fork task processes (argv after the executable).
 FORKING_COMMANDS = (("scheduler",), ("celery", "worker"), ("standalone",))
+_preloaded: list[str] = []  # what this process (or the one it was forked from) preloaded
 
 
 def forks_task_processes(argv: Sequence[str]) -> bool:
@@ -43,7 +44,9 @@ def preload(argv: Sequence[str] | None = None) -> list[str]:
     imported. Never raises: a module that fails to import is logged and left to the tasks,
     which import it themselves and fail with the real error."""
     argv = sys.argv if argv is None else argv
-    if not enabled() or not forks_task_processes(argv):
+    if not enabled() or not forks_task_processes(argv) or _preloaded:
+        # (a task process forked from the scheduler still has its argv, and Airflow imports
+        # the hook's file again there as a plugin: nothing to do twice)
         return []
     started = time.perf_counter()
     done = []
@@ -55,6 +58,7 @@ def preload(argv: Sequence[str] | None = None) -> list[str]:
         else:
             done.append(name)
     log.info("preloaded %s in %.1f s", ", ".join(done) or "nothing", time.perf_counter() - started)
+    _preloaded.extend(done)
     return done
 
 
