@@ -15,26 +15,15 @@ import logging
 
 import psycopg
 
+from blogqa import sql_queries
 from blogqa.config import Settings
 from blogqa.errors import PageError
 
 log = logging.getLogger(__name__)
 
+SQL = sql_queries.load(__name__)  # queries/breaker.sql
+
 LLM = "llm"
-
-OPEN_UNTIL_SQL = """
-SELECT open_until FROM blogqa.circuit_breakers WHERE name = %s AND open_until > now()
-"""
-
-TRIP_SQL = """
-INSERT INTO blogqa.circuit_breakers (name, open_until, opened_count, last_reason, updated_at)
-VALUES (%(name)s, now() + make_interval(secs => %(cooldown)s), 1, %(reason)s, now())
-ON CONFLICT (name) DO UPDATE SET
-    open_until = greatest(blogqa.circuit_breakers.open_until, EXCLUDED.open_until),
-    opened_count = blogqa.circuit_breakers.opened_count + 1,
-    last_reason = EXCLUDED.last_reason, updated_at = now()
-RETURNING open_until
-"""
 
 
 class CircuitOpenError(PageError):
@@ -64,7 +53,7 @@ class CircuitBreaker:
 
     def load(self, conn: psycopg.Connection) -> None:
         """Pick up a cool-down opened by another task."""
-        row = conn.execute(OPEN_UNTIL_SQL, (self.name,)).fetchone()
+        row = conn.execute(SQL.open_until, (self.name,)).fetchone()
         self.open_until = row[0] if row else None
 
     def seconds_left(self) -> float:
@@ -102,7 +91,7 @@ class CircuitBreaker:
         if not self.tripped:
             return
         conn.execute(
-            TRIP_SQL,
+            SQL.trip,
             {"name": self.name, "cooldown": self.seconds_left(), "reason": reason[:500]},
         )
         self.tripped = False

@@ -25,7 +25,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from blogqa import embedded
+from blogqa import embedded, sql_queries
 from blogqa.config import Settings
 from blogqa.errors import ConfigError, SchemaMismatchError
 
@@ -35,6 +35,8 @@ MIGRATION_LOCK_ID = 0x626C6F67  # pg_advisory_xact_lock key: "blog"
 APP_DATABASE = "blogqa"
 AIRFLOW_DATABASE = "airflow"
 AIRFLOW_CONN_ID = "blogqa_db"
+
+SQL = sql_queries.load(__name__)  # queries/db.sql
 
 _created: set[str] = set()  # databases known to exist, by DSN
 _migrated: set[str] = set()  # databases migrated by this process, by DSN
@@ -97,8 +99,9 @@ def resolve(settings: Settings, *, in_airflow: bool = False) -> Settings:
 
 def _ensure_database(admin_dsn: str, name: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        exists = conn.execute(SQL.database_exists, (name,)).fetchone()
         if not exists:
+            # an identifier, not a value: composed with psycopg.sql, not a named query
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
@@ -169,24 +172,17 @@ def migrate(settings: Settings) -> list[str]:
     applied: list[str] = []
     with psycopg.connect(dsn, application_name="blogqa-migrate") as conn:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
-            conn.execute("CREATE SCHEMA IF NOT EXISTS blogqa")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS blogqa.schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {row[0] for row in conn.execute("SELECT version FROM blogqa.schema_migrations")}
+            conn.execute(SQL.migration_lock, (MIGRATION_LOCK_ID,))
+            conn.execute(SQL.create_schema)
+            conn.execute(SQL.create_migrations_table)
+            done = {row[0] for row in conn.execute(SQL.applied_versions)}
             for version, name, path in migration_files():
                 if version in done:
                     continue
                 log.info("applying migration %03d_%s", version, name)
                 ddl = path.read_text().replace("{embed_dim}", str(int(settings.embed_dim)))
                 conn.execute(ddl)
-                conn.execute(
-                    "INSERT INTO blogqa.schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, name),
-                )
+                conn.execute(SQL.record_migration, (version, name))
                 applied.append(f"{version:03d}_{name}")
         _check_embed_dim(conn, settings)
     _migrated.add(dsn)
@@ -194,7 +190,7 @@ def migrate(settings: Settings) -> list[str]:
 
 
 def _check_embed_dim(conn: psycopg.Connection, settings: Settings) -> None:
-    row = conn.execute("SELECT value FROM blogqa.settings WHERE key = 'embed_dim'").fetchone()
+    row = conn.execute(SQL.embed_dim).fetchone()
     if row and int(row[0]) != settings.embed_dim:
         raise SchemaMismatchError(
             f"the database stores {row[0]}-dimensional embeddings but BLOGQA_EMBED_DIM="
@@ -202,16 +198,13 @@ def _check_embed_dim(conn: psycopg.Connection, settings: Settings) -> None:
         )
 
 
-SCHEMA_VERSION_SQL = "SELECT coalesce(max(version), 0) FROM blogqa.schema_migrations"
-
-
 def schema_version(conn: psycopg.Connection) -> int:
-    row = conn.execute(SCHEMA_VERSION_SQL).fetchone()
+    row = conn.execute(SQL.schema_version).fetchone()
     return int(row[0])
 
 
 async def schema_version_async(conn: psycopg.AsyncConnection) -> int:
     """`schema_version` for an async connection (the API)."""
-    cur = await conn.execute(SCHEMA_VERSION_SQL)
+    cur = await conn.execute(SQL.schema_version)
     row = await cur.fetchone()
     return int(row[0])

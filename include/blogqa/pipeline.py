@@ -26,7 +26,7 @@ from typing import Self
 
 import psycopg
 
-from blogqa import db, dedupe, politeness, queue, reprocess, store
+from blogqa import db, dedupe, politeness, queue, queue_stats, reprocess, store
 from blogqa.breaker import CircuitBreaker, CircuitOpenError
 from blogqa.config import (
     MAX_CHUNKS_PER_RUN,
@@ -954,11 +954,7 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
     ids = [int(ref["id"]) for chunk in chunks for ref in chunk]
     tally = {"claimed": len(ids)}
     with db.connect(settings) as conn:
-        for status, count in conn.execute(
-            "SELECT status, count(*) FROM blogqa.url_queue WHERE id = ANY(%s) GROUP BY status",
-            (ids,),
-        ):
-            tally[status] = count
+        tally.update(queue_stats.status_counts(conn, ids))
     log.info("stage=finalize %s", tally)
     final = sum(tally.get(status, 0) for status in queue.TERMINAL_STATUSES)
     if ids and final == 0:

@@ -22,27 +22,18 @@ import httpx
 import psycopg
 from protego import Protego
 
+from blogqa import sql_queries
 from blogqa.config import Settings
 from blogqa.errors import PageError
 from blogqa.limits import HostLimits
 
 log = logging.getLogger(__name__)
 
+SQL = sql_queries.load(__name__)  # queries/politeness.sql
+
 STAGE = "crawl"
 ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to parse at least 500 KiB
 ROBOTS_MAX_REDIRECTS = 5
-
-LOAD_SQL = """
-SELECT origin, status, body FROM blogqa.robots_txt
-WHERE origin = ANY(%s) AND fetched_at > now() - make_interval(secs => %s)
-"""
-
-SAVE_SQL = """
-INSERT INTO blogqa.robots_txt (origin, status, body, fetched_at)
-SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[]), now()
-ON CONFLICT (origin) DO UPDATE SET status = EXCLUDED.status, body = EXCLUDED.body,
-    fetched_at = EXCLUDED.fetched_at
-"""
 
 
 def origin_of(url: str) -> str:
@@ -64,7 +55,7 @@ class RobotsFile:
 
 
 def load_cached(conn: psycopg.Connection, origins: list[str], ttl: int) -> dict[str, RobotsFile]:
-    rows = conn.execute(LOAD_SQL, (sorted(set(origins)), ttl)).fetchall()
+    rows = conn.execute(SQL.load_robots, (sorted(set(origins)), ttl)).fetchall()
     return {origin: RobotsFile(status, body) for origin, status, body in rows}
 
 
@@ -73,7 +64,7 @@ def save_fetched(conn: psycopg.Connection, files: dict[str, RobotsFile]) -> None
         return
     origins = sorted(files)
     conn.execute(
-        SAVE_SQL,
+        SQL.save_robots,
         (origins, [files[o].status for o in origins], [files[o].body for o in origins]),
     )
 

@@ -34,11 +34,14 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
+from blogqa import sql_queries
 from blogqa.config import Settings, _env_bool, _env_float
 from blogqa.errors import BlogqaError
 from blogqa.text import STOPWORDS
 
 log = logging.getLogger(__name__)
+
+SQL = sql_queries.load(__name__)  # queries/quality.sql
 
 CHUNK_SUITES = ("documents", "questions", "vectors")
 TABLE_SUITE = "run_tables"
@@ -463,30 +466,15 @@ def validate_items(items: list, settings: Settings) -> Verdict:
 
 # ---------------------------------------------------------------- results in PostgreSQL
 
-INSERT_RESULT_SQL = """
-INSERT INTO blogqa.quality_results (run_id, map_index, suite, expectation, column_name,
-    blocking, success, observed, failing_ids, kwargs)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-"""
-INSERT_VALIDATION_SQL = """
-INSERT INTO blogqa.quality_validations (run_id, map_index, suite, success, result)
-VALUES (%s, %s, %s, %s, %s)
-"""
-# A retried task instance replaces what its earlier try recorded.
-DELETE_RESULTS_SQL = "DELETE FROM blogqa.quality_results WHERE run_id = %s AND map_index = %s"
-DELETE_VALIDATIONS_SQL = (
-    "DELETE FROM blogqa.quality_validations WHERE run_id = %s AND map_index = %s"
-)
-
 
 def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdict) -> None:
     """Write the validations of one chunk (or of the run's tables) in one transaction."""
     with conn.transaction():
-        conn.execute(DELETE_RESULTS_SQL, (run_id, map_index))
-        conn.execute(DELETE_VALIDATIONS_SQL, (run_id, map_index))
+        conn.execute(SQL.delete_results, (run_id, map_index))
+        conn.execute(SQL.delete_validations, (run_id, map_index))
         with conn.cursor() as cur:
             cur.executemany(
-                INSERT_RESULT_SQL,
+                SQL.insert_result,
                 [
                     (
                         run_id,
@@ -505,7 +493,7 @@ def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdi
                 ],
             )
             cur.executemany(
-                INSERT_VALIDATION_SQL,
+                SQL.insert_validation,
                 [
                     (run_id, map_index, v.suite, v.success, Jsonb(v.result))
                     for v in verdict.validations
@@ -514,11 +502,6 @@ def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdi
 
 
 # ---------------------------------------------------------------- the run's tables
-
-SCOPE_SQL = """
-INSERT INTO blogqa.quality_scopes (scope_id, queue_id)
-SELECT %s, id FROM blogqa.url_queue WHERE id = ANY(%s) AND status = 'done'
-"""
 
 
 def sqlalchemy_url(dsn: str, scope: int) -> str:
@@ -546,8 +529,8 @@ def validate_tables(settings: Settings, run_id: str, queue_ids: list[int]) -> Ve
     dsn = db.database_dsn(settings)
     with db.connect(settings) as conn:
         with conn.transaction():
-            scope = conn.execute("SELECT nextval('blogqa.quality_scope_seq')").fetchone()[0]
-            loaded = conn.execute(SCOPE_SQL, (scope, queue_ids)).rowcount
+            scope = conn.execute(SQL.next_scope).fetchone()[0]
+            loaded = conn.execute(SQL.fill_scope, (scope, queue_ids)).rowcount
         verdict = Verdict()
         try:
             if loaded:
@@ -569,7 +552,7 @@ def validate_tables(settings: Settings, run_id: str, queue_ids: list[int]) -> Ve
                 )  # fmt: skip
                 source.get_engine().dispose()
         finally:
-            conn.execute("DELETE FROM blogqa.quality_scopes WHERE scope_id = %s", (scope,))
+            conn.execute(SQL.drop_scope, (scope,))
         record(conn, run_id, TABLE_MAP_INDEX, verdict)
     log.info("stage=quality run=%s table-level validation of %d documents", run_id, loaded)
     return verdict
@@ -590,13 +573,6 @@ def project_dir(settings: Settings) -> Path:
 def docs_dir(settings: Settings) -> Path:
     """The Data Docs site, served at /quality/ by `blogqa serve` and the plugin."""
     return project_dir(settings) / "gx" / "uncommitted" / "data_docs" / DOCS_SITE
-
-
-VALIDATIONS_SQL = """
-SELECT run_id, map_index, suite, result, created_at FROM blogqa.quality_validations
-WHERE %s::text IS NULL OR run_id = %s::text
-ORDER BY id
-"""
 
 
 def build_docs(settings: Settings, run_id: str | None = None) -> Path:
@@ -625,7 +601,7 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
         _quiet(context)
         schema = ExpectationSuiteValidationResultSchema()
         with db.connect(settings) as conn:
-            rows = conn.execute(VALIDATIONS_SQL, (run_id, run_id)).fetchall()
+            rows = conn.execute(SQL.validations, (run_id, run_id)).fetchall()
         for run, map_index, suite, result, created_at in rows:
             batch = "tables" if map_index == TABLE_MAP_INDEX else f"chunk-{map_index}"
             key = ValidationResultIdentifier(
@@ -643,23 +619,15 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
 # ---------------------------------------------------------------- summaries
 
 
-SUMMARY_SQL = """
-SELECT map_index, suite, expectation, column_name, blocking, success, observed,
-       cardinality(failing_ids), failing_ids
-FROM blogqa.quality_results WHERE run_id = %s ORDER BY map_index, suite, id
-"""
-LATEST_RUN_SQL = "SELECT run_id FROM blogqa.quality_results ORDER BY id DESC LIMIT 1"
-
-
 def summary(conn: psycopg.Connection, run_id: str | None = None) -> dict | None:
     """A run's quality results (the latest run's by default): per expectation, how many
     chunks it passed and failed and which queue ids failed it; None when there are none."""
     if run_id is None:
-        row = conn.execute(LATEST_RUN_SQL).fetchone()
+        row = conn.execute(SQL.latest_run).fetchone()
         if row is None:
             return None
         run_id = row[0]
-    rows = conn.execute(SUMMARY_SQL, (run_id,)).fetchall()
+    rows = conn.execute(SQL.results_of_run, (run_id,)).fetchall()
     if not rows:
         return None
     merged: dict[tuple, dict] = {}
@@ -682,8 +650,7 @@ def summary(conn: psycopg.Connection, run_id: str | None = None) -> dict | None:
         entry["failing_ids"] += list(ids)
     statuses = dict(
         conn.execute(
-            "SELECT status, count(*) FROM blogqa.url_queue WHERE quarantined_run = %s"
-            " GROUP BY status",
+            SQL.quarantined_by_status,
             (run_id,),
         ).fetchall()
     )

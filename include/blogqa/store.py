@@ -16,12 +16,13 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from blogqa import dedupe, queue
+from blogqa import dedupe, queue, sql_queries
 from blogqa.llm import ModelCall
 from blogqa.queue import Lease
+
+SQL = sql_queries.load(__name__)  # queries/store.sql
 
 
 class IncompleteWorkError(RuntimeError):
@@ -52,17 +53,9 @@ class StoredResult:
         )
 
 
-STORED_SQL = """
-SELECT d.id, d.url, d.canonical_url, d.title, d.author, d.published, d.site_name, d.language,
-       d.text, d.content_hash, d.etag, d.last_modified, s.model, s.prompt_version, s.embed_model
-FROM blogqa.documents d LEFT JOIN blogqa.summaries s ON s.document_id = d.id
-WHERE d.url = ANY(%s)
-"""
-
-
 def stored_results(conn: psycopg.Connection, urls: list[str]) -> dict[str, StoredResult]:
     found = {}
-    for row in conn.execute(STORED_SQL, (urls,)):
+    for row in conn.execute(SQL.stored, (urls,)):
         page = {
             "url": row[1],
             "final_url": row[1],
@@ -91,22 +84,13 @@ class WorkItem:
     vectors: np.ndarray | None
 
 
-SAVE_PAGES_SQL = """
-INSERT INTO blogqa.work_items (queue_id, lease_token, page, unchanged)
-VALUES (%s, %s, %s, %s)
-ON CONFLICT (queue_id) DO UPDATE SET lease_token = EXCLUDED.lease_token,
-    page = EXCLUDED.page, unchanged = EXCLUDED.unchanged, llm_result = NULL,
-    chunks = NULL, vectors = NULL, updated_at = now()
-"""
-
-
 def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) -> list[Lease]:
     """Crawl results, one row per claimed URL (replacing an older lease's leftovers), written
     only for the rows still held; returns the leases whose pages were not written.
 
     Fenced like every write after the claim: a worker whose lease lapsed mid-fetch and was
     taken over must not overwrite the new holder's work item with its own (older) page. The
-    queue rows still processing under our tokens are locked first (LOCK_HELD_SQL), so a
+    queue rows still processing under our tokens are locked first (SQL.lock_held), so a
     cancel or a claim recovering the lease either happens before (that page is refused) or
     waits until the commit.
     """
@@ -116,7 +100,7 @@ def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) 
         held = {
             row[0]
             for row in conn.execute(
-                LOCK_HELD_SQL,
+                SQL.lock_held,
                 (
                     [lease.id for lease, _, _ in pages],
                     [uuid.UUID(lease.token) for lease, _, _ in pages],
@@ -127,7 +111,7 @@ def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) 
         if mine:
             with conn.cursor() as cur:
                 cur.executemany(
-                    SAVE_PAGES_SQL,
+                    SQL.save_pages,
                     [
                         (lease.id, uuid.UUID(lease.token), Jsonb(page), unchanged)
                         for lease, page, unchanged in mine
@@ -136,33 +120,13 @@ def save_pages(conn: psycopg.Connection, pages: list[tuple[Lease, dict, bool]]) 
     return [lease for lease, _, _ in pages if lease.id not in held]
 
 
-# The work_items row is written only while its lease is still held: the row carries the
-# lease's token (an older lease's leftovers are not overwritten) and the queue row is still
-# processing under that token (a cancel, or an expired lease the claim took back, clears it).
-SAVE_LLM_RESULTS_SQL = """
-UPDATE blogqa.work_items w SET llm_result = v.result, updated_at = now()
-FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[]) AS v(id, token, result)
-JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
-WHERE w.queue_id = v.id AND w.lease_token = v.token
-RETURNING w.queue_id
-"""
-
-SAVE_VECTORS_SQL = """
-UPDATE blogqa.work_items w SET chunks = v.chunks, vectors = v.vectors, updated_at = now()
-FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[], %s::bytea[]) AS v(id, token, chunks, vectors)
-JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
-WHERE w.queue_id = v.id AND w.lease_token = v.token
-RETURNING w.queue_id
-"""
-
-
 def save_llm_results(conn: psycopg.Connection, results: list[tuple[Lease, dict]]) -> set[int]:
     """Summaries and question/answer pairs; returns the queue ids written (fenced by lease)."""
     if not results:
         return set()
     with conn.transaction():
         rows = conn.execute(
-            SAVE_LLM_RESULTS_SQL,
+            SQL.save_llm_results,
             (
                 [lease.id for lease, _ in results],
                 [uuid.UUID(lease.token) for lease, _ in results],
@@ -181,7 +145,7 @@ def save_vectors(
         return set()
     with conn.transaction():
         rows = conn.execute(
-            SAVE_VECTORS_SQL,
+            SQL.save_vectors,
             (
                 [lease.id for lease, _, _ in results],
                 [uuid.UUID(lease.token) for lease, _, _ in results],
@@ -199,9 +163,7 @@ def work_items(conn: psycopg.Connection, leases: list[Lease], dim: int) -> list[
         return []
     by_id = {lease.id: lease for lease in leases}
     rows = conn.execute(
-        "SELECT w.queue_id, w.page, w.unchanged, w.llm_result, w.chunks, w.vectors"
-        " FROM blogqa.work_items w JOIN unnest(%s::bigint[], %s::uuid[]) AS l(id, token)"
-        " ON w.queue_id = l.id AND w.lease_token = l.token",
+        SQL.work_items,
         ([lease.id for lease in leases], [uuid.UUID(lease.token) for lease in leases]),
     ).fetchall()
     items = []
@@ -215,15 +177,8 @@ def work_items(conn: psycopg.Connection, leases: list[Lease], dim: int) -> list[
     return items
 
 
-USAGE_INSERT_SQL = """
-INSERT INTO blogqa.llm_usage (queue_id, url, stage, provider, model, prompt_tokens,
-    completion_tokens, inputs, latency_ms, cost_usd)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-"""
-
-
 def usage_row(call: ModelCall, queue_id: int | None = None, url: str | None = None) -> tuple:
-    """Parameters of USAGE_INSERT_SQL for one model call."""
+    """Parameters of SQL.usage_insert for one model call."""
     return (
         queue_id,
         url,
@@ -238,13 +193,6 @@ def usage_row(call: ModelCall, queue_id: int | None = None, url: str | None = No
     )
 
 
-# The pipeline's ledger rows name their request: the rows of one request share request_id
-# (006_usage_request.sql), so its totals are the sums over its rows.
-CHARGE_INSERT_SQL = """
-INSERT INTO blogqa.llm_usage (queue_id, url, stage, provider, model, prompt_tokens,
-    completion_tokens, inputs, latency_ms, cost_usd, request_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-"""
 MICRO = Decimal("0.000001")  # the precision of llm_usage.cost_usd, numeric(12, 6)
 
 
@@ -267,7 +215,7 @@ class Charge:
     cost_usd: Decimal | None
 
     def row(self) -> tuple:
-        """Parameters of CHARGE_INSERT_SQL."""
+        """Parameters of SQL.charge_insert."""
         call = self.call
         return (
             self.lease.id,
@@ -367,7 +315,7 @@ def record_usage(conn: psycopg.Connection, charges: Sequence[Charge]) -> None:
     if not charges:
         return
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(CHARGE_INSERT_SQL, [charge.row() for charge in charges])
+        cur.executemany(SQL.charge_insert, [charge.row() for charge in charges])
 
 
 @dataclass
@@ -399,36 +347,6 @@ def save_progress(conn: psycopg.Connection, progress: Progress) -> list[Lease]:
         record_usage(conn, progress.usage)
     offered = [r[0] for r in progress.llm_results] + [v[0] for v in progress.vectors]
     return [lease for lease in offered if lease.id not in written]
-
-
-TOUCH_DOCUMENTS_SQL = """
-UPDATE blogqa.documents d SET fetched_at = %s, etag = coalesce(v.etag, d.etag),
-    last_modified = coalesce(v.last_modified, d.last_modified)
-FROM unnest(%s::text[], %s::text[], %s::text[]) AS v(url, etag, last_modified)
-WHERE d.url = v.url
-"""
-
-UPSERT_DOCUMENTS_SQL = """
-INSERT INTO blogqa.documents (url, canonical_url, title, author, published, site_name,
-    language, text, word_count, content_hash, etag, last_modified, fetched_at)
-SELECT v.*, %s::timestamptz FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],
-    %s::date[], %s::text[], %s::text[], %s::text[], %s::integer[], %s::text[], %s::text[],
-    %s::text[]) AS v
-ON CONFLICT (url) DO UPDATE SET canonical_url = EXCLUDED.canonical_url, title = EXCLUDED.title,
-    author = EXCLUDED.author, published = EXCLUDED.published, site_name = EXCLUDED.site_name,
-    language = EXCLUDED.language, text = EXCLUDED.text, word_count = EXCLUDED.word_count,
-    content_hash = EXCLUDED.content_hash, etag = EXCLUDED.etag,
-    last_modified = EXCLUDED.last_modified, fetched_at = EXCLUDED.fetched_at, updated_at = now()
-RETURNING url, id
-"""
-
-LOCK_HELD_SQL = """
-SELECT q.id FROM blogqa.url_queue q
-JOIN unnest(%s::bigint[], %s::uuid[]) AS r(id, token) ON q.id = r.id AND q.lease_token = r.token
-WHERE q.status = 'processing'
-ORDER BY q.id
-FOR UPDATE OF q
-"""
 
 
 def check_complete(item: WorkItem) -> None:
@@ -463,13 +381,13 @@ def load_documents(
     with conn.transaction():
         if timeout_seconds:
             conn.execute(
-                "SELECT set_config('statement_timeout', %s, true)",
+                SQL.set_statement_timeout,
                 (f"{int(timeout_seconds * 1000)}ms",),
             )
         held = {
             row[0]
             for row in conn.execute(
-                LOCK_HELD_SQL,
+                SQL.lock_held,
                 ([i.lease.id for i in items], [uuid.UUID(i.lease.token) for i in items]),
             )
         }
@@ -487,7 +405,7 @@ def _touch_unchanged(conn: psycopg.Connection, items: list[WorkItem], fetched_at
     if items:
         pages = [i.page or {} for i in items]
         conn.execute(
-            TOUCH_DOCUMENTS_SQL,
+            SQL.touch_documents,
             (
                 fetched_at,
                 [i.lease.url for i in items],
@@ -518,7 +436,7 @@ def _replace_outputs(
     columns = [[i.lease.url for i in items]] + [
         [v.get(c) for v in values] for c in DOCUMENT_COLUMNS
     ]
-    ids = dict(conn.execute(UPSERT_DOCUMENTS_SQL, (fetched_at, *columns)).fetchall())
+    ids = dict(conn.execute(SQL.upsert_documents, (fetched_at, *columns)).fetchall())
     document_ids = [ids[i.lease.url] for i in items]
     # near-duplicate fingerprints follow the text; a URL stored as itself is no duplicate
     dedupe.save_fingerprints(
@@ -529,13 +447,8 @@ def _replace_outputs(
         ],
     )
     dedupe.forget(conn, [i.lease.url for i in items])
-    for table in ("summaries", "questions", "chunks"):
-        conn.execute(
-            sql.SQL("DELETE FROM blogqa.{} WHERE document_id = ANY(%s)").format(
-                sql.Identifier(table)
-            ),
-            (document_ids,),
-        )
+    for delete in (SQL.delete_summaries, SQL.delete_questions, SQL.delete_chunks):
+        conn.execute(delete, (document_ids,))
     summaries, questions, chunks = [], [], []
     for item, document_id in zip(items, document_ids, strict=True):
         llm, vectors = item.llm_result, item.vectors
@@ -570,30 +483,24 @@ def _replace_outputs(
         ]
     _copy(
         conn,
-        "summaries (document_id, summary, model, prompt_version, content_hash, embed_model,"
-        " embedding)",
+        SQL.copy_summaries,
         ["bigint", "text", "text", "text", "text", "text", "vector"],
         summaries,
     )
     _copy(
         conn,
-        "questions (document_id, position, question, answer, model, prompt_version, embedding)",
+        SQL.copy_questions,
         ["bigint", "smallint", "text", "text", "text", "text", "vector"],
         questions,
     )
-    _copy(
-        conn,
-        "chunks (document_id, position, text, tokens, embedding)",
-        ["bigint", "integer", "text", "integer", "vector"],
-        chunks,
-    )
+    _copy(conn, SQL.copy_chunks, ["bigint", "integer", "text", "integer", "vector"], chunks)
 
 
-def _copy(conn: psycopg.Connection, target: str, types: list[str], rows: list[tuple]) -> None:
-    """Binary COPY: the fastest way to write many rows with vectors (target is a constant)."""
+def _copy(conn: psycopg.Connection, statement: str, types: list[str], rows: list[tuple]) -> None:
+    """Binary COPY (`statement`, one of the copy_* queries): the fastest way to write many
+    rows with vectors."""
     if not rows:
         return
-    statement = f"COPY blogqa.{target} FROM STDIN (FORMAT BINARY)"
     with conn.cursor() as cur, cur.copy(statement) as copy:
         copy.set_types(types)
         for row in rows:
@@ -602,18 +509,11 @@ def _copy(conn: psycopg.Connection, target: str, types: list[str], rows: list[tu
 
 # ---------------------------------------------------------------- quarantine
 
-QUARANTINED_ITEM_SQL = """
-SELECT q.id, q.url, q.attempts, w.lease_token, w.page, w.unchanged, w.llm_result, w.chunks,
-       w.vectors
-FROM blogqa.url_queue q JOIN blogqa.work_items w ON w.queue_id = q.id
-WHERE q.id = %s AND q.status = 'quarantined'
-"""
-
 
 def quarantined_item(conn: psycopg.Connection, queue_id: int, dim: int) -> WorkItem | None:
     """The work item a quarantined row kept (its lease is gone: the row is no longer being
     processed, and only a reviewer's release loads it). None when it has none."""
-    row = conn.execute(QUARANTINED_ITEM_SQL, (queue_id,)).fetchone()
+    row = conn.execute(SQL.quarantined_item, (queue_id,)).fetchone()
     if row is None:
         return None
     row_id, url, attempts, token, page, unchanged, llm_result, chunks, vectors = row

@@ -15,11 +15,11 @@ import dataclasses
 import psycopg
 
 from blogqa import answer as answering
-from blogqa import search
+from blogqa import search, store
 from blogqa.api import models, queries
 from blogqa.config import Settings
 from blogqa.llm import ModelCall
-from blogqa.store import USAGE_INSERT_SQL, usage_row
+from blogqa.store import usage_row
 
 
 async def ask_answer(
@@ -74,10 +74,10 @@ async def ask(
 
 
 def _usage_insert_sql(rows: int) -> str:
-    """USAGE_INSERT_SQL with `rows` rows of values: one statement, atomic on its own, so an
-    autocommit connection writes the calls of a request in one round trip (no BEGIN,
-    executemany, COMMIT)."""
-    head, values, row = USAGE_INSERT_SQL.rpartition("VALUES")
+    """The query store.SQL.usage_insert with `rows` rows of values: one statement, atomic on
+    its own, so an autocommit connection writes the calls of a request in one round trip (no
+    BEGIN, executemany, COMMIT)."""
+    head, values, row = store.SQL.usage_insert.rpartition("VALUES")
     return f"{head}{values} {', '.join([row.strip()] * rows)}"
 
 
