@@ -24,12 +24,14 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from blogqa import cli_fresh, cli_quality, db, export, queue, queue_admin, queue_stats
+from blogqa import cli_fresh, cli_quality, db, export, queue, queue_admin, queue_stats, sql_queries
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
 from blogqa.urls import InvalidURLError, normalize_url
 
 out = Console(highlight=False)
+
+SQL = sql_queries.load(__name__)  # queries/cli.sql
 err = Console(stderr=True, highlight=False)
 OUTPUT_TABLES = ("documents", "summaries", "questions", "chunks", "llm_usage", "url_queue")
 
@@ -335,6 +337,7 @@ def _print_counts(conn, calls_before: int) -> None:
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name in OUTPUT_TABLES:
+        # the table is an identifier: composed with psycopg.sql, not a named query
         query = sql.SQL("SELECT count(*) FROM blogqa.{}").format(sql.Identifier(name))
         count = conn.execute(query).fetchone()[0]
         table.add_row(name, str(count))
@@ -345,15 +348,11 @@ def _print_counts(conn, calls_before: int) -> None:
 
 def _model_calls(conn) -> int:
     """Model requests in the ledger (an embedding request has a row per document it served)."""
-    return conn.execute("SELECT count(DISTINCT request_id) FROM blogqa.llm_usage").fetchone()[0]
+    return conn.execute(SQL.model_calls).fetchone()[0]
 
 
 def _print_example(conn, urls: list[str]) -> None:
-    row = conn.execute(
-        "SELECT title, url, summary, questions FROM blogqa.document_qa WHERE url = ANY(%s)"
-        " ORDER BY url LIMIT 1",
-        ([normalize_url(u) for u in urls],),
-    ).fetchone()
+    row = conn.execute(SQL.example_document, ([normalize_url(u) for u in urls],)).fetchone()
     if row is None:
         return
     title, url, summary, questions = row

@@ -8,8 +8,10 @@ import json
 
 from rich.markup import escape
 
-from blogqa import db
+from blogqa import db, sql_queries
 from blogqa.config import Settings
+
+SQL = sql_queries.load(__name__)  # queries/cli_quality.sql
 
 
 def cmd_quality(args: argparse.Namespace, settings: Settings) -> int:
@@ -52,11 +54,7 @@ def _reasons_of_run(settings: Settings, run_id: str) -> list[str]:
     from blogqa import quarantine
 
     with db.connect(settings) as conn:
-        rows = conn.execute(
-            "SELECT id, url, status, quarantine_reasons FROM blogqa.url_queue"
-            " WHERE quarantined_run = %s ORDER BY id",
-            (run_id,),
-        ).fetchall()
+        rows = conn.execute(SQL.quarantined_by_run, (run_id,)).fetchall()
     return [
         f"{row_id} {status} {url}: {quarantine.describe(reasons or [])}"
         for row_id, url, status, reasons in rows

@@ -25,11 +25,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from blogqa import airflow_cli, db, queue_stats
+from blogqa import airflow_cli, db, queue_stats, sql_queries
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings
 from blogqa.errors import BlogqaError
 
 log = logging.getLogger(__name__)
+
+SQL = sql_queries.load(__name__)  # queries/runner.sql
 
 DAG_ID = "blogqa_pipeline"
 LLM_POOL = "blogqa_llm"
@@ -95,7 +97,7 @@ def metadata_revision() -> str | None:
     dsn = os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("+psycopg", "", 1)
     try:
         with psycopg.connect(dsn, connect_timeout=10) as conn:
-            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            row = conn.execute(SQL.metadata_revision).fetchone()
     except psycopg.Error:
         return None
     return row[0] if row else None
