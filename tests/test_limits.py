@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
+import email.utils
 import itertools
 import json
 import os
@@ -332,6 +334,18 @@ def test_retry_after_ms_comes_before_retry_after():
     assert retry_after_seconds({"retry-after": "9"}) == 9
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0
     assert retry_after_seconds({}) is None
+
+
+def test_retry_after_value_reads_seconds_and_http_dates():
+    """One Retry-After value, as the crawler and the model clients read it."""
+    in_an_hour = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert 3500 < limits.retry_after_value(email.utils.format_datetime(in_an_hour, True)) <= 3600
+    assert limits.retry_after_value("7") == 7
+    assert limits.retry_after_value("-3") == 0
+    # a date whose zone is -0000 parses without one: taken as UTC, not an error
+    assert limits.retry_after_value("Wed, 21 Oct 2015 07:28:00 -0000") == 0
+    assert limits.retry_after_value("soon") is None
+    assert limits.retry_after_value(None) is None
 
 
 def test_server_pause_from_status_and_headers():

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import email.utils
 import hashlib
 import ipaddress
 import logging
@@ -31,6 +29,7 @@ import httpx
 from blogqa.config import Settings
 from blogqa.errors import PageError
 from blogqa.extract import Article, NothingExtractedError, extract_article
+from blogqa.limits import retry_after_value
 from blogqa.politeness import CrawlPolicy
 
 log = logging.getLogger(__name__)
@@ -66,20 +65,6 @@ class Fetched:
     @property
     def not_modified(self) -> bool:
         return self.status == 304
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max((when - dt.datetime.now(dt.UTC)).total_seconds(), 0.0)
 
 
 def _blocked(address: str, allowed: tuple = ()) -> bool:
@@ -337,7 +322,7 @@ async def _read(
             f"HTTP {status} for {final_url}",
             stage=STAGE,
             permanent=False,
-            retry_after=_retry_after_seconds(response.headers.get("retry-after")),
+            retry_after=retry_after_value(response.headers.get("retry-after")),
         )
     if status >= 400 or status < 200 or status in REDIRECT_CODES:
         raise PageError(f"HTTP {status} for {final_url}", stage=STAGE, permanent=True)

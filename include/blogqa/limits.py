@@ -502,7 +502,13 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     if raw_ms:
         with contextlib.suppress(ValueError):
             return max(float(raw_ms) / 1000.0, 0.0)
-    raw = headers.get("retry-after")
+    return retry_after_value(headers.get("retry-after"))
+
+
+def retry_after_value(raw: str | None) -> float | None:
+    """Seconds to wait from one Retry-After value (seconds or an HTTP date; a date without
+    a zone taken as UTC); None when absent or unreadable. Shared by the model clients and
+    the crawler, so both read a server's answer the same way."""
     if not raw:
         return None
     try:
