@@ -61,9 +61,7 @@ def advance(refs: list[dict], settings: Settings) -> Step:
     from blogqa import pipeline
 
     with db.connect(settings) as conn:
-        leases = queue.renew(conn, refs, settings.lease_seconds)
-        items = store.work_items(conn, leases, settings.embed_dim)
-        pipeline.fail_missing(conn, leases, items, STAGE, settings)
+        items = pipeline.held_work_items(conn, refs, STAGE, settings)
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
         submitted = _submitted(conn, todo)
         failures, lost, running = [], set(), []

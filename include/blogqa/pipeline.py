@@ -213,6 +213,18 @@ def fail_missing(conn, leases: list[Lease], items, stage: str, settings: Setting
     )
 
 
+def held_work_items(
+    conn: psycopg.Connection, refs: list[dict], stage: str, settings: Settings
+) -> list[store.WorkItem]:
+    """How every stage after the crawl starts: renew the chunk's leases, read the work items
+    written under the ones still held, and fail the held rows that have none
+    (`fail_missing`). Returns the items, in the order of the held leases."""
+    leases = queue.renew(conn, refs, settings.lease_seconds)
+    items = store.work_items(conn, leases, settings.embed_dim)
+    fail_missing(conn, leases, items, stage, settings)
+    return items
+
+
 def hand_off(conn, refs: list[dict], settings: Settings) -> list[dict]:
     """The refs that go on, with the leases of their whole claim extended as the stage ends:
     the next task may wait a long time for a pool slot or a worker (`queue.renew_claim`)."""
@@ -614,9 +626,7 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
     as they arrive (batch mode: blogqa.batch_stage)."""
     settings = settings or task_settings()
     with db.connect(settings) as conn:
-        leases = queue.renew(conn, refs, settings.lease_seconds)
-        items = store.work_items(conn, leases, settings.embed_dim)
-        fail_missing(conn, leases, items, "summarize", settings)
+        items = held_work_items(conn, refs, "summarize", settings)
         # Rows whose result a failed earlier try of this task saved are not called again.
         todo = [i for i in items if not i.unchanged and i.llm_result is None and i.page]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
@@ -779,9 +789,7 @@ def _embed_stall_seconds(settings: Settings) -> float:
 def embed_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
     settings = settings or task_settings()
     with db.connect(settings) as conn:
-        leases = queue.renew(conn, refs, settings.lease_seconds)
-        items = store.work_items(conn, leases, settings.embed_dim)
-        fail_missing(conn, leases, items, "embed", settings)
+        items = held_work_items(conn, refs, "embed", settings)
         # Documents whose vectors a failed earlier try of this task saved are left out.
         todo = [i for i in items if not i.unchanged and i.vectors is None and i.llm_result]
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "embed")
@@ -856,10 +864,8 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
     """
     settings = settings or task_settings()
     with db.connect(settings) as conn:
-        leases = queue.renew(conn, refs, settings.lease_seconds)
+        items = held_work_items(conn, refs, "load", settings)
         ready, failures = [], []
-        items = store.work_items(conn, leases, settings.embed_dim)
-        fail_missing(conn, leases, items, "load", settings)
         for item in items:
             try:
                 store.check_complete(item)
@@ -982,9 +988,7 @@ def validate_chunk(
 
     settings = settings or task_settings()
     with db.connect(settings) as conn:
-        leases = queue.renew(conn, refs, settings.lease_seconds)
-        items = store.work_items(conn, leases, settings.embed_dim)
-        fail_missing(conn, leases, items, "validate", settings)
+        items = held_work_items(conn, refs, "validate", settings)
         checked = [item for item in items if not item.unchanged]
         verdict = quality.validate_items(checked, settings)
         quality.record(conn, run_id, map_index, verdict)
