@@ -96,12 +96,17 @@ def openai_env(openai_server, monkeypatch):
     openai_server.retry_after = "7"
     openai_server.slow_seconds = 3.0
     openai_server.floats_only = False
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{openai_server.base_url}/v1")
-    monkeypatch.setenv("OPENAI_API_KEY", openai_server.api_key)
+    use_openai_server(monkeypatch, openai_server)
+    return openai_server
+
+
+def use_openai_server(monkeypatch, server) -> None:
+    """The environment that points blogqa's real `openai` client at a test server."""
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.base_url}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
     monkeypatch.setenv("BLOGQA_LLM_PROVIDER", "openai")
     monkeypatch.setenv("BLOGQA_CHAT_MODEL", "test-chat-model")
     monkeypatch.setenv("BLOGQA_EMBED_MODEL", "text-embedding-3-small")
-    return openai_server
 
 
 def table_counts(conn) -> dict[str, int]:

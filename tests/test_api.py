@@ -747,14 +747,11 @@ def test_plugin_is_served_by_the_airflow_api_server_and_refuses_anonymous(pipeli
 def own_openai_server(monkeypatch):
     """A private OpenAI-compatible server: the session one's call counters are asserted
     against the ledger by test_dag, so this module does not add calls to them."""
+    from tests.conftest import use_openai_server
     from tests.fakes import start_openai_server
 
     server = start_openai_server()
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.base_url}/v1")
-    monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
-    monkeypatch.setenv("BLOGQA_LLM_PROVIDER", "openai")
-    monkeypatch.setenv("BLOGQA_CHAT_MODEL", "test-chat-model")
-    monkeypatch.setenv("BLOGQA_EMBED_MODEL", "text-embedding-3-small")
+    use_openai_server(monkeypatch, server)
     yield server
     server.stop()
 
