@@ -50,8 +50,9 @@ SCHEDULER_TUNING = {
     "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
     # A task's supervisor waits for its process's events at most this long between heartbeat
     # checks (default 5 s), and it may notice that the process has exited only when that
-    # wait ends: tasks that had finished their work were still "running" for up to 5 s (a
-    # skipped review at the end of every run, 5.2 s). Heartbeats stay sent only as needed.
+    # wait ends: tasks that had finished their work were still "running" for up to 5 s (the
+    # skipped review at the end of every run: bench/README.md). Heartbeats stay sent only
+    # as needed.
     "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
 }
 # the settings airflow_env tunes for latency and throughput (the bench records their values)
