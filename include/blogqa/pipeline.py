@@ -916,16 +916,16 @@ def enrich_chunk(
 
     settings = settings or task_settings()
     mode = settings.llm_mode if llm_mode == "default" else llm_mode
-    if checked_llm_mode(mode, settings.llm_provider, source="llm_mode") == "batch":
+    batched = checked_llm_mode(mode, settings.llm_provider, source="llm_mode") == "batch"
+    if batched:
         from blogqa import batch_stage
 
         step = batch_stage.advance(refs, settings)
-        if step.wait_for is not None:
+        if step.wait_for is not None:  # deferring: nothing below runs in this process
             return {"wait_for": step.wait_for}
-        importing = quality.import_in_background()
         refs = step.refs
-    else:
-        importing = quality.import_in_background()
+    importing = quality.import_in_background()
+    if not batched:
         refs = summarize_chunk(refs, settings)
     refs = embed_chunk(refs, settings)
     importing.join()
