@@ -6,6 +6,7 @@ outlives its worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -42,13 +43,44 @@ def airflow(airflow_base, redis_url):
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "60",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
     }
-    with scheduler(airflow_base, "scheduler-celery", env=celery):
-        local_airflow.start_celery_workers(airflow_base, WORKERS, concurrency=4, env=celery)
-        local_airflow.wait_for_celery_workers(airflow_base, redis_url, len(WORKERS))
-        yield airflow_base
-        for name in WORKERS:
-            if name in airflow_base.processes:
-                airflow_base.kill(name, signal.SIGTERM)
+    # The workers need only Redis and the metadata database, not the scheduler: they start
+    # (seconds of imports and preloading each) while the scheduler does.
+    local_airflow.start_celery_workers(airflow_base, WORKERS, concurrency=4, env=celery)
+    try:
+        with scheduler(airflow_base, "scheduler-celery", env=celery):
+            _wait_for_workers(airflow_base, redis_url, len(WORKERS))
+            yield airflow_base
+            _stop_workers(airflow_base)
+    finally:
+        _stop_workers(airflow_base)
+
+
+def _wait_for_workers(airflow, redis_url: str, count: int, timeout: float = 120) -> None:
+    """Until `count` workers answer a Celery ping (their consumers are up). The ping is sent
+    from this process and returns as soon as `count` replies are in: no `celery inspect`
+    process to start for each try, and no fixed reply timeout to sit out."""
+    from celery import Celery
+
+    app = Celery(broker=redis_url)
+    try:
+        airflow.poll(
+            lambda: len(app.control.ping(timeout=1.0, limit=count)) >= count,
+            timeout=timeout,
+            what=f"{count} Celery workers not up",
+            interval=0.2,
+        )
+    finally:
+        app.close()
+
+
+def _stop_workers(airflow) -> None:
+    """SIGTERM the workers still running, all at once (each takes seconds to shut down)."""
+    stopping = [airflow.processes.pop(name) for name in WORKERS if name in airflow.processes]
+    for process in stopping:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in stopping:
+        process.wait(timeout=30)
 
 
 def _outputs_are_whole(conn, urls: list[str]) -> None:
@@ -85,28 +117,45 @@ def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, ope
     _outputs_are_whole(conn, urls)
 
 
-def _running_on(client, run_id: str, worker: psutil.Process) -> list[dict]:
-    """The run's task instances running right now in `worker`'s process tree (by the pid
+def _running_on(tis: list[dict], worker: psutil.Process) -> list[dict]:
+    """The task instances in `tis` running right now in `worker`'s process tree (by the pid
     Airflow records for each)."""
     pids = {p.pid for p in worker.children(recursive=True)}
-    return [
-        ti
-        for ti in local_airflow.task_states(client, run_id)
-        if ti["state"] == "running" and ti["pid"] in pids
-    ]
+    return [ti for ti in tis if ti["state"] == "running" and ti["pid"] in pids]
+
+
+def _wait_for_the_kill(
+    client, run_id: str, worker: psutil.Process, patience: float = 5
+) -> tuple[list[dict], bool]:
+    """Wait for the moment to kill `worker`: when it runs some of the run's task instances
+    and none of them is queued, so that what the worker holds is what it runs. A task
+    queued to it and not started yet would wait out the scheduler's task_queued_timeout (a
+    minute) before it is queued again: time, and nothing the running ones do not show.
+    Should no such moment come within `patience` seconds of the worker running a task, the
+    kill comes anyway, at the next poll in which it runs one. Returns the task instances it
+    runs then, and whether nothing was queued."""
+    deadline = time.monotonic() + 120
+    first_seen = None
+    while True:
+        assert time.monotonic() < deadline, "worker-1 never ran a task"
+        tis = local_airflow.task_states(client, run_id)
+        if running := _running_on(tis, worker):
+            first_seen = first_seen or time.monotonic()
+            quiet = not any(ti["state"] == "queued" for ti in tis)
+            if quiet or time.monotonic() - first_seen > patience:
+                return running, quiet
+        time.sleep(0.1)
 
 
 def test_sigkill_of_a_worker_mid_run_loses_nothing(airflow, client, conn, page_server):
     urls = article_urls(page_server, query="celery=kill")
     run_id = local_airflow.trigger(client, {"urls": urls, "chunk_size": 3})
     victim = psutil.Process(airflow.processes["worker-1"].pid)
-    deadline = time.monotonic() + 120
-    while not (running := _running_on(client, run_id, victim)):
-        assert time.monotonic() < deadline, "worker-1 never ran a task"
-        time.sleep(0.1)
+    running, quiet = _wait_for_the_kill(client, run_id, victim)
     descendants = victim.children(recursive=True)
 
     os.kill(victim.pid, signal.SIGKILL)  # the worker alone, as the OOM killer would
+    print(f"killed worker-1 running {len(running)} task(s); nothing queued: {quiet}")
     airflow.processes.pop("worker-1").wait(10)
 
     _gone, alive = psutil.wait_procs(descendants, timeout=15)
