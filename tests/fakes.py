@@ -296,6 +296,7 @@ class OpenAIHandler(_Handler):
             with server.lock:
                 server.embedding_calls += 1
                 server.embedding_inputs += len(body["input"])
+                server.embedding_requests.append((body["model"], body.get("dimensions", 1536)))
                 behaviour = server.embedding_script.pop(0) if server.embedding_script else "ok"
             if behaviour == "garbage":
                 return self._garbage()
@@ -437,6 +438,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.floats_only = False  # like servers that ignore encoding_format
     server.models = ["test-chat-model", "text-embedding-3-small"]  # GET /v1/models
     server.chat_calls = server.embedding_calls = server.embedding_inputs = 0
+    server.embedding_requests = []  # (model, dimensions) of each embeddings request
     server.chat_log = []  # (arrival, completion, behaviour) of each chat call, monotonic
     server.chat_inflight = server.chat_max_inflight = 0
     server.header_script = []  # extra response headers of the next chat calls, one dict each

@@ -24,7 +24,17 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from blogqa import cli_fresh, cli_quality, db, export, queue, queue_admin, queue_stats, sql_queries
+from blogqa import (
+    cli_fresh,
+    cli_quality,
+    cli_vectors,
+    db,
+    export,
+    queue,
+    queue_admin,
+    queue_stats,
+    sql_queries,
+)
 from blogqa.config import DEFAULT_CHUNK_SIZE, Settings, load_settings
 from blogqa.errors import BlogqaError
 from blogqa.urls import InvalidURLError, normalize_url
@@ -683,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(sub)  # blogqa export (export.py)
     cli_quality.register(sub)  # blogqa quality, blogqa quarantine (cli_quality.py)
     cli_fresh.register(sub)  # blogqa reprocess, blogqa sources (cli_fresh.py)
+    cli_vectors.register(sub)  # blogqa vectors (cli_vectors.py)
     return parser
 
 

@@ -143,12 +143,16 @@ def airflow_dsn(settings: Settings, name: str = AIRFLOW_DATABASE) -> str:
 
 
 @contextmanager
-def connect(settings: Settings, *, migrate_first: bool = True) -> Iterator[psycopg.Connection]:
+def connect(
+    settings: Settings, *, migrate_first: bool = True, check_vectors: bool = True
+) -> Iterator[psycopg.Connection]:
     """An autocommit connection (writes use explicit `conn.transaction()` blocks) to blogqa's
-    database, with the schema migrated and pgvector registered."""
+    database, with the schema migrated and pgvector registered. `check_vectors=False` skips
+    the check that the settings name the active vector set (for `blogqa vectors`, which
+    changes it)."""
     dsn = database_dsn(settings)
     if migrate_first and dsn not in _migrated:
-        migrate(settings)
+        migrate(settings, check_vectors=check_vectors)
     with psycopg.connect(dsn, application_name="blogqa", autocommit=True) as conn:
         register_vector(conn)
         yield conn
@@ -166,7 +170,7 @@ def migration_files() -> list[tuple[int, str, Traversable]]:
     return found
 
 
-def migrate(settings: Settings) -> list[str]:
+def migrate(settings: Settings, *, check_vectors: bool = True) -> list[str]:
     """Apply pending migrations in order, under an advisory lock; return the ones applied."""
     dsn = database_dsn(settings)
     applied: list[str] = []
@@ -184,18 +188,40 @@ def migrate(settings: Settings) -> list[str]:
                 conn.execute(ddl)
                 conn.execute(SQL.record_migration, (version, name))
                 applied.append(f"{version:03d}_{name}")
-        _check_embed_dim(conn, settings)
+        _follow_configured_model(conn, settings)
+        if check_vectors:
+            check_vector_set(conn, settings)
     _migrated.add(dsn)
     return applied
 
 
-def _check_embed_dim(conn: psycopg.Connection, settings: Settings) -> None:
-    row = conn.execute(SQL.embed_dim).fetchone()
-    if row and int(row[0]) != settings.embed_dim:
+def _follow_configured_model(conn: psycopg.Connection, settings: Settings) -> None:
+    with conn.transaction():
+        conn.execute(SQL.follow_configured_model, (settings.embed_model, settings.embed_model))
+
+
+def check_vector_set(conn: psycopg.Connection, settings: Settings) -> None:
+    """BLOGQA_EMBED_DIM must be the active vector set's dimension (migration 013), and once
+    `blogqa vectors` has made another set, BLOGQA_EMBED_MODEL its model: otherwise the
+    pipeline would write vectors of another size or model into its columns."""
+    row = conn.execute(SQL.active_vector_set).fetchone()
+    if row is None:
+        return
+    set_id, model, dim, pinned = row
+    if int(dim) == settings.embed_dim and (not pinned or model == settings.embed_model):
+        return
+    if not pinned:
         raise SchemaMismatchError(
-            f"the database stores {row[0]}-dimensional embeddings but BLOGQA_EMBED_DIM="
-            f"{settings.embed_dim}; set BLOGQA_EMBED_DIM={row[0]} or point blogqa at a new database"
+            f"the database stores {dim}-dimensional embeddings but BLOGQA_EMBED_DIM="
+            f"{settings.embed_dim}; set BLOGQA_EMBED_DIM={dim}, or embed the new size beside "
+            "the stored vectors with `blogqa vectors create` (docs/freshness.md)"
         )
+    raise SchemaMismatchError(
+        f"the database's active vector set is set {set_id}: {model}, {dim} dimensions; "
+        f"BLOGQA_EMBED_MODEL={settings.embed_model} and BLOGQA_EMBED_DIM={settings.embed_dim} "
+        f"here. Set BLOGQA_EMBED_MODEL={model} and BLOGQA_EMBED_DIM={dim}, or switch sets with "
+        "`blogqa vectors switch ID` (`blogqa vectors list`)"
+    )
 
 
 def schema_version(conn: psycopg.Connection) -> int:

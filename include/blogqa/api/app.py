@@ -27,14 +27,15 @@ unavailable". A ready schema is remembered per process, so it costs nothing per 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
@@ -66,6 +67,7 @@ from blogqa.llm import LLMConfigurationError, ModelCall
 from blogqa.queue import STATUSES
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BODY_BYTES = 64 * 1024
 TOKEN_ENV = "BLOGQA_API_TOKEN"
@@ -109,6 +111,10 @@ class Database:
     # While the schema is not ready, requests reuse the last verdict for this long, so a
     # client retrying in a loop costs one query per interval, not one per request.
     schema_recheck_seconds = 3.0
+    # How long the active vector set read from the database is reused. A switch is seen
+    # within this long; a query embedded for the old set in between is answered from the new
+    # one's vectors when the dimension is the same, and retried when it is not (search_with).
+    vector_set_recheck_seconds = 2.0
 
     def __init__(self, settings: Settings | None, *, in_airflow: bool = False) -> None:
         self._settings = settings
@@ -122,6 +128,8 @@ class Database:
         self._schema_checked = float("-inf")  # time.monotonic() of that verdict
         # pooled connections opened before pgvector was installed (`blogqa init` not run yet)
         self._without_vector: weakref.WeakSet = weakref.WeakSet()
+        self._vector_set: tuple | None = None  # the last read of the active vector set
+        self._vector_set_read = float("-inf")
 
     @property
     def settings(self) -> Settings:
@@ -251,6 +259,36 @@ class Database:
             state = await self.check_schema()
         if not state.ready:
             raise SchemaNotReadyError(state.message)
+
+    async def search_settings(self) -> Settings:
+        """The settings a query is embedded with: the active vector set's model and dimension
+        once `blogqa vectors` has made another set (so the API follows a switch without a
+        restart), else the configured ones (migration 013)."""
+        if time.monotonic() - self._vector_set_read >= self.vector_set_recheck_seconds:
+            async with self.connection() as conn:
+                cur = await conn.execute(db.SQL.active_vector_set)
+                self._vector_set = await cur.fetchone()
+            self._vector_set_read = time.monotonic()
+        row = self._vector_set
+        if row is None or not row[3]:
+            return self.settings
+        return dataclasses.replace(self.settings, embed_model=row[1], embed_dim=int(row[2]))
+
+    def forget_vector_set(self) -> None:
+        self._vector_set_read = float("-inf")
+
+    async def search_with(self, attempt: Callable[[Settings], Awaitable[T]]) -> T:
+        """`attempt(search_settings)`, once more after reading the active set again when the
+        stored vectors have another dimension than the query's: a switch committed between
+        the read and the search."""
+        try:
+            return await attempt(await self.search_settings())
+        except psycopg.errors.DataException as exc:
+            if "different vector dimensions" not in str(exc):
+                raise
+            log.info("stage=api the active vector set changed during a search: retried")
+            self.forget_vector_set()
+            return await attempt(await self.search_settings())
 
     async def record_usage(self, calls: list[ModelCall]) -> None:
         """Append model calls to blogqa.llm_usage through the ledger pool."""
@@ -513,18 +551,18 @@ async def search_similar(
     request: Request, database: DatabaseDep, body: models.SimilarRequest
 ) -> models.SimilarResponse:
     """Documents ranked by cosine similarity (pgvector HNSW) to a text or to a stored URL."""
-    vector = None
-    if body.text is not None:  # a model call: before taking a pooled connection
-        client = request.app.state.model_clients.embed(database.settings)
-        vector, _ = await search.embed_query_async(database.settings, body.text, client=client)
-    async with database.connection() as conn:
-        return await queries.similar(
-            conn,
-            database.settings,
-            body,
-            vector=vector,
-            session_ef_search=database.session_ef_search,
-        )
+
+    async def attempt(settings: Settings) -> models.SimilarResponse:
+        vector = None
+        if body.text is not None:  # a model call: before taking a pooled connection
+            client = request.app.state.model_clients.embed(settings)
+            vector, _ = await search.embed_query_async(settings, body.text, client=client)
+        async with database.connection() as conn:
+            return await queries.similar(
+                conn, settings, body, vector=vector, session_ef_search=database.session_ef_search
+            )
+
+    return await database.search_with(attempt)
 
 
 @router.post("/qa/ask", response_model=models.AskResponse, tags=["search"])
@@ -533,16 +571,21 @@ async def ask(
 ) -> models.AskResponse:
     """Answer from the top-k chunks only, with the configured chat model (offline: the
     best-matching sentence). Token usage is recorded in blogqa.llm_usage, stage 'ask'."""
-    settings = database.settings
     clients = request.app.state.model_clients
-    # the model calls run without holding a pooled connection; only the search takes one
-    vector, embed_call = await search.embed_query_async(
-        settings, body.question, client=clients.embed(settings)
-    )
-    async with database.connection() as conn:
-        chunks = await queries.ask_sources(
-            conn, settings, body, vector, session_ef_search=database.session_ef_search
+
+    async def sources(settings: Settings) -> tuple:
+        # the model calls run without holding a pooled connection; only the search takes one
+        vector, embed_call = await search.embed_query_async(
+            settings, body.question, client=clients.embed(settings)
         )
+        async with database.connection() as conn:
+            chunks = await queries.ask_sources(
+                conn, settings, body, vector, session_ef_search=database.session_ef_search
+            )
+        return chunks, embed_call
+
+    chunks, embed_call = await database.search_with(sources)
+    settings = database.settings
     response, calls = await answers.ask_answer(
         settings, body, chunks, embed_call, client=clients.chat(settings)
     )

@@ -99,12 +99,17 @@ async def widget_ask(request: Request, body: models.WidgetAskRequest) -> models.
     clients = request.app.state.model_clients
     async with database.connection() as conn:
         document_id, _ = await page(conn, body.url)
-    # the model call runs without holding a pooled connection
-    vector, embed_call = await search.embed_query_async(
-        settings, body.question, client=clients.embed(settings)
-    )
-    async with database.connection() as conn:
-        chunks = await search.document_chunks_async(conn, vector, document_id, PASSAGES)
+
+    async def passages_for(search_settings) -> tuple:
+        # the model call runs without holding a pooled connection
+        vector, embed_call = await search.embed_query_async(
+            search_settings, body.question, client=clients.embed(search_settings)
+        )
+        async with database.connection() as conn:
+            found = await search.document_chunks_async(conn, vector, document_id, PASSAGES)
+        return found, embed_call
+
+    chunks, embed_call = await database.search_with(passages_for)
     passages = [answering.Passage(c.title, c.url, c.text, c.score) for c in chunks]
     result = await answering.answer_question(
         settings, body.question, passages, client=clients.chat(settings)

@@ -23,9 +23,18 @@ SELECT version FROM blogqa.schema_migrations
 -- name: record_migration
 INSERT INTO blogqa.schema_migrations (version, name) VALUES (%s, %s)
 
--- The embedding dimension the vector columns were created with (set by 002_outputs.sql).
--- name: embed_dim
-SELECT value FROM blogqa.settings WHERE key = 'embed_dim'
-
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM blogqa.schema_migrations
+
+-- While set 1 is the only vector set (`blogqa vectors create` never used), it follows
+-- BLOGQA_EMBED_MODEL: a new model there is re-embedded in place (`blogqa reprocess --cause
+-- embeddings`), as before vector sets existed. Once there is another set, the model of each
+-- is fixed, and the settings must name the active one.
+-- name: follow_configured_model
+UPDATE blogqa.vector_sets SET embed_model = %s
+WHERE state = 'active' AND embed_model IS DISTINCT FROM %s
+  AND NOT EXISTS (SELECT 1 FROM blogqa.vector_sets WHERE id > 1)
+
+-- name: active_vector_set
+SELECT id, embed_model, embed_dim, EXISTS (SELECT 1 FROM blogqa.vector_sets WHERE id > 1)
+FROM blogqa.vector_sets WHERE state = 'active'
