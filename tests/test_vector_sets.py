@@ -247,8 +247,9 @@ def test_switching_back_and_the_guards(own_database, openai_env, page_server, ca
             vector_sets.switch(conn, settings, 1)
         with pytest.raises(vector_sets.VectorSetError, match="no vector set 9"):
             vector_sets.build(conn, settings, 9)
-        vector_sets.build(conn, settings, second.id)
-        vector_sets.switch(conn, settings, second.id)
+    done = cli_json("build", "2", "--switch", capsys=capsys)
+    assert done["build"]["built_at"] is not None
+    assert (done["switch"]["active"]["id"], done["switch"]["caught_up"]) == (2, 0)
 
     # back to set 1: the page loaded meanwhile (into set 2 only) is embedded for set 1 by the
     # switch, with set 1's model

@@ -15,11 +15,11 @@ GET. `blogqa reprocess` (and the DAG's `reprocess` param) requeues stored docume
 force the stages named even when the stored rows look current (a prompt edited without a new
 version). `redo` is cleared when the row is done.
 
-Re-embedding is done in place: the new vectors replace the old ones document by document as
-the load commits, so until every document is done the tables mix vectors of two models
-(searches across them are meaningless for that while). A side-by-side vector set switched
-over when complete is not built; neither is a change of BLOGQA_EMBED_DIM, which the vector
-columns' type fixes (migration 002) and which needs a new database.
+Re-embedding here is done in place: the new vectors replace the old ones document by
+document as the load commits, so until every document is done the tables mix vectors of two
+models. That is possible while set 1 is the only vector set and the dimension stays. A new
+model embedded beside the active one and switched to when complete, or a new dimension, is
+`blogqa vectors` (blogqa.vector_sets).
 """
 
 from __future__ import annotations
