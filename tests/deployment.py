@@ -94,34 +94,33 @@ def revive(airflow: local_airflow.LocalAirflow) -> None:
 
 @contextlib.contextmanager
 def scheduler(
-    airflow: local_airflow.LocalAirflow, name: str = "scheduler", env: dict | None = None
+    airflow: local_airflow.LocalAirflow,
+    name: str = "scheduler",
+    env: dict | None = None,
+    *,
+    triggerer: bool = False,
 ) -> Iterator[None]:
-    """A scheduler (its executor from `env`) for the duration of a test module."""
+    """A scheduler (its executor from `env`) for the duration of a test module; with
+    `triggerer`, Airflow's triggerer too (deferred tasks: batch mode's wait), started with
+    the scheduler rather than after it (neither waits for the other, and each takes seconds
+    of imports to come up)."""
     revive(airflow)
     launched = time.time()
     airflow.start(name, "scheduler", env=env)
+    if triggerer:
+        airflow.start("triggerer")
     try:
         airflow.wait_scheduler(launched)
+        if triggerer:
+            airflow.wait_ready(components=("triggerer",))
         yield
     except BaseException:
         print_logs(airflow)
         raise
     finally:
-        if name in airflow.processes:
-            airflow.kill(name, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def triggerer(airflow: local_airflow.LocalAirflow, env: dict | None = None) -> Iterator[None]:
-    """Airflow's triggerer (deferred tasks: batch mode's wait) for a test module."""
-    airflow.start("triggerer", env=env)
-    try:
-        airflow.wait_ready(components=("triggerer",))
-        yield
-    finally:
-        if "triggerer" in airflow.processes:
-            airflow.kill("triggerer", signal.SIGTERM)
-            airflow.processes.pop("triggerer", None)
+        for component in ("triggerer", name) if triggerer else (name,):
+            if component in airflow.processes:
+                airflow.kill(component, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -144,6 +143,7 @@ def scheduled(
             ),
             timeout=120,
             what=f"the DAG's timetable is not {summary}",
+            interval=0.2,
         )
 
     restart_dag_processor({"BLOGQA_SCHEDULE": cron}, cron)

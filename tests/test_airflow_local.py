@@ -22,7 +22,6 @@ from tests.deployment import (
     scheduled,
     scheduler,
     states_by_task,
-    triggerer,
 )
 from tests.fake_batches import reset_batch_state
 from tests.fakes import ARTICLE_FILES
@@ -33,7 +32,7 @@ local = {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "BLOGQA_BATCH_POLL_SECONDS"
 
 @pytest.fixture(scope="module")
 def airflow(airflow_base):
-    with scheduler(airflow_base, env=local), triggerer(airflow_base):
+    with scheduler(airflow_base, env=local, triggerer=True):
         yield airflow_base
 
 
