@@ -11,6 +11,7 @@ pipeline (httpx, psycopg, openai, tokenizers, Great Expectations) is imported in
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pendulum
@@ -55,6 +56,37 @@ def _pipeline():
 
     lifecycle.die_with_parent()
     return pipeline
+
+
+@contextmanager
+def _no_retry_for_settings():
+    """A ConfigError fails the task without retries: a retry would find the same. It is a
+    setting, or settings that do not match the database (another embedding model or
+    dimension than the active vector set's)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def _claim(context) -> list[list[dict]]:
+    params = context["params"]
+    pipeline = _pipeline()
+    try:
+        reprocessed = pipeline.reprocess_interval(
+            params.get("reprocess", "none"),
+            context.get("data_interval_start"),
+            context.get("data_interval_end"),
+        )
+    except pipeline.NoIntervalError as exc:
+        raise AirflowFailException(str(exc)) from None  # a retry would find the same
+    enqueued = pipeline.enqueue_urls(params["urls"], force=params.get("force", False))
+    enqueued["reprocess"] = reprocessed
+    if params.get("discover", True):
+        enqueued["discovered"] = pipeline.discover()
+    enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
+    context["ti"].xcom_push(key="enqueued", value=enqueued)  # shown in the task's XCom tab
+    return pipeline.claim_chunks(params["max_urls"], params["chunk_size"], run_id=context["run_id"])
 
 
 def _label(chunk: list[dict]) -> None:
@@ -248,33 +280,16 @@ def blogqa_pipeline():
         task, not two: every hop costs a task process and a scheduler round on a small
         machine. Both halves are safe to retry: what is already queued is not added twice,
         and rows a failed try claimed come back when their leases lapse, at no attempt."""
-        context = get_current_context()
-        params = context["params"]
-        pipeline = _pipeline()
-        try:
-            reprocessed = pipeline.reprocess_interval(
-                params.get("reprocess", "none"),
-                context.get("data_interval_start"),
-                context.get("data_interval_end"),
-            )
-        except pipeline.NoIntervalError as exc:
-            raise AirflowFailException(str(exc)) from None  # a retry would find the same
-        enqueued = pipeline.enqueue_urls(params["urls"], force=params.get("force", False))
-        enqueued["reprocess"] = reprocessed
-        if params.get("discover", True):
-            enqueued["discovered"] = pipeline.discover()
-        enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
-        context["ti"].xcom_push(key="enqueued", value=enqueued)  # shown in the task's XCom tab
-        return pipeline.claim_chunks(
-            params["max_urls"], params["chunk_size"], run_id=context["run_id"]
-        )
+        with _no_retry_for_settings():
+            return _claim(get_current_context())
 
     @task_group(group_id="process")
     def process(chunk: list[dict]):
         @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
         def crawl(chunk: list[dict]) -> list[dict]:
             _label(chunk)
-            return _pipeline().crawl_chunk(chunk)
+            with _no_retry_for_settings():
+                return _pipeline().crawl_chunk(chunk)
 
         enrich = Enrich(
             task_id="enrich",

@@ -16,8 +16,9 @@ class ConfigError(BlogqaError):
     """A setting is missing or malformed; the message names the variable to fix."""
 
 
-class SchemaMismatchError(BlogqaError):
-    """The database was built for different settings than the current ones."""
+class SchemaMismatchError(ConfigError):
+    """The database was built for different settings than the current ones (a retry with
+    the same settings finds the same)."""
 
 
 class ExtractionPoolError(BlogqaError):

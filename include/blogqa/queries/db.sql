@@ -26,15 +26,17 @@ INSERT INTO blogqa.schema_migrations (version, name) VALUES (%s, %s)
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM blogqa.schema_migrations
 
--- While set 1 is the only vector set (`blogqa vectors create` never used), it follows
--- BLOGQA_EMBED_MODEL: a new model there is re-embedded in place (`blogqa reprocess --cause
--- embeddings`), as before vector sets existed. Once there is another set, the model of each
--- is fixed, and the settings must name the active one.
+-- While set 1 is the only vector set with columns (no other set building or retired), it
+-- follows BLOGQA_EMBED_MODEL: a new model there is re-embedded in place (`blogqa reprocess
+-- --cause embeddings`), as before vector sets existed. Otherwise the model of each set is
+-- fixed ("pinned"), and the settings must name the active one.
 -- name: follow_configured_model
 UPDATE blogqa.vector_sets SET embed_model = %s
-WHERE state = 'active' AND embed_model IS DISTINCT FROM %s
-  AND NOT EXISTS (SELECT 1 FROM blogqa.vector_sets WHERE id > 1)
+WHERE id = 1 AND state = 'active' AND embed_model IS DISTINCT FROM %s
+  AND NOT EXISTS (SELECT 1 FROM blogqa.vector_sets WHERE state IN ('building', 'retired'))
 
 -- name: active_vector_set
-SELECT id, embed_model, embed_dim, EXISTS (SELECT 1 FROM blogqa.vector_sets WHERE id > 1)
+SELECT id, embed_model, embed_dim,
+       id > 1 OR EXISTS (SELECT 1 FROM blogqa.vector_sets
+                         WHERE state IN ('building', 'retired')) AS pinned
 FROM blogqa.vector_sets WHERE state = 'active'

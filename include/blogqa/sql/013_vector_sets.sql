@@ -20,8 +20,9 @@
 -- The columns of a set other than the active one are nullable; the active set's are kept
 -- non-null by the check `<table>_embedding_present` (NOT NULL for set 1 until its first
 -- switch).
--- While set 1 is the only set, its model follows BLOGQA_EMBED_MODEL (a change re-embeds in
--- place, as before this migration). Once `blogqa vectors create` has made another set, the
+-- While set 1 is the only set with columns, its model follows BLOGQA_EMBED_MODEL (a change
+-- re-embeds in place, as before this migration). Once `blogqa vectors create` has made another
+-- set (until it is dropped and set 1 is active again), the
 -- pipeline checks on start that BLOGQA_EMBED_MODEL and BLOGQA_EMBED_DIM name the active set
 -- (blogqa.db), so nothing writes vectors of another model or size into it.
 CREATE TABLE blogqa.vector_sets (
