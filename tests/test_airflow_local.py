@@ -248,3 +248,45 @@ def test_unreachable_results_database_fails_the_tasks_and_the_run(
     assert conn.execute(
         "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
     ).fetchone() == (0,)
+
+
+def test_settings_naming_another_vector_set_fail_the_run_at_once(
+    airflow, client, conn, page_server, openai_env
+):
+    """After `blogqa vectors switch`, a deployment still configured for the old embedding
+    model must not write its vectors into the new active set: its claim task fails without
+    retries, with a message naming the active set, and the run is red. (Set 2 keeps the
+    dimension, and the test switches back and drops it, so the shared tables stay as they
+    were for the other tests.)"""
+    from blogqa import db, vector_sets
+    from blogqa.config import load_settings
+
+    settings = load_settings()
+    url = article_urls(page_server, ["07-raised-bed-soil.html"], query="vectors")[0]
+    with db.connect(settings, check_vectors=False) as admin:
+        made = vector_sets.create(admin, "text-embedding-3-large", settings.embed_dim)
+        try:
+            vector_sets.build(admin, settings, made.id)
+            vector_sets.switch(admin, settings, made.id)
+
+            run_id, state = run_to_end(airflow, client, {"urls": [url]}, timeout=180)
+
+            assert state == "failed"
+            [claim] = [
+                t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "claim"
+            ]
+            assert (claim["state"], claim["try_number"]) == ("failed", 1)  # no retries
+            log = client.get(
+                f"/api/v2/dags/blogqa_pipeline/dagRuns/{run_id}/taskInstances/claim/logs/1",
+                params={"full_content": "true"},
+                headers={"Accept": "application/json"},
+            )
+            assert log.status_code == 200
+            assert f"active vector set is set {made.id}: text-embedding-3-large" in log.text
+            assert conn.execute(
+                "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
+            ).fetchone() == (0,)
+        finally:
+            if vector_sets.active(admin).id == made.id:
+                vector_sets.switch(admin, settings, 1)
+            vector_sets.drop(admin, made.id)
