@@ -247,6 +247,11 @@ def test_switching_back_and_the_guards(own_database, openai_env, page_server, ca
             vector_sets.switch(conn, settings, 1)
         with pytest.raises(vector_sets.VectorSetError, match="no vector set 9"):
             vector_sets.build(conn, settings, 9)
+        with db.connect(settings) as other:  # another session building the same set
+            lock = (vector_sets.BUILD_LOCK, second.id)
+            assert other.execute("SELECT pg_try_advisory_lock(%s, %s)", lock).fetchone()[0]
+            with pytest.raises(vector_sets.VectorSetError, match="being built by another"):
+                vector_sets.build(conn, settings, second.id)
     done = cli_json("build", "2", "--switch", capsys=capsys)
     assert done["build"]["built_at"] is not None
     assert (done["switch"]["active"]["id"], done["switch"]["caught_up"]) == (2, 0)

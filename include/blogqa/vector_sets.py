@@ -51,6 +51,7 @@ TABLES = ("summaries", "questions", "chunks")
 CATCH_UP_LIMIT = 1000
 # How long a switch waits for its locks before giving up (a long reader holds the tables).
 SWITCH_LOCK_TIMEOUT = "10s"
+BUILD_LOCK = 0x62716176  # the advisory lock class of builds (the set's id is the key)
 
 
 # The rows of each table without a vector in a set, and the statement saving theirs.
@@ -279,20 +280,28 @@ def build(conn: psycopg.Connection, settings: Settings, set_id: int) -> BuildRep
         raise VectorSetError(
             f"set {set_id} is {vector_set.state}: only a building or retired set is built"
         )
+    if not conn.execute(SQL.try_build_lock, (BUILD_LOCK, set_id)).fetchone()[0]:
+        raise VectorSetError(f"set {set_id} is being built by another process: wait for it")
     report = BuildReport(vector_set)
-    asyncio.run(_embed_missing(conn, vector_set, settings, report))
-    names = Names.of(vector_set)
+    try:
+        asyncio.run(_embed_missing(conn, vector_set, settings, report))
+        _build_indexes(conn, Names.of(vector_set))
+    finally:
+        conn.execute(SQL.build_unlock, (BUILD_LOCK, set_id))
+    report.missing = missing(conn, vector_set)
+    if not any(n for n, _ in report.missing.values()):
+        conn.execute(SQL.mark_built, (set_id,))
+    report.vector_set = get(conn, set_id)
+    return report
+
+
+def _build_indexes(conn: psycopg.Connection, names: Names) -> None:
     for table in TABLES:
         index = names.index(table)
         valid = conn.execute(SQL.index_valid, (index,)).fetchone()
         if valid is not None and not valid[0]:
             conn.execute(_query(SQL.drop_index, index=index))
         conn.execute(_query(SQL.create_index, index=index, table=table, vec=names.vec))
-    report.missing = missing(conn, vector_set)
-    if not any(n for n, _ in report.missing.values()):
-        conn.execute(SQL.mark_built, (set_id,))
-    report.vector_set = get(conn, set_id)
-    return report
 
 
 @dataclass

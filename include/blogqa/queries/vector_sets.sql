@@ -140,3 +140,11 @@ WHERE dep.classid = 'pg_rewrite'::regclass
 
 -- name: replace_view
 CREATE OR REPLACE VIEW {view} AS {definition}
+
+-- One build of a set at a time (two would pay for the same vectors): a session lock on
+-- (blogqa.vector_sets.BUILD_LOCK, the set's id), released when the build ends.
+-- name: try_build_lock
+SELECT pg_try_advisory_lock(%s, %s)
+
+-- name: build_unlock
+SELECT pg_advisory_unlock(%s, %s)
