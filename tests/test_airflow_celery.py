@@ -42,6 +42,9 @@ def airflow(airflow_base, redis_url):
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "60",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
+        # The killed worker's running tasks are noticed at the first check after their
+        # heartbeat timeout (pipeline_env): checked every second, not every 5 s (a query).
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "1",
     }
     # The workers need only Redis and the metadata database, not the scheduler: they start
     # (seconds of imports and preloading each) while the scheduler does.
