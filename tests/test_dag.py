@@ -177,3 +177,41 @@ def test_unreachable_database_fails_the_task_instead_of_the_urls(settings):
     down = dataclasses.replace(settings, database_url="postgresql://postgres@127.0.0.1:9/blogqa")
     with pytest.raises(psycopg.OperationalError):
         pipeline.crawl_chunk([{"id": 1, "token": "00000000-0000-0000-0000-000000000000"}], down)
+
+
+def test_a_chunk_is_enriched_in_waves_loading_while_it_summarizes(
+    conn, page_server, openai_env, monkeypatch
+):
+    """One chunk of 12 pages with one model request in flight per task: summarized in 3
+    waves of 4, each wave embedded, validated and loaded while the next one's chat calls
+    run. Every page is loaded once, with one chat call; the first wave's pages are in the
+    tables before the last chat call has answered (the next two waves' 8 calls take 8 s or
+    more); each wave's validations are kept."""
+    from blogqa import pipeline
+    from blogqa.config import load_settings
+    from tests.fakes import ARTICLE_FILES
+
+    monkeypatch.setenv("BLOGQA_LLM_CONCURRENCY", "1")
+    monkeypatch.setenv("BLOGQA_LLM_POOL_SLOTS", "1")  # one lane: the 12 pages are one chunk
+    openai_env.latency = 1.0  # each wave's 4 chat calls take 4 s or more
+    settings = load_settings()
+    assert pipeline.enrich_waves(12, settings) == 3
+    urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_FILES[:12]]
+    chat_before = openai_env.chat_calls
+
+    tally = runner.run_pipeline(settings, urls=urls, chunk_size=12)
+
+    assert tally.failed_runs == [] and tally.by_status == {"done": 12}
+    assert openai_env.chat_calls - chat_before == 12
+    counts = table_counts(conn)
+    assert counts["documents"] == counts["summaries"] == 12 and counts["work_items"] == 0
+    first_load, last_answer = conn.execute(
+        "SELECT (SELECT min(created_at) FROM blogqa.documents),"
+        " (SELECT max(created_at) FROM blogqa.llm_usage WHERE stage = 'summarize')"
+    ).fetchone()
+    assert first_load < last_answer
+    validations, suites = conn.execute(
+        "SELECT count(*), count(DISTINCT suite) FROM blogqa.quality_validations"
+        " WHERE map_index = 0 AND run_id = (SELECT max(last_run_id) FROM blogqa.url_queue)"
+    ).fetchone()
+    assert suites > 0 and validations == 3 * suites
