@@ -231,25 +231,6 @@ def _runs_until_done(airflow, client, run_type: str) -> list[dict]:
     return airflow.poll(finished, timeout=240, what=f"{run_type} runs not finished")
 
 
-def test_unreachable_results_database_fails_the_tasks_and_the_run(
-    airflow, client, conn, page_server
-):
-    """Infrastructure failure: a scheduler whose tasks cannot reach the results database.
-    The tasks fail (after their retries) and the run is red; no URL is charged an attempt."""
-    url = article_urls(page_server, ["07-raised-bed-soil.html"])[0]
-    airflow.kill("scheduler", signal.SIGTERM)
-    no_db = {"BLOGQA_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/blogqa"}
-    with scheduler(airflow, "scheduler-no-db", env={**local, **no_db}):
-        run_id, state = run_to_end(airflow, client, {"urls": [url]}, timeout=180)
-    assert state == "failed"
-    [claim] = [t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "claim"]
-    assert claim["state"] == "failed"
-    assert claim["try_number"] == 4  # the first try and Airflow's 3 retries
-    assert conn.execute(
-        "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
-    ).fetchone() == (0,)
-
-
 def test_settings_naming_another_vector_set_fail_the_run_at_once(
     airflow, client, conn, page_server, openai_env
 ):
@@ -290,3 +271,22 @@ def test_settings_naming_another_vector_set_fail_the_run_at_once(
             if vector_sets.active(admin).id == made.id:
                 vector_sets.switch(admin, settings, 1)
             vector_sets.drop(admin, made.id)
+
+
+def test_unreachable_results_database_fails_the_tasks_and_the_run(
+    airflow, client, conn, page_server
+):
+    """Infrastructure failure: a scheduler whose tasks cannot reach the results database.
+    The tasks fail (after their retries) and the run is red; no URL is charged an attempt."""
+    url = article_urls(page_server, ["07-raised-bed-soil.html"])[0]
+    airflow.kill("scheduler", signal.SIGTERM)
+    no_db = {"BLOGQA_DATABASE_URL": "postgresql://postgres@127.0.0.1:9/blogqa"}
+    with scheduler(airflow, "scheduler-no-db", env={**local, **no_db}):
+        run_id, state = run_to_end(airflow, client, {"urls": [url]}, timeout=180)
+    assert state == "failed"
+    [claim] = [t for t in local_airflow.task_states(client, run_id) if t["task_id"] == "claim"]
+    assert claim["state"] == "failed"
+    assert claim["try_number"] == 4  # the first try and Airflow's 3 retries
+    assert conn.execute(
+        "SELECT count(*) FROM blogqa.url_queue WHERE url = %s", (url,)
+    ).fetchone() == (0,)
