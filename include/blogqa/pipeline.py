@@ -925,71 +925,12 @@ def enrich_chunk(
             return {"wait_for": step.wait_for}
         refs = step.refs
     importing = quality.import_in_background()
-    if batched:  # the batch's results are all there: one wave
-        return _finish_wave(refs, run_id, map_index, settings, importing, first=True)
-    waves = _split(refs, enrich_waves(len(refs), settings))
-    results = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-finish") as finisher:
-        pending = None
-        for number, wave in enumerate(waves):
-            summarized = summarize_chunk(wave, settings)
-            if pending is not None:
-                results.append(pending.result())
-            pending = finisher.submit(
-                _finish_wave, summarized, run_id, map_index, settings, importing, number == 0
-            )
-        if pending is not None:
-            results.append(pending.result())
-    return _merge_loads(results)
-
-
-# A wave per this many documents per model request the task may have in flight, at most
-# ENRICH_MAX_WAVES: fewer, and the last wave's embed/validate/load after the final chat call
-# is long; more, and each wave ends with requests slots left idle while its last calls run.
-ENRICH_WAVE_ROUNDS = 4
-ENRICH_MAX_WAVES = 4
-
-
-def enrich_waves(n: int, settings: Settings) -> int:
-    """How many waves a chunk of `n` documents is enriched in.
-
-    A chunk is summarized in waves, and each summarized wave is embedded, validated and
-    loaded in a second thread while the next wave's chat calls run. Loading is bound by
-    PostgreSQL maintaining the HNSW indexes (CPU), chat calls by the model's latency: done
-    one after the other for the whole chunk, every chunk of a run loaded at the same moment
-    after its chat calls, with the CPU busy and the model idle (bench/README.md)."""
-    per_wave = ENRICH_WAVE_ROUNDS * max(settings.llm_concurrency, 1)
-    return max(1, min(ENRICH_MAX_WAVES, n // per_wave))
-
-
-def _finish_wave(
-    refs: list[dict],
-    run_id: str,
-    map_index: int,
-    settings: Settings,
-    importing,
-    first: bool,
-) -> dict:
-    """Embed, validate and load one summarized wave. The first wave's validation replaces
-    what an earlier try of the task recorded for the chunk; later waves add to it."""
+    if not batched:
+        refs = summarize_chunk(refs, settings)
     refs = embed_chunk(refs, settings)
     importing.join()
-    refs = validate_chunk(refs, run_id, map_index, settings, replace=first)
+    refs = validate_chunk(refs, run_id, map_index, settings)
     return load_chunk_counted(refs, settings)
-
-
-def _merge_loads(results: list[dict]) -> dict:
-    """`load_chunk_counted`'s results of the waves of one chunk, as one."""
-    merged: dict = {"loaded": [], "tables": {}}
-    for result in results:
-        merged["loaded"] += result["loaded"]
-        for table, counts in result["tables"].items():
-            total = merged["tables"].setdefault(table, dict.fromkeys(counts, 0))
-            for key, value in counts.items():
-                total[key] += value
-    if not results:
-        merged["tables"] = loaded_rows([])
-    return merged
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -1034,12 +975,7 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
 
 
 def validate_chunk(
-    refs: list[dict],
-    run_id: str,
-    map_index: int,
-    settings: Settings | None = None,
-    *,
-    replace: bool = True,
+    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
 ) -> list[dict]:
     """The quality gate between embed and load: run the expectation suites over the chunk's
     results, quarantine each document that fails a blocking expectation (with the failed
@@ -1055,7 +991,7 @@ def validate_chunk(
         items = held_work_items(conn, refs, "validate", settings)
         checked = [item for item in items if not item.unchanged]
         verdict = quality.validate_items(checked, settings)
-        quality.record(conn, run_id, map_index, verdict, replace=replace)
+        quality.record(conn, run_id, map_index, verdict)
         for queue_id, reasons in verdict.warnings.items():
             url = next(i.lease.url for i in checked if i.lease.id == queue_id)
             log.info("url=%s stage=validate warning: %s", url, quarantine.describe(reasons))

@@ -467,21 +467,11 @@ def validate_items(items: list, settings: Settings) -> Verdict:
 # ---------------------------------------------------------------- results in PostgreSQL
 
 
-def record(
-    conn: psycopg.Connection,
-    run_id: str,
-    map_index: int,
-    verdict: Verdict,
-    *,
-    replace: bool = True,
-) -> None:
-    """Write the validations of one chunk (or of the run's tables) in one transaction,
-    replacing what an earlier try wrote for it; `replace=False` adds a later wave of the
-    same chunk (pipeline.enrich_chunk)."""
+def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdict) -> None:
+    """Write the validations of one chunk (or of the run's tables) in one transaction."""
     with conn.transaction():
-        if replace:
-            conn.execute(SQL.delete_results, (run_id, map_index))
-            conn.execute(SQL.delete_validations, (run_id, map_index))
+        conn.execute(SQL.delete_results, (run_id, map_index))
+        conn.execute(SQL.delete_validations, (run_id, map_index))
         with conn.cursor() as cur:
             cur.executemany(
                 SQL.insert_result,
