@@ -350,6 +350,46 @@ def test_the_stage_submits_once_and_resumes_where_it_left(batch_env, conn, page_
     assert again.wait_for is None and len(batch_env.batches) == batches + 1
 
 
+def test_a_crash_while_collecting_charges_nothing_twice(batch_env, conn, page_server, monkeypatch):
+    """A billed line that failed (an invalid reply) is charged and its row failed in one
+    transaction with the other results: a task that dies between the two leaves neither,
+    and its retry charges each line once."""
+    from blogqa import batch_stage, pipeline, queue
+
+    settings = load_settings()
+    urls = [f"{page_server.base_url}/articles/{name}?batch-crash" for name in ARTICLE_FILES[:3]]
+    queue.enqueue(conn, urls)
+    chunk = [ref for part in pipeline.claim_chunks(10, 10, settings) for ref in part]
+    refs = pipeline.crawl_chunk(chunk, settings)
+    batch_env.script[:] = ["ok", "invalid", "ok"]
+    step = batch_stage.advance(refs, settings)
+    assert _wait(step.wait_for) == "completed"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("worker died")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(queue, "fail", crash)
+        with pytest.raises(RuntimeError, match="worker died"):
+            batch_stage.advance(refs, settings)
+    assert conn.execute("SELECT count(*) FROM blogqa.llm_usage").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM blogqa.work_items WHERE llm_result IS NOT NULL"
+    ).fetchone() == (0,)
+
+    done = batch_stage.advance(refs, settings)  # the retry
+
+    assert done.wait_for is None and len(done.refs) == 2
+    charged = conn.execute(
+        "SELECT queue_id, count(*) FROM blogqa.llm_usage GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert [count for _, count in charged] == [1, 1, 1]  # the invalid reply was billed, once
+    failed = conn.execute(
+        "SELECT status, last_error FROM blogqa.url_queue WHERE status <> 'processing'"
+    ).fetchall()
+    assert len(failed) == 1 and "invalid model output" in failed[0][1]
+
+
 def test_a_batch_that_expired_fails_its_pages_for_a_retry(batch_env, conn, page_server):
     from blogqa import batch_stage, pipeline, queue
 

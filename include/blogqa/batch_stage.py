@@ -75,7 +75,6 @@ def advance(refs: list[dict], settings: Settings) -> Step:
         fresh = [i for i in todo if i.lease.id not in submitted]
         if fresh:
             running.append(_submit(conn, fresh, settings))
-        pipeline.fail_all(conn, failures, settings)
         going_on = pipeline.refs_going_on([i.lease for i in items], failures, lost)
         if running:
             queue.renew(conn, going_on, BATCH_LEASE_SECONDS)
@@ -150,12 +149,18 @@ def _submit(conn: psycopg.Connection, items: list[store.WorkItem], settings: Set
 
 def _collect(conn, batch_id: str, items: list[store.WorkItem], settings: Settings):
     """None while the batch runs; else (failures, queue ids whose lease is gone), with every
-    result and charge saved."""
+    result, charge and failure saved in one transaction: a retry after a crash half-way
+    would otherwise find a failed line's charge saved but its row not failed, and collect
+    (and charge) it again."""
+    from blogqa import pipeline
+
     try:
         outcomes = batch.collect_pages(batch_id, [_page(i) for i in items], settings)
     except batch.BatchEndedError as exc:
         error = PageError(f"{exc} (it will be retried)", stage=STAGE, permanent=False)
-        return [(item.lease, error) for item in items], set()
+        failures = [(item.lease, error) for item in items]
+        pipeline.fail_all(conn, failures, settings)
+        return failures, set()
     except batch.BatchError as exc:
         log.info("stage=%s %s", STAGE, exc)
         return None
@@ -168,7 +173,9 @@ def _collect(conn, batch_id: str, items: list[store.WorkItem], settings: Setting
             failures.append((item.lease, outcome))
         else:
             progress.llm_results.append((item.lease, outcome.as_json()))
-    lost = store.save_progress(conn, progress)
+    with conn.transaction():
+        lost = store.save_progress(conn, progress)
+        pipeline.fail_all(conn, failures, settings)
     for lease in lost:
         log.warning("url=%s stage=%s lease gone; batch result not saved", lease.url, STAGE)
     return failures, {lease.id for lease in lost}
