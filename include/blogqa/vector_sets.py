@@ -321,6 +321,23 @@ def _check_name(table: str) -> str:
     return f"{table}_embedding_present"
 
 
+def _swap(conn: psycopg.Connection, table: str, incoming: Names, retired: Names) -> None:
+    """The active set's columns and index of `table` to the retired set's names (nullable:
+    the pipeline no longer writes them), the incoming set's to the active names (checked
+    non-null for rows written from now on)."""
+    conn.execute(_query(SQL.drop_check, table=table, constraint=_check_name(table)))
+    _rename(conn, table, Names(""), retired)
+    for column in retired.columns(table):
+        conn.execute(_query(SQL.drop_not_null, table=table, column=column))
+    _rename(conn, table, incoming, Names(""))
+    condition = sql.SQL(" AND ").join(
+        sql.SQL("{} IS NOT NULL").format(sql.Identifier(c)) for c in Names("").columns(table)
+    )
+    conn.execute(
+        _query(SQL.add_check, table=table, constraint=_check_name(table), condition=condition)
+    )
+
+
 def switch(conn: psycopg.Connection, settings: Settings, set_id: int) -> SwitchReport:
     """Make set `set_id` the active one (see the module docstring)."""
     target = get(conn, set_id)
@@ -352,20 +369,7 @@ def switch(conn: psycopg.Connection, settings: Settings, set_id: int) -> SwitchR
             SQL.dependent_views, ([f"blogqa.{t}" for t in TABLES], Names("").columns("summaries"))
         ).fetchall()
         for table in TABLES:
-            conn.execute(_query(SQL.drop_check, table=table, constraint=_check_name(table)))
-            _rename(conn, table, Names(""), retired)
-            for column in retired.columns(table):
-                conn.execute(_query(SQL.drop_not_null, table=table, column=column))
-            _rename(conn, table, names, Names(""))
-            condition = sql.SQL(" AND ").join(
-                sql.SQL("{} IS NOT NULL").format(sql.Identifier(c))
-                for c in Names("").columns(table)
-            )
-            conn.execute(
-                _query(
-                    SQL.add_check, table=table, constraint=_check_name(table), condition=condition
-                )
-            )
+            _swap(conn, table, names, retired)
         for schema, view, definition in views:
             conn.execute(
                 _query(
