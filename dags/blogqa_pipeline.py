@@ -160,10 +160,8 @@ class Enrich(BaseOperator):
         chunk = ti.xcom_pull(task_ids="process.crawl", map_indexes=ti.map_index) or []
         context["chunk_label"] = pipeline.chunk_label(chunk)
         mode = context["params"].get("llm_mode", "default")
-        try:
+        with _no_retry_for_settings():
             result = pipeline.enrich_chunk(chunk, context["run_id"], ti.map_index, llm_mode=mode)
-        except ConfigError as exc:
-            raise AirflowFailException(str(exc)) from None  # a retry would find the same
         if "wait_for" in result:
             from blogqa import batch_stage
 

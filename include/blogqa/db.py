@@ -188,23 +188,28 @@ def migrate(settings: Settings, *, check_vectors: bool = True) -> list[str]:
                 conn.execute(ddl)
                 conn.execute(SQL.record_migration, (version, name))
                 applied.append(f"{version:03d}_{name}")
-        _follow_configured_model(conn, settings)
+        active = conn.execute(SQL.active_vector_set).fetchone()
+        if active is not None and not active[3] and active[1] != settings.embed_model:
+            with conn.transaction():  # a write only when set 1's model is to follow
+                conn.execute(
+                    SQL.follow_configured_model, (settings.embed_model, settings.embed_model)
+                )
         if check_vectors:
-            check_vector_set(conn, settings)
+            _check_vector_set(active, settings)
     _migrated.add(dsn)
     return applied
-
-
-def _follow_configured_model(conn: psycopg.Connection, settings: Settings) -> None:
-    with conn.transaction():
-        conn.execute(SQL.follow_configured_model, (settings.embed_model, settings.embed_model))
 
 
 def check_vector_set(conn: psycopg.Connection, settings: Settings) -> None:
     """BLOGQA_EMBED_DIM must be the active vector set's dimension (migration 013), and once
     `blogqa vectors` has made another set, BLOGQA_EMBED_MODEL its model: otherwise the
     pipeline would write vectors of another size or model into its columns."""
-    row = conn.execute(SQL.active_vector_set).fetchone()
+    _check_vector_set(conn.execute(SQL.active_vector_set).fetchone(), settings)
+
+
+def _check_vector_set(row: tuple | None, settings: Settings) -> None:
+    """`check_vector_set` on the row of SQL.active_vector_set already read. (While set 1
+    follows the configured model, only the dimension can differ.)"""
     if row is None:
         return
     set_id, model, dim, pinned = row

@@ -120,12 +120,8 @@ def _query(template: str, **names: str | sql.Composable) -> sql.Composed:
     return sql.SQL(template).format(**parts)
 
 
-def _row(row: tuple) -> VectorSet:
-    return VectorSet(*row)
-
-
 def list_sets(conn: psycopg.Connection) -> list[VectorSet]:
-    return [_row(r) for r in conn.execute(SQL.list_sets)]
+    return [VectorSet(*row) for row in conn.execute(SQL.list_sets)]
 
 
 def get(conn: psycopg.Connection, set_id: int) -> VectorSet:
@@ -230,17 +226,10 @@ def _save(
     matrix: np.ndarray,
     model: str,
 ) -> None:
-    keys = [row.key for row in rows]
-    texts = [row.text for row in rows]
-    vectors = list(matrix)
-    if table == "summaries":
-        statement = _query(SAVE[table], vec=names.vec, model=names.model)
-        params: tuple = (model, keys, texts, vectors)
-    else:
-        statement = _query(SAVE[table], vec=names.vec)
-        params = (keys, texts, vectors)
+    rows_params = ([row.key for row in rows], [row.text for row in rows], list(matrix))
+    params = (model, *rows_params) if table == "summaries" else rows_params  # its model column
     with conn.transaction():
-        conn.execute(statement, params)
+        conn.execute(_query(SAVE[table], vec=names.vec, model=names.model), params)
 
 
 async def _embed_missing(
