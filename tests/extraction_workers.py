@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from blogqa import crawl, extraction_worker
+from blogqa import extraction_worker
+from blogqa.extract import Fetched, extract_page
 
 
 def _crash() -> None:
@@ -36,14 +37,14 @@ def _crash_once(url: str) -> None:
         _crash()
 
 
-def extract(fetched: crawl.Fetched):
+def extract(fetched: Fetched):
     if fetched.url.endswith("/spin"):
         re.match(r"(a+)+b", "a" * 64)  # exponential backtracking, never returns
     elif fetched.url.endswith("/crash"):
         _crash()
     elif fetched.url.endswith("/crash-once"):
         _crash_once(fetched.url)
-    return crawl.extract(fetched)
+    return extract_page(fetched)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import pytest
 
 from blogqa import crawl
 from blogqa.config import Settings
-from blogqa.crawl import Fetched, Validators
+from blogqa.crawl import Validators
 from blogqa.errors import PageError
+from blogqa.extract import Fetched, extract_page
 
 ARTICLE = "/articles/01-sourdough-starter.html"
 
@@ -63,7 +64,7 @@ def test_redirect_is_followed(page_server, settings) -> None:
     assert fetched.status == 200
     assert fetched.url == url
     assert fetched.final_url == page_server.base_url + "/articles/06-easy-runs-zone-2.html"
-    article = crawl.extract(fetched)
+    article = extract_page(fetched)
     assert len(article.text.split()) > 100
 
 
@@ -143,14 +144,14 @@ def test_unreachable_host_is_transient(settings) -> None:
 def test_latin1_page_is_decoded(page_server, settings) -> None:
     fetched = _fetch(settings, page_server.base_url + "/latin1")
     assert fetched.charset == "iso-8859-1"
-    article = crawl.extract(fetched)
+    article = extract_page(fetched)
     assert "crème fraîche" in article.text
     assert "\ufffd" not in article.text
     assert "Ã" not in article.text
 
 
 def test_extract_article(page_server, settings) -> None:
-    article = crawl.extract(_fetch(settings, page_server.base_url + ARTICLE))
+    article = extract_page(_fetch(settings, page_server.base_url + ARTICLE))
     assert article.title and "Sourdough" in article.title
     assert len(article.text.split()) > 300
     assert "<p>" not in article.text
@@ -160,7 +161,7 @@ def test_extract_login_page_is_permanent(page_server, settings) -> None:
     fetched = _fetch(settings, page_server.base_url + "/login")
     assert fetched.status == 200
     with pytest.raises(PageError) as info:
-        crawl.extract(fetched)
+        extract_page(fetched)
     assert info.value.permanent is True
     assert info.value.stage == "crawl"
 

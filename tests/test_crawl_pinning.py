@@ -24,8 +24,8 @@ import pytest
 
 from blogqa import crawl
 from blogqa.config import Settings
-from blogqa.crawl import Fetched
 from blogqa.errors import PageError
+from blogqa.extract import Fetched
 from blogqa.politeness import CrawlPolicy
 
 ALLOWED_IP = "127.0.0.1"

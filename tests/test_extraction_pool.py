@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blogqa import crawl, extraction_pool, pipeline, queue
+from blogqa import extract, extraction_pool, pipeline, queue
 from blogqa.errors import ExtractionPoolError, PageError
 from blogqa.extraction_pool import MAX_DEATHS_IN_A_ROW, ExtractionPool
 from tests.fakes import ARTICLE_FILES, ARTICLES
@@ -28,11 +28,11 @@ MISBEHAVING = "tests.extraction_workers"
 LOGIN_FORM = b"<html><body><form><input name=u><input type=password></form></body></html>"
 
 
-def page(index: int = 0, url: str | None = None, body: bytes | None = None) -> crawl.Fetched:
+def page(index: int = 0, url: str | None = None, body: bytes | None = None) -> extract.Fetched:
     url = url or f"https://example.com/post-{index}"
     if body is None:
         body = ARTICLES.joinpath(ARTICLE_FILES[index % len(ARTICLE_FILES)]).read_bytes()
-    return crawl.Fetched(url, url, 200, body, "utf-8", None, None)
+    return extract.Fetched(url, url, 200, body, "utf-8", None, None)
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def gone(pid: int) -> bool:
 
 def test_pool_gives_the_same_articles_as_in_process(settings):
     pages = [page(i) for i in range(6)]
-    assert extract_all(settings, pages, size=2) == [crawl.extract(p) for p in pages]
+    assert extract_all(settings, pages, size=2) == [extract.extract_page(p) for p in pages]
 
 
 def test_one_worker_is_a_process_too(settings):
@@ -76,7 +76,7 @@ def test_one_worker_is_a_process_too(settings):
             return article, worker.pid
 
     article, pid = asyncio.run(run())
-    assert article == crawl.extract(page(0)) and pid != os.getpid()
+    assert article == extract.extract_page(page(0)) and pid != os.getpid()
 
 
 def test_pool_errors_keep_their_class_and_status(settings):
@@ -107,12 +107,12 @@ TASK_SCRIPT = """
     if __name__ != "__main__":
         raise RuntimeError("a worker re-imported the task's __main__")
 
-    from blogqa import crawl
+    from blogqa import extract
     from blogqa.config import load_settings
     from blogqa.extraction_pool import ExtractionPool
 
     async def main(paths, orphan):
-        pages = [crawl.Fetched(p, p, 200, open(p, "rb").read(), "utf-8", None, None)
+        pages = [extract.Fetched(p, p, 200, open(p, "rb").read(), "utf-8", None, None)
                  for p in paths]
         async with ExtractionPool(load_settings(), size=2) as pool:
             articles = await asyncio.gather(*(pool.extract(p) for p in pages))
@@ -147,7 +147,7 @@ def run_task_like(tmp_path, mode: str) -> subprocess.CompletedProcess:
 def test_extraction_works_in_a_task_like_process(tmp_path):
     done = run_task_like(tmp_path, "normal")
     assert done.returncode == 0, done.stderr
-    expected = [crawl.extract(page(i)).title for i in range(4)]
+    expected = [extract.extract_page(page(i)).title for i in range(4)]
     assert json.loads(done.stdout)["titles"] == expected
     assert "re-imported" not in done.stderr
 
@@ -174,7 +174,7 @@ def test_a_stuck_page_is_killed_in_time_and_only_its_url_fails(settings, test_wo
     stuck, *others = outcomes
     assert isinstance(stuck, PageError) and stuck.permanent is False
     assert "took longer than 2s" in str(stuck)
-    assert others == [crawl.extract(p) for p in pages[1:]]
+    assert others == [extract.extract_page(p) for p in pages[1:]]
     assert "url=https://example.com/spin stage=crawl" in caplog.text
     assert "extraction_workers.py" in caplog.text  # the stuck worker's stack, in our log
 
@@ -190,14 +190,14 @@ def test_the_pool_recovers_after_a_timeout(settings):
             pool.timeout = settings.extract_timeout
             return await pool.extract(page(1))
 
-    assert asyncio.run(run()) == crawl.extract(page(1))
+    assert asyncio.run(run()) == extract.extract_page(page(1))
 
 
 def test_a_page_that_killed_its_worker_is_retried_on_a_fresh_one(settings, test_workers, caplog):
     pages = [page(0, url="https://example.com/crash-once"), page(1)]
     with caplog.at_level(logging.WARNING, logger="blogqa.extraction_pool"):
         outcomes = extract_all(settings, pages, size=1, module=MISBEHAVING)
-    assert outcomes == [crawl.extract(p) for p in pages]
+    assert outcomes == [extract.extract_page(p) for p in pages]
     assert "killed by SIGSEGV; retrying on a fresh worker" in caplog.text
 
 
@@ -206,7 +206,7 @@ def test_a_page_that_kills_two_workers_fails_alone(settings, test_workers):
     crashed, *others = extract_all(settings, pages, size=2, module=MISBEHAVING)
     assert isinstance(crashed, PageError) and crashed.permanent is False
     assert "https://example.com/crash killed two workers" in str(crashed)
-    assert others == [crawl.extract(p) for p in pages[1:]]
+    assert others == [extract.extract_page(p) for p in pages[1:]]
 
 
 def test_workers_dying_on_every_page_is_infrastructure_failure(settings, test_workers):

@@ -28,7 +28,7 @@ import httpx
 
 from blogqa.config import Settings
 from blogqa.errors import PageError
-from blogqa.extract import Article, NothingExtractedError, extract_article
+from blogqa.extract import Fetched
 from blogqa.limits import retry_after_value
 from blogqa.politeness import CrawlPolicy
 
@@ -50,21 +50,6 @@ class Validators:
 
     etag: str | None = None
     last_modified: str | None = None
-
-
-@dataclass(frozen=True)
-class Fetched:
-    url: str
-    final_url: str
-    status: int
-    body: bytes
-    charset: str | None
-    etag: str | None
-    last_modified: str | None
-
-    @property
-    def not_modified(self) -> bool:
-        return self.status == 304
 
 
 def _blocked(address: str, allowed: tuple = ()) -> bool:
@@ -362,30 +347,6 @@ async def _read(
         response.headers.get("etag"),
         response.headers.get("last-modified"),
     )
-
-
-def decode_page(fetched: Fetched) -> str | bytes:
-    """The page as text when its declared charset really decodes it; otherwise the bytes,
-    for trafilatura to detect the encoding (meta tag, then statistical detection)."""
-    if fetched.charset:
-        try:
-            return fetched.body.decode(fetched.charset)
-        except (LookupError, UnicodeDecodeError):  # unknown name, or the header lies
-            log.info(
-                "url=%s stage=crawl declared charset %s does not fit; detecting",
-                fetched.url,
-                fetched.charset,
-            )
-    return fetched.body
-
-
-def extract(fetched: Fetched) -> Article:
-    """Main text and metadata; a page with none is a permanent per-URL failure."""
-    html = decode_page(fetched)
-    try:
-        return extract_article(html, fetched.final_url)
-    except NothingExtractedError as exc:
-        raise PageError(str(exc), stage=STAGE, permanent=True) from None
 
 
 def content_hash(text: str) -> str:

@@ -18,7 +18,7 @@ import trafilatura
 from lxml.html import HtmlElement
 from trafilatura.settings import Document
 
-from blogqa.errors import BlogqaError
+from blogqa.errors import BlogqaError, PageError
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +121,49 @@ def _language(value: str | None) -> str | None:
         return None
     primary = re.split(r"[-_]", value.strip(), maxsplit=1)[0].lower()
     return primary if _LANG_RE.fullmatch(primary) else None
+
+
+# ---------------------------------------------------------------- a fetched page
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A fetched response, as the crawler hands it to extraction. It lives here, not in
+    blogqa.crawl, because extraction workers unpickle it: importing the crawler (httpx, the
+    shared limits, psycopg) cost each fresh worker process more CPU than trafilatura did."""
+
+    url: str
+    final_url: str
+    status: int
+    body: bytes
+    charset: str | None
+    etag: str | None
+    last_modified: str | None
+
+    @property
+    def not_modified(self) -> bool:
+        return self.status == 304
+
+
+def decode_page(fetched: Fetched) -> str | bytes:
+    """The page as text when its declared charset really decodes it; otherwise the bytes,
+    for trafilatura to detect the encoding (meta tag, then statistical detection)."""
+    if fetched.charset:
+        try:
+            return fetched.body.decode(fetched.charset)
+        except (LookupError, UnicodeDecodeError):  # unknown name, or the header lies
+            logger.info(
+                "url=%s stage=crawl declared charset %s does not fit; detecting",
+                fetched.url,
+                fetched.charset,
+            )
+    return fetched.body
+
+
+def extract_page(fetched: Fetched) -> Article:
+    """Main text and metadata; a page with none is a permanent per-URL failure."""
+    html = decode_page(fetched)
+    try:
+        return extract_article(html, fetched.final_url)
+    except NothingExtractedError as exc:
+        raise PageError(str(exc), stage="crawl", permanent=True) from None

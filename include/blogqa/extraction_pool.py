@@ -59,9 +59,8 @@ from typing import Any, Self
 
 import blogqa
 from blogqa.config import Settings
-from blogqa.crawl import Fetched
 from blogqa.errors import ExtractionPoolError, PageError
-from blogqa.extract import Article
+from blogqa.extract import Article, Fetched
 from blogqa.extraction_worker import HEADER, READY
 
 log = logging.getLogger(__name__)
@@ -305,7 +304,7 @@ class ExtractionPool:
             raise self._break(exc) from None
 
     async def extract(self, fetched: Fetched) -> Article:
-        """`crawl.extract(fetched)` in a worker. PageError for the page (its own, a timeout, or
+        """`extract.extract_page(fetched)` in a worker. PageError for the page (its own, a timeout, or
         killing two workers); ExtractionPoolError when the workers cannot run at all."""
         worker = await self._checkout()
         for attempt in (1, 2):

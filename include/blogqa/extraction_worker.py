@@ -6,7 +6,7 @@ has locked out of the metadata database) and it starts from an environment the p
 
 Protocol, over a private pipe (the stdin and stdout the pool gave it; stray prints of the
 libraries go to stderr instead): once the extraction code is imported the worker writes the
-line READY, then answers each request in order. A request is a pickled `crawl.Fetched`, a
+line READY, then answers each request in order. A request is a pickled `extract.Fetched`, a
 reply a pickled (ok, value) pair: (True, Article) or (False, the exception extraction raised).
 Every message is preceded by its length (HEADER). End of input means: exit.
 
@@ -92,7 +92,7 @@ def _trace(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None, extract: Callable[[Any], Any] | None = None) -> int:
-    """Serve extraction requests until end of input. `extract` defaults to `crawl.extract`
+    """Serve extraction requests until end of input. `extract` defaults to `extract.extract_page`
     (a different function serves the tests' misbehaving workers)."""
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent(int(argv[0]) if argv else None)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, extract: Callable[[Any], Any] | None = N
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if extract is None:
-        from blogqa.crawl import extract  # the slow imports (lxml, trafilatura), before READY
+        from blogqa.extract import extract_page as extract  # lxml, trafilatura: before READY
     replies.write(READY)
     replies.flush()
     while (fetched := _read(requests)) is not None:
