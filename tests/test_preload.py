@@ -38,7 +38,8 @@ def _preloaded(env: dict[str, str]) -> str:
         "import sys; from blogqa import preload;"
         "done = preload.preload(['airflow', 'scheduler']);"
         "again = preload.preload(['airflow', 'scheduler']);"
-        "print(done, again, 'great_expectations' in sys.modules, 'blogqa.pipeline' in sys.modules)"
+        "print(done, again, 'great_expectations' in sys.modules, 'blogqa.pipeline' in sys.modules,"
+        " 'openai.resources.embeddings' in sys.modules)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -56,5 +57,8 @@ def test_preload_imports_the_pipeline_and_great_expectations():
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "BLOGQA_PRELOAD"}
-    assert _preloaded(env) == "['blogqa.pipeline', 'great_expectations'] [] True True"
-    assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] [] False False"
+    env["BLOGQA_LLM_PROVIDER"] = "openai"  # a deployment with a model endpoint
+    assert _preloaded(env) == (
+        "['blogqa.pipeline', 'model clients', 'great_expectations'] [] True True True"
+    )
+    assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] [] False False False"

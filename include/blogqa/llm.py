@@ -272,8 +272,8 @@ def openai_client(
 
 def preload(settings: Settings) -> None:
     """Load now what every summarize and embed task would load for itself: the tokenizers
-    and the openai package (imported lazily, about a second). `blogqa run` calls this once
-    before it forks its task processes, which then inherit them."""
+    and the openai package (imported lazily, about a second). `blogqa.preload` calls this in
+    the scheduler and the Celery workers, whose forked task processes then inherit them."""
     tokenizer_for(settings.chat_model)
     tokenizer_for(settings.embed_model)
     if settings.llm_provider == "openai":
