@@ -28,7 +28,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN
+from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, llm_pool_slots
 from blogqa.errors import ConfigError
 
 # Task retries cover infrastructure failures (database restarted, worker lost); per-URL
@@ -129,6 +129,13 @@ OUTPUT_ASSETS = {
 # backlog takes a bigger `max_urls`. No max_active_tis_per_dag on the model tasks: the pool
 # (BLOGQA_LLM_POOL_SLOTS) is the one limit on model calls, across runs and DAGs alike.
 MAX_ACTIVE_RUNS = 1
+
+# Chunks of a run crawled at once: as many as may enrich at once (the pool's slots), read when
+# the DAG is parsed. Crawling every chunk at once (8 at N = 2000, parallelism 8) kept both
+# cores busy with extraction while no model call ran, and the first enrich waited for all of
+# it; crawling one round ahead, the next round's crawl runs beside this round's model calls
+# (bench/README.md has the figures).
+CRAWLS_AT_ONCE = llm_pool_slots()
 
 REVIEW_OPTIONS = ["Release", "Requeue", "Drop", "Leave quarantined"]  # pipeline.REVIEW_OPTIONS
 
@@ -283,7 +290,11 @@ def blogqa_pipeline():
 
     @task_group(group_id="process")
     def process(chunk: list[dict]):
-        @task(map_index_template=CHUNK_LABEL, execution_timeout=timedelta(minutes=15))
+        @task(
+            map_index_template=CHUNK_LABEL,
+            execution_timeout=timedelta(minutes=15),
+            max_active_tis_per_dagrun=CRAWLS_AT_ONCE,
+        )
         def crawl(chunk: list[dict]) -> list[dict]:
             _label(chunk)
             with _no_retry_for_settings():

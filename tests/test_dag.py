@@ -41,6 +41,13 @@ def test_dag_file_defines_the_pipeline():
     # the model-calling task takes a slot of the pool BLOGQA_LLM_POOL_SLOTS sizes (`blogqa init`)
     assert dag.get_task("process.enrich").pool == runner.LLM_POOL
     assert dag.get_task("process.crawl").pool == "default_pool"
+    # crawling one round of chunks ahead of the model-calling tasks, not every chunk at once
+    assert dag.get_task("process.crawl").max_active_tis_per_dagrun == 4
+
+
+def test_the_crawl_follows_the_pool_size(monkeypatch):
+    monkeypatch.setenv("BLOGQA_LLM_POOL_SLOTS", "6")
+    assert runner.load_dag().get_task("process.crawl").max_active_tis_per_dagrun == 6
 
 
 def test_chunks_stay_within_airflow_map_limit():

@@ -228,6 +228,12 @@ def _stall_seconds(*timeouts: tuple[str, float]) -> float:
     return value
 
 
+def llm_pool_slots() -> int:
+    """BLOGQA_LLM_POOL_SLOTS: model-calling tasks at once (the `blogqa_llm` pool's slots).
+    On its own because the DAG file reads it when parsed, without the other settings."""
+    return _env_int("BLOGQA_LLM_POOL_SLOTS", 4, maximum=1024)
+
+
 def load_settings() -> Settings:
     """Read every BLOGQA_* variable (and the OpenAI ones) once, validating as it goes."""
     home = Path(os.environ.get("BLOGQA_HOME") or ".blogqa").expanduser().resolve()
@@ -261,7 +267,7 @@ def load_settings() -> Settings:
         llm_max_retries=_env_int("BLOGQA_LLM_MAX_RETRIES", 2, minimum=0, maximum=10),
         breaker_threshold=_env_int("BLOGQA_LLM_BREAKER_THRESHOLD", 5, maximum=1000),
         breaker_cooldown=_env_float("BLOGQA_LLM_BREAKER_COOLDOWN_SECONDS", 60.0),
-        llm_pool_slots=_env_int("BLOGQA_LLM_POOL_SLOTS", 4, maximum=1024),
+        llm_pool_slots=llm_pool_slots(),
         extract_timeout=extract_timeout,
         extract_workers=_env_int("BLOGQA_EXTRACT_WORKERS", os.cpu_count() or 1, maximum=64),
         stage_stall_seconds=_stall_seconds(
