@@ -188,7 +188,7 @@ def test_a_new_model_is_built_beside_switched_to_while_the_api_serves_and_droppe
 
         # the pipeline, still configured for the old model, refuses to start
         with pytest.raises(SchemaMismatchError, match="active vector set is set 2"):
-            db.check_vector_set(conn, load_settings())
+            db.migrate(load_settings())  # what every task's first connection runs
 
     # configured for the new set, it loads new pages into it
     monkeypatch.setenv("BLOGQA_EMBED_MODEL", NEW_MODEL)
@@ -275,4 +275,4 @@ def test_switching_back_and_the_guards(own_database, openai_env, page_server, ca
             ).fetchone()[0]
             == 0
         )
-        db.check_vector_set(conn, settings)  # the original settings name the active set again
+        db.migrate(settings)  # the original settings name the active set again

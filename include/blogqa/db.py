@@ -200,16 +200,11 @@ def migrate(settings: Settings, *, check_vectors: bool = True) -> list[str]:
     return applied
 
 
-def check_vector_set(conn: psycopg.Connection, settings: Settings) -> None:
-    """BLOGQA_EMBED_DIM must be the active vector set's dimension (migration 013), and once
-    `blogqa vectors` has made another set, BLOGQA_EMBED_MODEL its model: otherwise the
-    pipeline would write vectors of another size or model into its columns."""
-    _check_vector_set(conn.execute(SQL.active_vector_set).fetchone(), settings)
-
-
 def _check_vector_set(row: tuple | None, settings: Settings) -> None:
-    """`check_vector_set` on the row of SQL.active_vector_set already read. (While set 1
-    follows the configured model, only the dimension can differ.)"""
+    """BLOGQA_EMBED_DIM must be the active vector set's dimension (migration 013; `row` is
+    SQL.active_vector_set), and once `blogqa vectors` has made another set, BLOGQA_EMBED_MODEL
+    its model: otherwise the pipeline would write vectors of another size or model into its
+    columns. (While set 1 follows the configured model, only the dimension can differ.)"""
     if row is None:
         return
     set_id, model, dim, pinned = row

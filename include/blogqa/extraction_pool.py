@@ -304,8 +304,9 @@ class ExtractionPool:
             raise self._break(exc) from None
 
     async def extract(self, fetched: Fetched) -> Article:
-        """`extract.extract_page(fetched)` in a worker. PageError for the page (its own, a timeout, or
-        killing two workers); ExtractionPoolError when the workers cannot run at all."""
+        """`extract.extract_page(fetched)` in a worker. PageError for the page (its own, a
+        timeout, or killing two workers); ExtractionPoolError when the workers cannot run at
+        all."""
         worker = await self._checkout()
         for attempt in (1, 2):
             try:

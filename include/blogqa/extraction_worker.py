@@ -92,8 +92,8 @@ def _trace(exc: Exception) -> str:
 
 
 def main(argv: list[str] | None = None, extract: Callable[[Any], Any] | None = None) -> int:
-    """Serve extraction requests until end of input. `extract` defaults to `extract.extract_page`
-    (a different function serves the tests' misbehaving workers)."""
+    """Serve extraction requests until end of input. `extract` defaults to
+    `extract.extract_page` (a different function serves the tests' misbehaving workers)."""
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent(int(argv[0]) if argv else None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
