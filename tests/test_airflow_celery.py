@@ -118,6 +118,10 @@ def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, ope
     assert states["process.crawl"] == ["success"] * 4, states  # a whole round of 4 pool slots
     assert openai_env.chat_calls - chat == len(urls)
     _outputs_are_whole(conn, urls)
+    # each worker warmed its pool before forking it (blogqa.preload), so no pool process
+    # configured the ORM mappers on its first task
+    for name in WORKERS:
+        assert "before the Celery pool forks" in airflow.log_path(name).read_text(), name
 
 
 def _running_on(tis: list[dict], worker: psutil.Process) -> list[dict]:

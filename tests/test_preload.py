@@ -62,3 +62,23 @@ def test_preload_imports_the_pipeline_and_great_expectations():
         "['blogqa.pipeline', 'model clients', 'great_expectations'] [] True True True"
     )
     assert _preloaded({**env, "BLOGQA_PRELOAD": "false"}) == "[] [] False False False"
+
+
+def test_a_celery_worker_warms_its_pool_before_forking_it():
+    """`airflow celery worker` also connects a `worker_init` handler, which imports what each
+    pool process otherwise imported on its first task: every Airflow ORM model (through
+    SQLAlchemy's mapper configuration) and the task supervisor. In a real worker:
+    tests/test_airflow_celery.py."""
+    code = (
+        "import sys, celery.signals; from blogqa import preload;"
+        "done = preload.preload(['airflow', 'celery', 'worker']);"
+        "before = 'airflow.models.taskinstancehistory' in sys.modules;"
+        "celery.signals.worker_init.send(sender=None);"
+        "print(done[-1], before, 'airflow.models.taskinstancehistory' in sys.modules,"
+        " 'airflow.sdk.execution_time.supervisor' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "Celery pool warm-up False True True"
