@@ -15,8 +15,9 @@ from blogqa.errors import ConfigError
 
 # Model requests in flight per task: twice a pool slot's share of BLOGQA_LLM_MAX_IN_FLIGHT
 # (4 slots, 32), so a task can take up the requests that the other tasks leave unused while they
-# crawl, validate or load; the shared cap keeps the total at 32. At 8 (an exact share) each task
-# was held to 8 while the cap sat partly idle: N = 500 under CeleryExecutor 39.2 s, at 16 36.3 s.
+# crawl, validate or load; the shared cap keeps the total at 32. At 8 (an exact share) a task
+# was held to 8 while the cap sat partly idle. N = 500 under CeleryExecutor, three runs each:
+# 38.1-39.4 s at 8, 37.6-38.5 s at 16 (bench/README.md, fifth round).
 DEFAULT_LLM_CONCURRENCY = 16
 
 # Most URLs per mapped chunk, chosen with bench/pipeline_throughput.py (bench/README.md,
