@@ -279,17 +279,14 @@ def empty_outputs(settings: Settings) -> None:
     empty HNSW indexes, as the minimal program (which recreates its tables) does."""
     with db.connect(settings) as conn:
         conn.execute("TRUNCATE blogqa.documents CASCADE")
-    checkpoint(settings)
+        checkpoint(conn)
 
 
-def checkpoint(settings: Settings) -> None:
+def checkpoint(conn: psycopg.Connection) -> None:
     """A PostgreSQL checkpoint before each measured run, so that the checkpoint owed to the
     writes of the run before (an N = 2000 run writes hundreds of MB of WAL) is not taken in
-    the middle of the next one: without it, the CeleryExecutor's N = 500 run, which follows
-    the LocalExecutor's N = 2000 run, took 40.8-42.9 s in four full runs, against 37.6-39.4 s
-    when it ran on its own."""
-    with db.connect(settings) as conn:
-        conn.execute("CHECKPOINT")
+    the middle of the next one (bench/README.md, fifth round, has the figures)."""
+    conn.execute("CHECKPOINT")
 
 
 def usage_since(conn: psycopg.Connection, since: dt.datetime) -> dict[str, dict]:
@@ -1005,7 +1002,8 @@ def main() -> int:
         if "minimal" in args.modes:
             for n in sizes:
                 console.rule(f"minimal N={n}")
-                checkpoint(settings)
+                with db.connect(settings) as conn:
+                    checkpoint(conn)
                 found = run_minimal(
                     home,
                     env,

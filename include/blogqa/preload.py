@@ -81,10 +81,12 @@ def _warm_celery_pool() -> None:
     """A Celery worker forks its pool after Airflow has started, and each pool process ran
     its first task cold: the result backend's first query configures SQLAlchemy's mappers,
     and Airflow's listener on that imports every Airflow ORM model (the DAG bag and the
-    serializers with them), then the task's supervisor module is imported; measured with
-    py-spy, 0.2 s of CPU per pool process, 0.6-0.9 s of wall time when it fell in a run's
-    busiest second. Done once here, in the worker's main process just before it forks the
-    pool (Celery's `worker_init` signal), the pool processes inherit it."""
+    serializers with them); measured with py-spy, most of 0.2 s of CPU per pool process,
+    0.6-0.9 s of wall time when it fell in a run's busiest second. Done once here, in the
+    worker's main process just before it forks the pool (Celery's `worker_init` signal), the
+    pool processes inherit it. Only SQLAlchemy's and Celery's public API: the task
+    supervisor, which each pool process also imports on its first task, lives in a private
+    Airflow module and is left to them."""
     from celery.signals import worker_init
 
     worker_init.connect(before_pool_forks, weak=False)
@@ -95,18 +97,18 @@ def before_pool_forks(sender: object = None, **_: object) -> None:
     error, since each pool process does the same work itself anyway."""
     started = time.perf_counter()
     try:
-        import airflow.sdk.execution_time.supervisor  # noqa: F401 - the task supervisor
         from sqlalchemy.orm import configure_mappers
 
         if sender is not None:
-            sender.app.backend  # noqa: B018 - defines the result backend's ORM models
+            # the result backend's ORM models: the mappers whose configuration runs
+            # Airflow's listener, which imports every Airflow model
+            sender.app.backend  # noqa: B018
         configure_mappers()
     except Exception as exc:  # noqa: BLE001 - the pool processes do it themselves
         log.warning("warming the Celery pool before it forks failed: %s", exc)
         return
     log.info(
-        "configured the ORM mappers and imported the task supervisor before the Celery pool "
-        "forks, in %.1f s",
+        "configured the ORM mappers before the Celery pool forks, in %.1f s",
         time.perf_counter() - started,
     )
 
