@@ -674,6 +674,12 @@ def bench_executor(
                 f"at most {new['max_concurrent_model_calls']} model requests in flight"
             )
             bench.checks[f"{label}: 1 chat call per new document"] = new["chat_calls"] == n
+            # the same total as the minimal program's; one more is the test server counting
+            # a request as in flight until its handler ends, after the client has its reply
+            cap = model_requests_in_flight(bench.settings)
+            bench.checks[f"{label}: at most {cap} (+1) model requests in flight"] = (
+                new["max_concurrent_model_calls"] <= cap + 1
+            )
             record = {"new": new}
             result["runs"][n] = record
             if force_pass:

@@ -9,6 +9,7 @@ many model calls the pipeline made. `script` makes the next chat calls misbehave
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -286,7 +287,8 @@ class OpenAIHandler(_Handler):
                 server.chat_max_inflight = max(server.chat_max_inflight, server.chat_inflight)
                 self.scripted_headers = server.header_script.pop(0) if server.header_script else {}
             try:
-                time.sleep(server.latency)
+                with _in_flight(server):
+                    time.sleep(server.latency)
                 return self._chat(body, behaviour)
             finally:
                 with server.lock:
@@ -298,6 +300,8 @@ class OpenAIHandler(_Handler):
                 server.embedding_inputs += len(body["input"])
                 server.embedding_requests.append((body["model"], body.get("dimensions", 1536)))
                 behaviour = server.embedding_script.pop(0) if server.embedding_script else "ok"
+            with _in_flight(server):
+                time.sleep(server.embedding_latency)
             if behaviour == "garbage":
                 return self._garbage()
             dim = body.get("dimensions", 1536)
@@ -401,6 +405,19 @@ def _bad_content(faults: dict, prompt: str, summary: str, qa: list) -> tuple[str
     return summary, qa
 
 
+@contextlib.contextmanager
+def _in_flight(server):
+    """Count one model request (chat or embeddings) in flight while its answer is delayed."""
+    with server.lock:
+        server.model_inflight += 1
+        server.model_max_inflight = max(server.model_max_inflight, server.model_inflight)
+    try:
+        yield
+    finally:
+        with server.lock:
+            server.model_inflight -= 1
+
+
 class _FaultRates:
     """Draws a chat call's behaviour from set rates ({"429": 0.1, ...}) with a seeded RNG."""
 
@@ -441,5 +458,7 @@ def start_openai_server(api_key: str = "test-key"):
     server.embedding_requests = []  # (model, dimensions) of each embeddings request
     server.chat_log = []  # (arrival, completion, behaviour) of each chat call, monotonic
     server.chat_inflight = server.chat_max_inflight = 0
+    server.embedding_latency = 0.0
+    server.model_inflight = server.model_max_inflight = 0  # chat and embeddings together
     server.header_script = []  # extra response headers of the next chat calls, one dict each
     return server.start()

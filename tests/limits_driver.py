@@ -4,6 +4,7 @@ the test database (BLOGQA_DATABASE_URL in its environment).
 
     python -m tests.limits_driver crawl URL...      fetch the URLs at once
     python -m tests.limits_driver chat N PARALLEL  N summaries, PARALLEL at a time
+    python -m tests.limits_driver embed N PARALLEL N embedding requests, PARALLEL at a time
     python -m tests.limits_driver hold SCOPE LEASE take a slot of SCOPE, print "ready" and
                                                    keep it until killed
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from blogqa import crawl, limits
 from blogqa.config import load_settings
+from blogqa.embed import OpenAIEmbedder
 from blogqa.errors import PageError
 from blogqa.extract import extract_article
 from blogqa.llm import OpenAIChat
@@ -73,6 +75,25 @@ async def _chat(n: int, parallel: int) -> dict:
         await provider.aclose()
 
 
+async def _embed(n: int, parallel: int) -> dict:
+    provider = OpenAIEmbedder(load_settings())
+    gate = asyncio.Semaphore(parallel)
+    _go()
+
+    async def one(i: int) -> str:
+        async with gate:
+            try:
+                await provider.embed([f"passage {i} of a page"])
+            except PageError as exc:
+                return f"error: {exc}"
+            return "ok"
+
+    try:
+        return {"results": await asyncio.gather(*(one(i) for i in range(n)))}
+    finally:
+        await provider.aclose()
+
+
 async def _hold(scope: str, lease: float) -> None:
     shared = limits.SharedLimits.for_settings(load_settings())
     await shared.acquire(scope, max_slots=1, lease=lease)
@@ -86,6 +107,8 @@ def main(argv: list[str]) -> None:
         outcome = asyncio.run(_crawl(args))
     elif mode == "chat":
         outcome = asyncio.run(_chat(int(args[0]), int(args[1])))
+    elif mode == "embed":
+        outcome = asyncio.run(_embed(int(args[0]), int(args[1])))
     elif mode == "hold":
         asyncio.run(_hold(args[0], float(args[1])))
         return

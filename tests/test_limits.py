@@ -224,6 +224,16 @@ def test_llm_in_flight_cap_holds_across_processes(dsn, model_server):
     assert model_server.chat_max_inflight <= 2
 
 
+def test_llm_in_flight_cap_counts_every_model_of_the_endpoint(dsn, model_server):
+    model_server.latency = model_server.embedding_latency = 0.3
+    env = _model_env(dsn, model_server, BLOGQA_LLM_MAX_IN_FLIGHT="2")
+    outcomes = _run_workers([["chat", "4", "4"], ["embed", "4", "4"]] * 2, env)
+    assert _results(outcomes) == ["ok"] * 16
+    # each model alone kept to 2 would allow 4 at once
+    assert model_server.model_max_inflight <= 2
+    assert model_server.embedding_calls == 8
+
+
 def test_requests_per_minute_hold_over_every_window(dsn, model_server):
     rpm = 240  # 4 a second, at most one second's worth at once
     env = _model_env(dsn, model_server, BLOGQA_LLM_RPM=str(rpm))

@@ -134,7 +134,8 @@ class Settings:
     embed_model: str
     embed_dim: int
     llm_concurrency: int
-    # shared by every task on every worker (blogqa.limits), per model of the endpoint
+    # shared by every task on every worker (blogqa.limits): in flight per endpoint (every
+    # model's requests together), rates per model of the endpoint
     llm_max_in_flight: int  # 0: no shared cap
     llm_rpm: int | None  # None: no requests/min limit
     llm_tpm: int | None  # None: no tokens/min limit

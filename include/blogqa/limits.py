@@ -9,14 +9,21 @@ shares them:
 - `host <netloc>`: at most BLOGQA_PER_HOST_CONCURRENCY requests in flight to one host, and
   the host's Crawl-delay between consecutive request starts (each request reserves its start
   time atomically: "next allowed start" moves on by the delay);
-- `model <base url> <model>`: at most BLOGQA_LLM_MAX_IN_FLIGHT requests in flight, and
-  BLOGQA_LLM_RPM requests / BLOGQA_LLM_TPM tokens per minute, each model of an endpoint on
-  its own budget (as OpenAI counts them). When the server says so (429 with Retry-After or
-  retry-after-ms, or x-ratelimit-remaining-requests/-tokens at 0 with its x-ratelimit-reset-*)
-  every process pauses its requests to that model until the time given.
+- `endpoint <base url>`: at most BLOGQA_LLM_MAX_IN_FLIGHT requests in flight to the model
+  endpoint, chat and embedding requests together (what the server has to hold at once);
+- `model <base url> <model>`: BLOGQA_LLM_RPM requests / BLOGQA_LLM_TPM tokens per minute,
+  each model of an endpoint on its own budget (as OpenAI counts them). When the server says
+  so (429 with Retry-After or retry-after-ms, or x-ratelimit-remaining-requests/-tokens at 0
+  with its x-ratelimit-reset-*) every process pauses its requests to that model until the
+  time given.
+
+A model request passes its model's row first (pauses, rates), then takes a slot of its
+endpoint's: a request waiting out a pause or a rate never holds a slot another model could
+use. One that has passed its model's row and then waits for a slot is not checked again, so
+a pause recorded meanwhile lets it through once.
 
 Costs: one statement per attempt to acquire (`blogqa.limit_acquire`, which locks the scope's
-row for microseconds) and one per release; no transaction stays open while a request is in
+row for microseconds; a model request makes one on each of its two rows) and one per release; no transaction stays open while a request is in
 flight. The statements run on one connection per process, in a worker thread, so the event
 loop never blocks on the database. A slot is a lease renewed while held (every third of
 SLOT_LEASE_SECONDS): a holder killed with SIGKILL frees its slot within SLOT_LEASE_SECONDS,
@@ -77,6 +84,10 @@ def host_scope(netloc: str) -> str:
 
 def model_scope(endpoint: str, model: str) -> str:
     return f"model {endpoint.rstrip('/')} {model}"
+
+
+def endpoint_scope(endpoint: str) -> str:
+    return f"endpoint {endpoint.rstrip('/')}"
 
 
 # ---------------------------------------------------------------- the database side
@@ -367,9 +378,9 @@ def charging(tokens: float) -> Iterator[None]:
 
 @dataclass
 class EndpointLimits:
-    """The shared limits of one model on one endpoint: requests in flight, per minute, tokens
-    per minute, and the pauses the server asks for. `bind` sets the endpoint once the client
-    knows its base URL."""
+    """The shared limits one model's requests go through: the endpoint's requests in flight
+    (every model's together), and the model's requests and tokens per minute and the pauses
+    the server asks for. `bind` sets the endpoint once the client knows its base URL."""
 
     shared: SharedLimits
     model: str
@@ -379,7 +390,6 @@ class EndpointLimits:
     tpm: int | None
     endpoint: str = ""
     lease: float = SLOT_LEASE_SECONDS
-    _gate: asyncio.Semaphore | None = field(default=None, repr=False)
 
     @classmethod
     def for_settings(cls, settings: Settings, model: str, stage: str) -> EndpointLimits:
@@ -397,23 +407,41 @@ class EndpointLimits:
 
     @property
     def scope(self) -> str:
+        """The model's row: its rates and pauses."""
         return model_scope(self.endpoint, self.model)
+
+    @property
+    def slots_scope(self) -> str:
+        """The endpoint's row: its requests in flight, every model's."""
+        return endpoint_scope(self.endpoint)
 
     @property
     def counts_tokens(self) -> bool:
         return self.tpm is not None
 
+    @property
+    def label(self) -> str:
+        return f"stage={self.stage} endpoint={self.endpoint} model={self.model}"
+
     async def admit(self, tokens: float = 0.0) -> Permit:
-        """Wait for room for one request of about `tokens` tokens."""
-        return await self.shared.acquire(
+        """Wait until the model may send one request of about `tokens` tokens, then for a
+        slot of the endpoint's; the Permit holds the slot (if the endpoint has a cap)."""
+        passed = await self.shared.acquire(
             self.scope,
-            max_slots=self.max_in_flight or None,
             rpm=self.rpm,
             tpm=self.tpm,
             tokens=tokens if self.tpm is not None else 0.0,
-            lease=self.lease,
-            label=f"stage={self.stage} endpoint={self.endpoint} model={self.model}",
+            label=self.label,
         )
+        if not self.max_in_flight:
+            return passed
+        return await self.shared.acquire(
+            self.slots_scope, max_slots=self.max_in_flight, lease=self.lease, label=self.label
+        )
+
+    async def pause(self, seconds: float, reason: str) -> None:
+        """Pause every process's requests to this model for `seconds`."""
+        await self.shared.pause(self.scope, seconds, reason)
 
     async def settle(self, charged: float, used: int | None) -> None:
         """Correct the tokens charged for a request by the usage the server reported."""
@@ -446,19 +474,13 @@ class LimitedTransport:
         except BaseException:
             await permit.release()
             raise
-        pause = server_pause(response.status_code, response.headers)
-        if pause is not None:
-            seconds, reason = pause
-            log.warning(
-                "stage=%s endpoint=%s model=%s every worker pauses %.2fs: %s",
-                self.limits.stage,
-                self.limits.endpoint,
-                self.limits.model,
-                seconds,
-                reason,
-            )
-            await permit.release(pause=seconds, reason=reason)
-        else:
+        try:
+            pause = server_pause(response.status_code, response.headers)
+            if pause is not None:  # recorded before the slot is free for another request
+                seconds, reason = pause
+                log.warning("%s every worker pauses %.2fs: %s", self.limits.label, seconds, reason)
+                await self.limits.pause(seconds, reason)
+        finally:
             await permit.release()
         return response
 
