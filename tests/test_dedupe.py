@@ -109,6 +109,27 @@ def test_forced_duplicate_stays_linked_until_stored_as_itself(
     assert queue_row(conn, copy)["status"] == "done"
 
 
+def test_the_load_stores_the_signature_the_crawl_computed(
+    conn, openai_env, page_server, monkeypatch
+) -> None:
+    computed = []
+    real = dedupe.fingerprint
+    monkeypatch.setattr(dedupe, "fingerprint", lambda text: computed.append(text) or real(text))
+    settings = load_settings()
+    url = f"{page_server.base_url}/articles/{ARTICLE_FILES[5]}"
+    pipeline.enqueue_urls([url], settings)
+    assert len(run_stages(settings)) == 1
+    assert len(computed) == 1  # by the crawl's check; the load took it from the page
+    text, minhash, bands = conn.execute(
+        "SELECT d.text, f.minhash, f.bands FROM blogqa.documents d "
+        "JOIN blogqa.document_fingerprints f ON f.document_id = d.id WHERE d.url = %s",
+        (url,),
+    ).fetchone()
+    expected = real(text)  # what the stored text gives: the kept signature is its own
+    assert bytes(minhash) == expected.minhash.astype("<u4").tobytes()
+    assert list(bands) == expected.bands
+
+
 def test_fingerprints_of_older_documents_are_backfilled(original, conn) -> None:
     conn.execute("DELETE FROM blogqa.document_fingerprints")
     conn.execute("DELETE FROM blogqa.settings WHERE key = %s", (dedupe.BACKFILL_DONE_KEY,))

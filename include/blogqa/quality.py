@@ -356,8 +356,10 @@ def _stem(word: str) -> str:
 
 
 def content_stems(text: str) -> set[str]:
-    """Crude stems of the text's content words (stopwords left out), for support scores."""
-    return {_stem(w) for w in (t.lower() for t in _TOKEN.findall(text)) if w not in STOPWORDS}
+    """Crude stems of the text's content words (stopwords left out), for support scores.
+    Each distinct word is stemmed once: a page repeats most of its words."""
+    words = {t.lower() for t in _TOKEN.findall(text)} - STOPWORDS
+    return {_stem(w) for w in words}
 
 
 def support_score(answer: str, page_stems: set[str]) -> float:

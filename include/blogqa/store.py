@@ -441,10 +441,7 @@ def _replace_outputs(
     # near-duplicate fingerprints follow the text; a URL stored as itself is no duplicate
     dedupe.save_fingerprints(
         conn,
-        [
-            (ids[i.lease.url], v["text"], v["content_hash"])
-            for i, v in zip(items, values, strict=True)
-        ],
+        [(ids[i.lease.url], v, v["content_hash"]) for i, v in zip(items, values, strict=True)],
     )
     dedupe.forget(conn, [i.lease.url for i in items])
     for delete in (SQL.delete_summaries, SQL.delete_questions, SQL.delete_chunks):
