@@ -287,3 +287,24 @@ def test_data_docs_are_served_by_the_api(conn, page_server, model, settings):
         assert "Expectation Suite: documents" in words and "Status: Failed" in words
         assert "summary" in words  # the failed expectation's column
         assert client.get("/quality/../../../etc/passwd").status_code == 404
+
+
+def test_a_runs_data_docs_render_only_its_own_pages(conn, page_server, model, settings):
+    from blogqa.config import load_settings
+
+    def pages(index, run_id: str) -> list:
+        return list((index.parent / "validations" / "documents" / run_id).rglob("*.html"))
+
+    run_stages(None, [url_of(page_server, GOOD_PAGES[0])], run_id="manual__docs-1")
+    [first] = pages(quality.build_docs(load_settings(), "manual__docs-1"), "manual__docs-1")
+    rendered = first.stat().st_mtime_ns
+
+    run_stages(None, [url_of(page_server, GOOD_PAGES[1])], run_id="manual__docs-2")
+    index = quality.build_docs(load_settings(), "manual__docs-2")
+    assert pages(index, "manual__docs-2")
+    assert first.stat().st_mtime_ns == rendered  # the earlier run's page was not rendered again
+    listed = index.read_text()
+    assert "manual__docs-1" in listed and "manual__docs-2" in listed  # the index lists both
+
+    quality.build_docs(load_settings())  # `blogqa quality --docs`: every result again
+    assert first.stat().st_mtime_ns > rendered
