@@ -39,6 +39,7 @@ idle machine (the result records the load average) and compare runs of one machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+import psutil
 import psycopg
 from rich.console import Console
 from rich.table import Table
@@ -175,6 +177,80 @@ class LoadSampler:
 
     def cpu_seconds(self) -> float:
         return round(self.cpu[-1] - self.cpu[0], 1)
+
+
+def _tree_cpu(root: psutil.Process) -> tuple[float, float]:
+    """CPU seconds of a process tree: (its live processes' own, the processes they reaped).
+    A reaped process counts in its parent, once. In an Airflow component the live processes
+    are the component, its executor's workers or pool processes and the supervisors they
+    run; the reaped ones are mostly the task processes (with their extraction workers)."""
+    own = reaped = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            own += t.user + t.system
+            reaped += t.children_user + t.children_system
+    return own, reaped
+
+
+def component_roots(
+    home: Path, airflow: local_airflow.LocalAirflow | None = None
+) -> dict[str, psutil.Process]:
+    """The run's long-lived processes by component: each Airflow command the bench started
+    (its subtree: LocalExecutor workers, Celery pool processes, supervisors, task processes
+    and their extraction workers), the embedded PostgreSQL of `home` (the postmaster and its
+    backends) and the bench's Redis."""
+    roots = {}
+    for name, popen in airflow.processes.items() if airflow else ():
+        with contextlib.suppress(psutil.Error):
+            roots[name] = psutil.Process(popen.pid)
+    for proc in psutil.process_iter(["name", "ppid", "cmdline"]):
+        name, ppid, cmdline = proc.info["name"], proc.info["ppid"], proc.info["cmdline"] or []
+        if name == "redis-server" and ppid == os.getpid():
+            roots["redis"] = proc
+        elif name == "postgres" and "-D" in cmdline and str(home) in " ".join(cmdline):
+            roots["postgres"] = proc
+    return roots
+
+
+class ComponentCPU:
+    """CPU seconds per component over a block, and the bench's own process (its HTTP
+    servers, threads of this process) apart; "other" is the machine's rest (kernel threads,
+    anything else running)."""
+
+    def __init__(self, roots: dict[str, psutil.Process]) -> None:
+        self.roots = roots
+        self.me = psutil.Process()
+
+    def _snapshot(self) -> dict[str, float]:
+        snap = {}
+        for name, root in self.roots.items():
+            live, reaped = _tree_cpu(root)
+            if name in ("postgres", "redis"):  # backends come and go: one figure
+                snap[name] = live + reaped
+            else:
+                snap[name] = live
+                snap[f"{name}: ended processes"] = reaped
+        me = self.me.cpu_times()
+        snap["bench process (test servers)"] = me.user + me.system
+        # children of the bench that ended in the block: the minimal program (its process
+        # pool included), or an Airflow component that died
+        snap["ended children of the bench"] = me.children_user + me.children_system
+        snap["machine"] = busy_cpu_seconds()
+        return snap
+
+    def __enter__(self) -> Self:
+        self.before = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.after = self._snapshot()
+
+    def seconds(self) -> dict[str, float]:
+        used = {k: self.after[k] - self.before.get(k, 0.0) for k in self.after}
+        machine = used.pop("machine")
+        used["other"] = machine - sum(used.values())
+        return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -393,7 +469,8 @@ def run_minimal(
     api.reset_peaks()
     before = api.snapshot()
     log = home / f"minimal-{len(urls)}.log"
-    with log.open("wb") as out, LoadSampler() as load:
+    roots = component_roots(settings.home)
+    with log.open("wb") as out, LoadSampler() as load, ComponentCPU(roots) as components:
         started = time.perf_counter()
         proc = subprocess.Popen(
             cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -434,6 +511,7 @@ def run_minimal(
         "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
         "load_average_1min": load.record(),
         "machine_cpu_seconds": load.cpu_seconds(),
+        "component_cpu_seconds": components.seconds(),
     }
 
 
@@ -539,7 +617,10 @@ def run_dag(bench: Bench, label: str, conf: dict, urls: list[str]) -> dict:
     api_before, site_before = bench.api.snapshot(), bench.site.snapshot()
     pytest_at_start = other_pytest_running()
     timeout = bench.timeout_base + bench.timeout_per_url * len(urls)
-    with LoadSampler() as load:
+    with (
+        LoadSampler() as load,
+        ComponentCPU(component_roots(Path(bench.settings.home), bench.airflow)) as components,
+    ):
         triggered_at = dt.datetime.now(dt.UTC)
         started = time.perf_counter()
         run_id = local_airflow.trigger(bench.client, conf)
@@ -582,6 +663,7 @@ def run_dag(bench: Bench, label: str, conf: dict, urls: list[str]) -> dict:
         "summed_task_seconds": round(sum(r["duration_s"] or 0 for r in rows), 2),
         "load_average_1min": load.record(),
         "machine_cpu_seconds": load.cpu_seconds(),
+        "component_cpu_seconds": components.seconds(),
         "other_pytest_running": pytest_at_start or other_pytest_running(),
         "stages": stage_breakdown(rows),
         "task_instances": rows,
@@ -673,6 +755,8 @@ def bench_executor(
                 f"{new['chunks']} chunks), {new['chat_calls']} chat calls for {n} documents, "
                 f"at most {new['max_concurrent_model_calls']} model requests in flight"
             )
+            cpu = ", ".join(f"{k} {v}" for k, v in new["component_cpu_seconds"].items())
+            console.print(f"{label}: CPU s by component: {cpu}")
             bench.checks[f"{label}: 1 chat call per new document"] = new["chat_calls"] == n
             # the same total as the minimal program's; one more is the test server counting
             # a request as in flight until its handler ends, after the client has its reply
@@ -1020,6 +1104,8 @@ def main() -> int:
                 )
                 report["minimal"][n] = found
                 console.print(f"minimal N={n}: {found['seconds']:.1f} s")
+                cpu = ", ".join(f"{k} {v}" for k, v in found["component_cpu_seconds"].items())
+                console.print(f"minimal N={n}: CPU s by component: {cpu}")
         if executors:
             airflow = local_airflow.LocalAirflow(home / "airflow", airflow_env, port)
             airflow.prepare()  # `airflow db migrate`, `blogqa init`
