@@ -191,25 +191,21 @@ class LocalAirflow:
         for name in names:
             self.start(name)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal a component's whole process group (its task processes included)."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = 30) -> None:
+        """Signal a component's whole process group (its task processes included); SIGKILL
+        the group if it has not ended `timeout` seconds later (a scheduler's graceful
+        shutdown waits for its executor, which has been seen to take longer under load)."""
         process = self.processes.pop(name)
         _signal_group(process, sig)
-        process.wait(timeout=30)
+        _end_group(process, name, time.monotonic() + timeout)
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM every component's process group, then SIGKILL what is left."""
         for process in self.processes.values():
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                pass
-        for process in self.processes.values():
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
+        for name, process in self.processes.items():
+            _end_group(process, name, deadline)
         self.processes.clear()
 
     def check_alive(self) -> None:
@@ -444,6 +440,17 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _end_group(process: subprocess.Popen, name: str, deadline: float) -> None:
+    """Wait for a signalled component until `deadline`, then SIGKILL what is left of its
+    process group (the leader if it is still running, task processes it left behind)."""
+    try:
+        process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        log.warning("airflow %s (pid %d) still running: killing its group", name, process.pid)
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
 
 
 def _interrupt(signum, frame) -> None:
