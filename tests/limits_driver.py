@@ -56,34 +56,29 @@ async def _chat(n: int, parallel: int) -> dict:
     html = (ARTICLE / "01-sourdough-starter.html").read_text("utf-8")
     article = extract_article(html)
     provider = OpenAIChat(settings)
-    gate = asyncio.Semaphore(parallel)
-    _go()
 
-    async def one(i: int) -> str:
-        async with gate:
-            try:
-                await provider.summarize(
-                    url=f"https://x.test/{i}", title=article.title, text=article.text
-                )
-            except PageError as exc:
-                return f"error: {exc}"
-            return "ok"
+    def request(i: int):
+        return provider.summarize(url=f"https://x.test/{i}", title=article.title, text=article.text)
 
-    try:
-        return {"results": await asyncio.gather(*(one(i) for i in range(n)))}
-    finally:
-        await provider.aclose()
+    return await _requests(provider, request, n, parallel)
 
 
 async def _embed(n: int, parallel: int) -> dict:
     provider = OpenAIEmbedder(load_settings())
+    return await _requests(
+        provider, lambda i: provider.embed([f"passage {i} of a page"]), n, parallel
+    )
+
+
+async def _requests(provider, request, n: int, parallel: int) -> dict:
+    """`n` requests (`request(i)`), `parallel` at a time, each's outcome "ok" or its error."""
     gate = asyncio.Semaphore(parallel)
     _go()
 
     async def one(i: int) -> str:
         async with gate:
             try:
-                await provider.embed([f"passage {i} of a page"])
+                await request(i)
             except PageError as exc:
                 return f"error: {exc}"
             return "ok"
