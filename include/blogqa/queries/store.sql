@@ -26,10 +26,11 @@ JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status 
 WHERE w.queue_id = v.id AND w.lease_token = v.token
 RETURNING w.queue_id
 
--- Fenced as save_llm_results.
+-- Fenced as save_llm_results. The vectors go in binary (%b): psycopg's text form of a bytea[]
+-- takes 0.15 CPU s for 125 documents of 6 vectors of 1536 dimensions, binary 0.02 s.
 -- name: save_vectors
 UPDATE blogqa.work_items w SET chunks = v.chunks, vectors = v.vectors, updated_at = now()
-FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[], %s::bytea[]) AS v(id, token, chunks, vectors)
+FROM unnest(%s::bigint[], %s::uuid[], %s::jsonb[], %b::bytea[]) AS v(id, token, chunks, vectors)
 JOIN blogqa.url_queue q ON q.id = v.id AND q.lease_token = v.token AND q.status = 'processing'
 WHERE w.queue_id = v.id AND w.lease_token = v.token
 RETURNING w.queue_id
