@@ -93,6 +93,43 @@ def test_copies_within_one_chunk_keep_the_first(conn, openai_env, page_server) -
     assert duplicate_row(conn, copy)[:2] == (first, "near_duplicate")
 
 
+def test_one_batch_mixes_every_outcome(original, conn) -> None:
+    """The stored side is looked up for the whole batch at once: each page must get its own
+    answer, whatever its position among pages with and without canonical URLs or
+    fingerprints."""
+    from blogqa.extract import extract_article
+    from blogqa.queue import Lease
+    from tests.fakes import ARTICLES
+
+    _, stored = original
+    text_a, text_b, text_c = (
+        extract_article((ARTICLES / name).read_text("utf-8"), "http://x/").text
+        for name in (A, B, ARTICLE_FILES[1])
+    )
+    queued = "http://elsewhere.test/queued-original"
+    conn.execute("INSERT INTO blogqa.url_queue (url, status) VALUES (%s, 'queued')", (queued,))
+    pages = {  # queue id -> (url, page); ids give the batch's order
+        11: ("http://x.test/short", {"text": "too short to compare"}),
+        12: ("http://x.test/b", {"text": text_b, "canonical_url": "http://x.test/b"}),
+        13: ("http://x.test/near-a", {"text": "Republished. " + text_a}),
+        14: ("http://x.test/syndicated", {"text": text_c, "canonical_url": stored}),
+        15: ("http://x.test/b-again", {"text": text_b + " Thanks for reading."}),
+        16: ("http://x.test/points-at-b", {"text": "short", "canonical_url": "http://x.test/b"}),
+        17: ("http://x.test/points-at-queued", {"text": "short", "canonical_url": queued}),
+        18: ("http://x.test/c", {"text": text_c}),
+    }
+    batch = [(Lease(i, url, "t", 1), page) for i, (url, page) in reversed(pages.items())]
+    found = dedupe.find_duplicates(conn, batch)
+    assert {i: (d.original_url, d.reason) for i, d in found.items()} == {
+        13: (stored, "near_duplicate"),
+        14: (stored, "canonical"),
+        15: ("http://x.test/b", "near_duplicate"),
+        16: ("http://x.test/b", "canonical"),
+        17: (queued, "canonical"),
+    }
+    assert dedupe.PAGE_KEY in pages[12][1] and dedupe.PAGE_KEY not in pages[11][1]
+
+
 def test_forced_duplicate_stays_linked_until_stored_as_itself(
     original, conn, page_server, monkeypatch
 ) -> None:

@@ -221,49 +221,113 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[int, Duplicate]:
     """The pages (of URLs with no stored document) that copy a stored document or an
-    earlier page of the same batch, by queue id."""
-    found: dict[int, Duplicate] = {}
-    originals: list[tuple[Lease, dict, Fingerprint | None]] = []  # this batch's, so far
-    for lease, page in sorted(pages, key=lambda p: p[0].id):
+    earlier page of the same batch, by queue id. The stored side is looked up for the whole
+    batch in two statements (a crawl chunk is hundreds of pages: a round trip or three per
+    page was most of the check's time), the batch's own pages are compared in memory."""
+    ordered = sorted(pages, key=lambda p: p[0].id)
+    prints = []
+    for _, page in ordered:
         mine = fingerprint(page.get("text") or "")
         remember(page, mine)
-        duplicate = _check_one(conn, lease, page, mine, originals, threshold)
+        prints.append(mine)
+    canonicals = [_canonical(page, lease.url) for lease, page in ordered]
+    declared = _declared_originals(conn, ordered, canonicals)
+    stored = _stored_candidates(conn, ordered, prints)
+    batch = _Batch()
+    found: dict[int, Duplicate] = {}
+    for i, (lease, _) in enumerate(ordered):
+        duplicate = _canonical_duplicate(lease, canonicals[i], declared.get(i), batch)
+        if duplicate is None and prints[i] is not None:
+            duplicate = _near_duplicate(lease, prints[i], stored.get(i, []), batch, threshold)
         if duplicate is not None:
             found[lease.id] = duplicate
             log.info("url=%s stage=dedupe %s", lease.url, duplicate.message())
         else:
-            originals.append((lease, page, mine))
+            batch.add(lease.url, canonicals[i], prints[i])
     return found
 
 
-def _check_one(
-    conn, lease: Lease, page: dict, mine: Fingerprint | None, originals: list, threshold: float
+class _Batch:
+    """The originals of the batch so far (pages that were not duplicates), in queue order."""
+
+    def __init__(self) -> None:
+        self.by_canonical: dict[str, str] = {}  # a URL or declared canonical URL -> original
+        self.prints: list[tuple[str, set[int], Fingerprint]] = []
+
+    def add(self, url: str, canonical: str | None, found: Fingerprint | None) -> None:
+        self.by_canonical.setdefault(url, url)
+        if canonical is not None:
+            self.by_canonical.setdefault(canonical, url)
+        if found is not None:
+            self.prints.append((url, set(found.bands), found))
+
+
+def _declared_originals(
+    conn: psycopg.Connection, ordered: list[tuple[Lease, dict]], canonicals: list[str | None]
+) -> dict[int, str]:
+    """By position in `ordered`: the stored document (else the queued or processing URL)
+    that a page's declared canonical URL names."""
+    asked = [i for i, canonical in enumerate(canonicals) if canonical is not None]
+    if not asked:
+        return {}
+    rows = conn.execute(
+        SQL.declared_originals,
+        (
+            asked,
+            [canonicals[i] for i in asked],
+            [ordered[i][1]["canonical_url"] for i in asked],
+            [ordered[i][0].url for i in asked],
+        ),
+    ).fetchall()
+    return dict(rows)
+
+
+def _stored_candidates(
+    conn: psycopg.Connection, ordered: list[tuple[Lease, dict]], prints: list
+) -> dict[int, list[tuple[str, bytes]]]:
+    """By position in `ordered`: (URL, signature) of the stored documents sharing at least
+    one LSH band with the page."""
+    asked = [i for i, found in enumerate(prints) if found is not None]
+    if not asked:
+        return {}
+    candidates: dict[int, list[tuple[str, bytes]]] = {}
+    rows = conn.execute(
+        SQL.candidates,
+        (
+            [i for i in asked for _ in range(BANDS)],
+            [band for i in asked for band in prints[i].bands],
+            asked,
+            [ordered[i][0].url for i in asked],
+        ),
+    )
+    for i, url, raw in rows:
+        candidates.setdefault(i, []).append((url, raw))
+    return candidates
+
+
+def _canonical_duplicate(
+    lease: Lease, canonical: str | None, declared: str | None, batch: _Batch
 ) -> Duplicate | None:
-    canonical = _canonical(page, lease.url)
-    if canonical is not None:
-        row = conn.execute(
-            SQL.canonical,
-            {"canonical": canonical, "raw": page["canonical_url"], "url": lease.url},
-        ).fetchone()
-        if row is None:
-            row = conn.execute(SQL.canonical_queued, (canonical,)).fetchone()
-        if row is not None:
-            return Duplicate(lease.url, row[0], "canonical")
-        for other, other_page, _ in originals:
-            if canonical in (other.url, _canonical(other_page, other.url)):
-                return Duplicate(lease.url, other.url, "canonical")
-    if mine is None:
+    if canonical is None:
         return None
+    original = declared or batch.by_canonical.get(canonical)
+    return None if original is None else Duplicate(lease.url, original, "canonical")
+
+
+def _near_duplicate(
+    lease: Lease, mine: Fingerprint, stored: list[tuple[str, bytes]], batch: _Batch, threshold
+) -> Duplicate | None:
     best_url, best = None, 0.0
-    for url, raw in conn.execute(SQL.candidates, (mine.bands, lease.url)):
+    for url, raw in stored:
         similarity = mine.similarity(_signature(raw))
         if similarity > best:
             best_url, best = url, similarity
-    for other, _, other_print in originals:
-        if other_print is not None and not set(mine.bands).isdisjoint(other_print.bands):
-            similarity = mine.similarity(other_print.minhash)
+    bands = set(mine.bands)
+    for url, other_bands, other in batch.prints:
+        if not bands.isdisjoint(other_bands):
+            similarity = mine.similarity(other.minhash)
             if similarity > best:
-                best_url, best = other.url, similarity
+                best_url, best = url, similarity
     if best_url is not None and best >= threshold:
         return Duplicate(lease.url, best_url, "near_duplicate", round(best, 4))
     return None

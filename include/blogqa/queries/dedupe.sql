@@ -23,24 +23,37 @@ LIMIT %s
 INSERT INTO blogqa.settings (key, value) VALUES (%s, 'true')
 ON CONFLICT (key) DO NOTHING
 
--- A stored document at the page's declared canonical URL, or declaring the same one.
--- name: canonical
-SELECT url FROM blogqa.documents
-WHERE (url = %(canonical)s OR canonical_url IN (%(canonical)s, %(raw)s)) AND url <> %(url)s
-ORDER BY (url = %(canonical)s) DESC, id
-LIMIT 1
+-- Per page of a batch (position, declared canonical URL in queue form, as declared, its own
+-- URL): a stored document at the declared canonical URL or declaring the same one, else the
+-- canonical URL if it is queued or being processed (by this run's other chunks, or another
+-- run: it will be stored, so the copy is not processed as well). Pages with neither are left
+-- out.
+-- name: declared_originals
+SELECT p.i, COALESCE(stored.url, queued.url)
+FROM unnest(%s::int[], %s::text[], %s::text[], %s::text[]) AS p(i, canonical, raw, url)
+LEFT JOIN LATERAL (
+    SELECT d.url FROM blogqa.documents d
+    WHERE (d.url = p.canonical OR d.canonical_url IN (p.canonical, p.raw)) AND d.url <> p.url
+    ORDER BY (d.url = p.canonical) DESC, d.id
+    LIMIT 1
+) stored ON true
+LEFT JOIN LATERAL (
+    SELECT q.url FROM blogqa.url_queue q
+    WHERE q.url = p.canonical AND q.status IN ('queued', 'processing')
+    LIMIT 1
+) queued ON true
+WHERE stored.url IS NOT NULL OR queued.url IS NOT NULL
 
--- The declared canonical URL is queued or being processed (by this run's other chunks, or
--- another run): it will be stored, so the copy is not processed as well.
--- name: canonical_queued
-SELECT url FROM blogqa.url_queue
-WHERE url = %s AND status IN ('queued', 'processing')
-
--- Stored documents sharing at least one LSH band with the page.
+-- Stored documents sharing at least one LSH band with a page of a batch: the pages' bands as
+-- (position, band) pairs, then the pages' positions and URLs (a page's own document is not
+-- a candidate).
 -- name: candidates
-SELECT d.url, f.minhash FROM blogqa.document_fingerprints f
+SELECT DISTINCT b.i, d.url, f.minhash
+FROM unnest(%s::int[], %s::bigint[]) AS b(i, band)
+JOIN unnest(%s::int[], %s::text[]) AS p(i, url) ON p.i = b.i
+JOIN blogqa.document_fingerprints f ON f.bands @> ARRAY[b.band]
 JOIN blogqa.documents d ON d.id = f.document_id
-WHERE f.bands && %s::bigint[] AND d.url <> %s
+WHERE d.url <> p.url
 
 -- name: record
 INSERT INTO blogqa.duplicates (url, queue_id, original_url, reason, similarity, content_hash)
