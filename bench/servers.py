@@ -420,7 +420,13 @@ class LatencyOpenAIHandler(OpenAIHandler):
     `embedding_json`, cheap to make: this server shares the machine with the pipeline it
     measures, while a real endpoint computes elsewhere. The client still receives and parses
     a full-size response, as float lists or base64, whichever it asked for.
+
+    A request counts as in flight from its arrival until its response headers are sent: the
+    client frees its slot when the headers arrive, and an embedding response's body (megabytes)
+    may still be on its way while the next request comes in.
     """
+
+    _in_flight: str | None = None
 
     def do_POST(self) -> None:
         api = self.server.owner  # type: ignore[attr-defined]
@@ -431,6 +437,7 @@ class LatencyOpenAIHandler(OpenAIHandler):
         if self.headers.get("Authorization") != f"Bearer {api.api_key}":
             return self._error(401, "invalid api key")
         api.enter(kind)
+        self._in_flight = kind
         try:
             if kind == "chat":
                 time.sleep(api.chat_latency)
@@ -440,7 +447,16 @@ class LatencyOpenAIHandler(OpenAIHandler):
             time.sleep(api.embed_latency)
             return self._embeddings(api, body)
         finally:
-            api.leave(kind)
+            self._leave()
+
+    def end_headers(self) -> None:
+        super().end_headers()
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._in_flight is not None:
+            self.server.owner.leave(self._in_flight)  # type: ignore[attr-defined]
+            self._in_flight = None
 
     def _embeddings(self, api: LatencyOpenAI, body: dict) -> None:
         texts = body["input"]
