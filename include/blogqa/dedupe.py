@@ -10,10 +10,11 @@ own (a URL already stored keeps being refreshed as itself):
   MinHash (128 hash functions), is at least BLOGQA_DEDUPE_THRESHOLD (default 0.8). Candidates
   are found by locality-sensitive hashing in PostgreSQL: the signature is cut into 32 bands
   of 4 values, each band hashed to a key, and stored documents sharing a key with the page
-  (a GIN index on `bands`, `&&`) are compared signature to signature. With 32 bands of 4 a
-  pair at similarity 0.8 becomes a candidate with probability 1 - (1 - 0.8^4)^32 > 0.9999,
-  one at 0.3 with about 0.23 (then rejected by the comparison). Texts under MIN_WORDS words
-  are not compared: their shingle sets are too small for the estimate to mean much.
+  (a GIN index on `bands`, one query for a whole crawl chunk) are compared signature to
+  signature. With 32 bands of 4 a pair at similarity 0.8 becomes a candidate with probability
+  1 - (1 - 0.8^4)^32 > 0.9999, one at 0.3 with about 0.23 (then rejected by the comparison).
+  Texts under MIN_WORDS words are not compared: their shingle sets are too small for the
+  estimate to mean much.
 
 Why 0.8: syndicated copies of one article (a different header or footer, a "first published
 at" line, a dropped image caption) score 0.9 and above on 3-shingles; two different posts of
