@@ -226,11 +226,7 @@ def find_duplicates(
     batch in two statements (a crawl chunk is hundreds of pages: a round trip or three per
     page was most of the check's time), the batch's own pages are compared in memory."""
     ordered = sorted(pages, key=lambda p: p[0].id)
-    prints = []
-    for _, page in ordered:
-        mine = fingerprint(page.get("text") or "")
-        remember(page, mine)
-        prints.append(mine)
+    prints = [_kept_fingerprint(page) for _, page in ordered]
     canonicals = [_canonical(page, lease.url) for lease, page in ordered]
     declared = _declared_originals(conn, ordered, canonicals)
     stored = _stored_candidates(conn, ordered, prints)
@@ -245,6 +241,13 @@ def find_duplicates(
             log.info("url=%s stage=dedupe %s", lease.url, duplicate.message())
         else:
             batch.add(lease.url, canonicals[i], prints[i])
+    return found
+
+
+def _kept_fingerprint(page: dict) -> Fingerprint | None:
+    """The page's fingerprint, kept in the page for the load (`remember`)."""
+    found = fingerprint(page.get("text") or "")
+    remember(page, found)
     return found
 
 
@@ -284,7 +287,9 @@ def _declared_originals(
 
 
 def _stored_candidates(
-    conn: psycopg.Connection, ordered: list[tuple[Lease, dict]], prints: list
+    conn: psycopg.Connection,
+    ordered: list[tuple[Lease, dict]],
+    prints: list[Fingerprint | None],
 ) -> dict[int, list[tuple[str, bytes]]]:
     """By position in `ordered`: (URL, signature) of the stored documents sharing at least
     one LSH band with the page."""
@@ -316,7 +321,11 @@ def _canonical_duplicate(
 
 
 def _near_duplicate(
-    lease: Lease, mine: Fingerprint, stored: list[tuple[str, bytes]], batch: _Batch, threshold
+    lease: Lease,
+    mine: Fingerprint,
+    stored: list[tuple[str, bytes]],
+    batch: _Batch,
+    threshold: float,
 ) -> Duplicate | None:
     best_url, best = None, 0.0
     for url, raw in stored:
