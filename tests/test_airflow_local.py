@@ -41,13 +41,16 @@ def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
 ):
     urls = article_urls(page_server)
     gone = f"{page_server.base_url}/gone"
+    # a copy declaring the first article canonical: the crawl's duplicate check skips it, in
+    # whichever chunk it lands (the original is stored, being processed, or in its chunk)
+    copy = f"{page_server.base_url}/syndicated/{ARTICLE_FILES[0]}"
     chat_before = openai_env.chat_calls
 
-    run_id, state = run_to_end(airflow, client, {"urls": [*urls, gone], "chunk_size": 5})
+    run_id, state = run_to_end(airflow, client, {"urls": [*urls, gone, copy], "chunk_size": 5})
 
     assert state == "success"
     states = states_by_task(client, run_id)
-    # 15 URLs, at most 5 per chunk, in a whole round of the pool's 4 slots: 4 chunks of 4
+    # 16 URLs, at most 5 per chunk, in a whole round of the pool's 4 slots: 4 chunks of 4
     assert len(states["process.crawl"]) == 4
     assert states.pop("review") == ["skipped"]  # nothing was quarantined: no one is asked
     assert all(s == ["success"] * len(s) for s in states.values()), states
@@ -70,6 +73,10 @@ def test_pipeline_runs_under_the_scheduler_and_a_rerun_costs_nothing(
         "SELECT status, last_stage, last_error FROM blogqa.url_queue WHERE url = %s", (gone,)
     ).fetchone()
     assert (status, stage) == ("dead", "crawl") and "HTTP 404" in error
+    status, stage, error = conn.execute(
+        "SELECT status, last_stage, last_error FROM blogqa.url_queue WHERE url = %s", (copy,)
+    ).fetchone()
+    assert (status, stage) == ("skipped", "dedupe") and error.startswith(f"duplicate of {urls[0]}")
 
     # The scheduler preloaded the pipeline and Great Expectations (and so pandas) for the
     # task processes it forks (blogqa.preload); Airflow's scheduler alone imports no pandas.
