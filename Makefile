@@ -43,8 +43,8 @@ test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 # Pipeline throughput sizes for `make bench` (DAG runs under Airflow's scheduler with
-# LocalExecutor and CeleryExecutor, and the minimal program), the sizes of issue 11's targets;
-# a shorter run: BENCH_N="100 500".
+# LocalExecutor and CeleryExecutor, `blogqa run`, and the minimal program), the sizes of issue
+# 11's targets; a shorter run: BENCH_N="100 500".
 BENCH_N ?= 500 2000
 
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """Pipeline throughput under Airflow's own scheduler, against the minimal program.
 
-Usage: python bench/pipeline_throughput.py [--n 100 500 [2000]] [--modes minimal local celery]
+Usage: python bench/pipeline_throughput.py [--n 100 500 [2000]] [--modes minimal run local celery]
            [--chunk-size 100] [--chat-latency 0.8] [--embed-latency 0.15] [--empty-runs 3]
            [--no-force-pass] [--keep-home] [--no-snapshot] [--output bench/results/...json]
 
@@ -16,6 +16,12 @@ wheel's server) and two `airflow celery worker`s. Modes, in this order:
   no Airflow) on the URLs the LocalExecutor run gets, with as many model requests in flight as
   the pipeline may have in all (`BLOGQA_LLM_CONCURRENCY` per task x `BLOGQA_LLM_POOL_SLOTS`
   tasks): the limit;
+- run: `blogqa run` (Airflow's `dag.test()`, one task instance at a time, no scheduler), as
+  a user or cron calls it: per N the URLs are queued, then the command is timed from its
+  start to its exit (Airflow's import and the DAG's load included; its own tally of the DAG
+  runs' seconds is recorded beside), before any Airflow component is started. One task at a
+  time means one enrich task's BLOGQA_LLM_CONCURRENCY model requests in flight, not the
+  pool's total: this mode is the one-off path, not the throughput path;
 - local, celery: per executor, Airflow start-up is timed on its own (scheduler heartbeat,
   Celery workers answering a ping); then `--empty-runs` DAG runs with an empty queue (the first
   right after start-up); then per N a DAG run triggered through the REST API with N new URLs
@@ -43,6 +49,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -68,7 +75,7 @@ from common import code_fingerprint, load_average, machine_facts, snapshot_code,
 from servers import ArticleSite, LatencyOpenAI, start_article_site, start_latency_openai
 
 import blogqa
-from blogqa import db, embedded, local_airflow
+from blogqa import db, embedded, local_airflow, queue
 from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, Settings, load_settings
 from blogqa.urls import normalize_url
 
@@ -79,8 +86,9 @@ CHAT_MODEL = "gpt-4o-mini"  # a known name: same tokenizer choice and cost rows 
 EMBED_MODEL = "text-embedding-3-small"
 API_KEY = "bench-key"
 DAG_ID = local_airflow.DAG_ID
-MODES = ("minimal", "local", "celery")
+MODES = ("minimal", "run", "local", "celery")
 EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+RUN_MODE = "`blogqa run` (dag.test(), one task at a time)"
 WORKERS = ("worker-1", "worker-2")
 WORKER_CONCURRENCY = 4  # 2 x 4 = 8 task slots, as [core] parallelism under LocalExecutor
 POLL_SECONDS = 1.0  # timing comes from the run's end_date, not from the poll
@@ -92,6 +100,17 @@ UPSTREAM = {
     "validate_tables": "process.enrich",
 }
 STAGES = ("claim", *UPSTREAM)  # in the DAG's order
+
+
+def mode_label(mode: str) -> str:
+    """How a DAG mode is named in the tables: `blogqa run`, or the scheduler's executor."""
+    if mode == "run":
+        return RUN_MODE
+    executor = EXECUTORS[mode]
+    if mode == "celery":
+        executor += f" ({len(WORKERS)} workers x {WORKER_CONCURRENCY})"
+    return f"scheduler, {executor}"
+
 
 console = Console(highlight=False, width=160)
 
@@ -515,6 +534,112 @@ def run_minimal(
     }
 
 
+# ---------------------------------------------------------------- `blogqa run`
+
+
+def time_blogqa_run(
+    home: Path, env: dict[str, str], label: str, n: int, chunk_size: int, timeout: float
+) -> dict:
+    """One `blogqa run --max-urls n` (n = 0: no limit), timed from its start to its exit; its
+    output and log go to home/<label>.log. Fails the bench when the command fails."""
+    # the `blogqa` command of this interpreter, importing blogqa from the snapshot
+    # (PYTHONPATH); not `-m blogqa.cli`, under which the module is __main__
+    entry = "import sys; from blogqa.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", entry, "run", "--chunk-size", str(chunk_size)]
+    if n:
+        cmd += ["--max-urls", str(n)]
+    log = home / f"{label.replace(' ', '-').replace('=', '')}.log"
+    with (
+        log.open("wb") as out,
+        LoadSampler() as load,
+        ComponentCPU(component_roots(home)) as components,
+    ):
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            raise BenchFailure(f"{label}: not done after {timeout:.0f} s") from None
+        seconds = time.perf_counter() - started
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        console.print(text[-3000:])
+        raise BenchFailure(f"{label}: `blogqa run` exited {proc.returncode}; output in {log}")
+    # its tally: "claimed N url(s) in R run(s), S s; done N"
+    tally = re.search(r"claimed (\d+) url\(s\) in (\d+) run\(s\), ([\d.]+)s", text)
+    return {
+        "seconds": round(seconds, 2),
+        "claimed": int(tally.group(1)) if tally else None,
+        "dag_runs": int(tally.group(2)) if tally else None,
+        "dag_runs_seconds": float(tally.group(3)) if tally else None,
+        "load_average_1min": load.record(),
+        "machine_cpu_seconds": load.cpu_seconds(),
+        "component_cpu_seconds": components.seconds(),
+        "output_tail": text.strip().splitlines()[-1:] if text.strip() else [],
+    }
+
+
+def bench_blogqa_run(
+    result: dict,
+    bench_home: Path,
+    env: dict[str, str],
+    settings: Settings,
+    url_sets: dict[int, list[str]],
+    api: LatencyOpenAI,
+    chunk_size: int,
+    timeout: tuple[float, float],
+    checks: dict,
+) -> None:
+    """`blogqa run` per N on freshly queued URLs, in the home Airflow was prepared in and with
+    no Airflow component running; the figures go into `result` as they are taken."""
+    base, per_url = timeout
+    result.update(executor=RUN_MODE, runs={})
+    # an empty queue first: no DAG run, but Airflow's import, the metadata check (and its
+    # stamp, so no timed run migrates) and the DAG's load, what every invocation pays
+    empty = time_blogqa_run(bench_home, env, "run empty queue", 0, chunk_size, base)
+    result["empty_command_seconds"] = empty["seconds"]
+    console.print(f"run: `blogqa run` with nothing queued: {empty['seconds']:.1f} s")
+    for n, urls in url_sets.items():
+        label = f"run N={n}"
+        console.rule(label)
+        empty_outputs(settings)
+        with db.connect(settings) as conn:
+            queued = queue.enqueue(conn, urls, max_attempts=settings.max_attempts)
+            since = conn.execute("SELECT now()").fetchone()[0]
+        if len(queued.new) != n:
+            raise BenchFailure(f"{label}: {len(queued.new)} of {n} URLs queued as new")
+        api.reset_peaks()
+        before = api.snapshot()
+        found = time_blogqa_run(bench_home, env, label, n, chunk_size, base + per_url * n)
+        api_delta = delta(api.snapshot(), before)
+        with db.connect(settings) as conn:
+            require_all_done(conn, urls, label)
+            usage = usage_since(conn, since)
+        chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
+        found.update(
+            urls=n,
+            ms_per_url=round(found["seconds"] / n * 1000, 1),
+            urls_per_minute=round(n / found["seconds"] * 60, 1),
+            chat_calls=chat,
+            chat_calls_per_document=round(chat / n, 3),
+            embedding_requests=embeds,
+            max_concurrent_chat_calls=api_delta["max_concurrent_chat"],
+            max_concurrent_model_calls=api_delta["max_concurrent_model_calls"],
+            llm_usage=usage,
+        )
+        result["runs"][n] = {"new": found}
+        console.print(
+            f"{label}: {found['seconds']:.1f} s ({found['ms_per_url']:.0f} ms per URL; the DAG "
+            f"runs {found['dag_runs_seconds']} s in {found['dag_runs']}), {chat} chat calls for "
+            f"{n} documents, at most {found['max_concurrent_model_calls']} model requests in flight"
+        )
+        checks[f"{label}: 1 chat call per new document"] = chat == n
+        checks[f"{label}: every URL claimed by it"] = found["claimed"] == n
+
+
 # ---------------------------------------------------------------- one DAG run
 
 
@@ -795,7 +920,8 @@ def targets(report: dict) -> dict:
         for n in (500, 2000):
             if n in runs and n in minimal:
                 ratio = runs[n]["new"]["seconds"] / minimal[n]["seconds"]
-                found[f"{mode}: scheduler / minimal <= 1.2 at N={n}"] = {
+                what = "blogqa run" if mode == "run" else "scheduler"
+                found[f"{mode}: {what} / minimal <= 1.2 at N={n}"] = {
                     "value": round(ratio, 2),
                     "met": ratio <= 1.2,
                 }
@@ -849,13 +975,10 @@ def result_rows(report: dict) -> list[dict]:
             if run is None:
                 continue
             new = run["new"]
-            executor = EXECUTORS[mode]
-            if mode == "celery":
-                executor += f" ({len(WORKERS)} workers x {WORKER_CONCURRENCY})"
             rows.append(
                 {
                     "n": n,
-                    "mode": f"scheduler, {executor}",
+                    "mode": mode_label(mode),
                     "seconds": new["seconds"],
                     "ms_per_url": new["ms_per_url"],
                     "ratio": (
@@ -905,6 +1028,12 @@ def markdown(report: dict) -> str:
         "|---|---|---|",
     ]
     for mode, result in report["executors"].items():
+        if mode == "run":
+            lines.append(
+                f"| {RUN_MODE} | - | none: with nothing queued the command starts no DAG run "
+                f"and took {_cell(result.get('empty_command_seconds'))} |"
+            )
+            continue
         empties = ", ".join(f"{r['seconds']:.1f}" for r in result.get("empty_runs", []))
         lines.append(
             f"| {EXECUTORS[mode]} | {_cell(result.get('startup_seconds'))} | {empties or '-'} |"
@@ -919,7 +1048,7 @@ def markdown(report: dict) -> str:
 
 
 def print_report(report: dict) -> None:
-    table = Table(title="Pipeline throughput: DAG runs under Airflow's scheduler vs minimal")
+    table = Table(title="Pipeline throughput: the DAG (scheduler, `blogqa run`) vs minimal")
     for column in (
         "N",
         "mode",
@@ -946,20 +1075,26 @@ def print_report(report: dict) -> None:
         )
     console.print(table)
     for mode, result in report["executors"].items():
-        empties = ", ".join(f"{r['seconds']:.1f}" for r in result.get("empty_runs", []))
-        console.print(
-            f"{EXECUTORS[mode]}: start-up {result.get('startup_seconds')} s; "
-            f"empty runs {empties or '-'} s"
-        )
+        if mode == "run":
+            console.print(
+                f"{RUN_MODE}: with nothing queued {result.get('empty_command_seconds')} s"
+            )
+        else:
+            empties = ", ".join(f"{r['seconds']:.1f}" for r in result.get("empty_runs", []))
+            console.print(
+                f"{EXECUTORS[mode]}: start-up {result.get('startup_seconds')} s; "
+                f"empty runs {empties or '-'} s"
+            )
         for n, run in result.get("runs", {}).items():
-            stages = run["new"]["stages"]
+            stages = run["new"].get("stages", {})
             parts = [
                 f"{s.split('.')[-1]} {v['instances']}x{v['duration_s']['mean']:.1f}s"
                 f" (+{v['queued_to_start_s']['mean']:.1f}s start)"
                 for s, v in stages.items()
                 if v["duration_s"]
             ]
-            console.print(f"  N={n}: " + "; ".join(parts))
+            if parts:  # `blogqa run` has no task instance timings (no REST API running)
+                console.print(f"  N={n}: " + "; ".join(parts))
     for name, value in report.get("targets", {}).items():
         console.print(f"{'met   ' if value['met'] else '[red]MISSED'} {name}: {value['value']}")
     for name, met in report.get("checks", {}).items():
@@ -1034,20 +1169,20 @@ def main() -> int:
         at = user_args.index("--code")
         del user_args[at : at + 2]
     executors = [m for m in ("local", "celery") if m in args.modes]
+    dag_modes = [m for m in ("run", *executors) if m in args.modes] or ["local"]
     sizes = list(dict.fromkeys(args.n))
     home = base / "home"
     started = time.perf_counter()
-    site = start_article_site(sum(sizes) * max(1, len(executors)), seed=args.seed)
+    site = start_article_site(sum(sizes) * len(dag_modes), seed=args.seed)
     api = start_latency_openai(args.chat_latency, args.embed_latency, API_KEY)
     api.models = [CHAT_MODEL, EMBED_MODEL]  # `blogqa init` checks the endpoint lists them
     env = bench_env(home, api, args.code)
     with environment(env):
         settings = load_settings()
-    # distinct URLs per executor and N; the minimal program reads the LocalExecutor's set
+    # distinct URLs per DAG mode and N; the minimal program reads the LocalExecutor's set
     urls = iter(site.urls)
-    url_sets = {
-        mode: {n: [next(urls) for _ in range(n)] for n in sizes} for mode in executors or ["local"]
-    }
+    url_sets = {mode: {n: [next(urls) for _ in range(n)] for n in sizes} for mode in dag_modes}
+    minimal_urls = url_sets.get("local") or url_sets[dag_modes[0]]
     report: dict = {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine_facts(),
@@ -1098,7 +1233,7 @@ def main() -> int:
                     home,
                     env,
                     settings,
-                    url_sets[next(iter(url_sets))][n],
+                    minimal_urls[n],
                     api,
                     timeout_base + args.timeout_per_url * n,
                 )
@@ -1106,9 +1241,25 @@ def main() -> int:
                 console.print(f"minimal N={n}: {found['seconds']:.1f} s")
                 cpu = ", ".join(f"{k} {v}" for k, v in found["component_cpu_seconds"].items())
                 console.print(f"minimal N={n}: CPU s by component: {cpu}")
-        if executors:
+        if executors or "run" in args.modes:
             airflow = local_airflow.LocalAirflow(home / "airflow", airflow_env, port)
             airflow.prepare()  # `airflow db migrate`, `blogqa init`
+        if "run" in args.modes:
+            # before any Airflow component starts: the command has the machine to itself, as
+            # the minimal program has
+            report["executors"]["run"] = {}  # filled as it goes: kept on failure
+            bench_blogqa_run(
+                report["executors"]["run"],
+                home,
+                airflow_env,
+                settings,
+                url_sets["run"],
+                api,
+                args.chunk_size,
+                (timeout_base, args.timeout_per_url),
+                checks,
+            )
+        if executors:
             airflow.start_components(("api-server", "dag-processor"))
             airflow.wait_ready(components=("dag_processor",))
             with airflow.client() as client:
