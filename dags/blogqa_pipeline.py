@@ -28,7 +28,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, llm_pool_slots
+from blogqa.config import DEFAULT_CHUNK_SIZE, MAX_URLS_PER_RUN, crawls_at_once
 from blogqa.errors import ConfigError
 
 # Task retries cover infrastructure failures (database restarted, worker lost); per-URL
@@ -130,12 +130,13 @@ OUTPUT_ASSETS = {
 # (BLOGQA_LLM_POOL_SLOTS) is the one limit on model calls, across runs and DAGs alike.
 MAX_ACTIVE_RUNS = 1
 
-# Chunks of a run crawled at once: as many as may enrich at once (the pool's slots), read when
-# the DAG is parsed. Crawling every chunk at once (8 at N = 2000, parallelism 8) kept both
-# cores busy with extraction while no model call ran, and the first enrich waited for all of
-# it; crawling one round ahead, the next round's crawl runs beside this round's model calls
+# Chunks of a run crawled at once (BLOGQA_CRAWLS_AT_ONCE, read when the DAG is parsed): by
+# default just enough to fill the model endpoint's shared cap (2 with the defaults: 32 in
+# flight, 16 per task). Crawling every chunk at once kept both cores busy with extraction
+# while no model call ran, and the first enrich waited for all of it; with fewer at once the
+# first chunks reach the model sooner and the others are crawled beside those calls
 # (bench/README.md has the figures).
-CRAWLS_AT_ONCE = llm_pool_slots()
+CRAWLS_AT_ONCE = crawls_at_once()
 
 REVIEW_OPTIONS = ["Release", "Requeue", "Drop", "Leave quarantined"]  # pipeline.REVIEW_OPTIONS
 

@@ -41,13 +41,35 @@ def test_dag_file_defines_the_pipeline():
     # the model-calling task takes a slot of the pool BLOGQA_LLM_POOL_SLOTS sizes (`blogqa init`)
     assert dag.get_task("process.enrich").pool == runner.LLM_POOL
     assert dag.get_task("process.crawl").pool == "default_pool"
-    # crawling one round of chunks ahead of the model-calling tasks, not every chunk at once
-    assert dag.get_task("process.crawl").max_active_tis_per_dagrun == 4
+    # just enough chunks crawled at once to fill the model cap (32 in flight, 16 per task),
+    # not every chunk at once
+    assert dag.get_task("process.crawl").max_active_tis_per_dagrun == 2
 
 
-def test_the_crawl_follows_the_pool_size(monkeypatch):
-    monkeypatch.setenv("BLOGQA_LLM_POOL_SLOTS", "6")
-    assert runner.load_dag().get_task("process.crawl").max_active_tis_per_dagrun == 6
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"BLOGQA_LLM_CONCURRENCY": "8"}, 4),  # 32 / 8: four tasks fill the cap
+        ({"BLOGQA_LLM_CONCURRENCY": "10"}, 4),  # rounded up: three would leave 2 unused
+        ({"BLOGQA_LLM_CONCURRENCY": "4"}, 4),  # never more than the pool's slots
+        ({"BLOGQA_LLM_MAX_IN_FLIGHT": "0", "BLOGQA_LLM_POOL_SLOTS": "6"}, 6),  # no cap: slots
+        ({"BLOGQA_LLM_POOL_SLOTS": "1"}, 1),
+        ({"BLOGQA_CRAWLS_AT_ONCE": "3"}, 3),  # set: as given
+    ],
+)
+def test_crawls_at_once_follow_the_model_settings(monkeypatch, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert runner.load_dag().get_task("process.crawl").max_active_tis_per_dagrun == expected
+
+
+def test_a_bad_crawls_at_once_is_refused(monkeypatch):
+    from blogqa.config import crawls_at_once
+    from blogqa.errors import ConfigError
+
+    monkeypatch.setenv("BLOGQA_CRAWLS_AT_ONCE", "0")
+    with pytest.raises(ConfigError, match="BLOGQA_CRAWLS_AT_ONCE"):
+        crawls_at_once()
 
 
 def test_chunks_stay_within_airflow_map_limit():

@@ -242,6 +242,29 @@ def llm_pool_slots() -> int:
     return _env_int("BLOGQA_LLM_POOL_SLOTS", 4, maximum=1024)
 
 
+def crawls_at_once() -> int:
+    """BLOGQA_CRAWLS_AT_ONCE: chunks of a DAG run crawled at once (`max_active_tis_per_dagrun`
+    of the crawl task, read when the DAG file is parsed). By default just enough crawled
+    chunks to fill the model endpoint's shared cap (BLOGQA_LLM_MAX_IN_FLIGHT over
+    BLOGQA_LLM_CONCURRENCY, rounded up; the pool's slots when there is no cap), at most the
+    pool's slots: the first chunks reach their model calls sooner, and the rest are crawled
+    beside those calls instead of before them."""
+    slots, cap = llm_pool_slots(), llm_max_in_flight()
+    filling = min(slots, -(-cap // llm_concurrency())) if cap else slots
+    return _env_int("BLOGQA_CRAWLS_AT_ONCE", filling, maximum=1024)
+
+
+def llm_concurrency() -> int:
+    """BLOGQA_LLM_CONCURRENCY: model requests in flight per task."""
+    return _env_int("BLOGQA_LLM_CONCURRENCY", DEFAULT_LLM_CONCURRENCY, maximum=256)
+
+
+def llm_max_in_flight() -> int:
+    """BLOGQA_LLM_MAX_IN_FLIGHT: model requests in flight to the endpoint across every task
+    and worker (0: no shared cap)."""
+    return _env_int("BLOGQA_LLM_MAX_IN_FLIGHT", 32, minimum=0, maximum=100_000)
+
+
 def load_settings() -> Settings:
     """Read every BLOGQA_* variable (and the OpenAI ones) once, validating as it goes."""
     home = Path(os.environ.get("BLOGQA_HOME") or ".blogqa").expanduser().resolve()
@@ -259,8 +282,8 @@ def load_settings() -> Settings:
         chat_model=os.environ.get("BLOGQA_CHAT_MODEL") or default_chat,
         embed_model=os.environ.get("BLOGQA_EMBED_MODEL") or default_embed,
         embed_dim=_env_int("BLOGQA_EMBED_DIM", 1536, minimum=8, maximum=2000),
-        llm_concurrency=_env_int("BLOGQA_LLM_CONCURRENCY", DEFAULT_LLM_CONCURRENCY, maximum=256),
-        llm_max_in_flight=_env_int("BLOGQA_LLM_MAX_IN_FLIGHT", 32, minimum=0, maximum=100_000),
+        llm_concurrency=llm_concurrency(),
+        llm_max_in_flight=llm_max_in_flight(),
         llm_rpm=_env_limit("BLOGQA_LLM_RPM"),
         llm_tpm=_env_limit("BLOGQA_LLM_TPM"),
         crawl_concurrency=_env_int("BLOGQA_CRAWL_CONCURRENCY", 16, maximum=256),
