@@ -489,28 +489,18 @@ def run_minimal(
     before = api.snapshot()
     log = home / f"minimal-{len(urls)}.log"
     roots = component_roots(settings.home)
-    with log.open("wb") as out, LoadSampler() as load, ComponentCPU(roots) as components:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(proc)
-            raise BenchFailure(f"minimal N={len(urls)}: not done after {timeout:.0f} s") from None
-        seconds = time.perf_counter() - started
+    timed = time_command(cmd, env, log, roots, f"minimal N={len(urls)}", timeout)
     api_delta = delta(api.snapshot(), before)
     text = log.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
-    if proc.returncode != 0 or result.get("documents") != len(urls):
+    if timed.returncode != 0 or result.get("documents") != len(urls):
         console.print(text[-3000:])
         raise BenchFailure(
-            f"minimal N={len(urls)}: exit {proc.returncode}, "
+            f"minimal N={len(urls)}: exit {timed.returncode}, "
             f"{result.get('documents')} of {len(urls)} documents"
         )
-    n, embeds = len(urls), api_delta["embedding_calls"]
+    n, embeds, seconds = len(urls), api_delta["embedding_calls"], timed.seconds
     return {
         "urls": n,
         "seconds": round(seconds, 2),
@@ -528,10 +518,50 @@ def run_minimal(
         ),
         "max_concurrent_chat_calls": api_delta["max_concurrent_chat"],
         "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
-        "load_average_1min": load.record(),
-        "machine_cpu_seconds": load.cpu_seconds(),
-        "component_cpu_seconds": components.seconds(),
+        **timed.figures(),
     }
+
+
+@dataclass
+class Timed:
+    """A command's exit status and seconds, and the machine over its run."""
+
+    returncode: int
+    seconds: float
+    load_average_1min: dict
+    machine_cpu_seconds: float
+    component_cpu_seconds: dict
+
+    def figures(self) -> dict:
+        return {
+            "load_average_1min": self.load_average_1min,
+            "machine_cpu_seconds": self.machine_cpu_seconds,
+            "component_cpu_seconds": self.component_cpu_seconds,
+        }
+
+
+def time_command(
+    cmd: list[str],
+    env: dict[str, str],
+    log: Path,
+    roots: dict[str, psutil.Process],
+    label: str,
+    timeout: float,
+) -> Timed:
+    """Run `cmd` (output to `log`) timed from its start to its exit, with the load and the CPU
+    by component over it; one still running after `timeout` is stopped and fails the bench."""
+    with log.open("wb") as out, LoadSampler() as load, ComponentCPU(roots) as components:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            raise BenchFailure(f"{label}: not done after {timeout:.0f} s") from None
+        seconds = time.perf_counter() - started
+    return Timed(proc.returncode, seconds, load.record(), load.cpu_seconds(), components.seconds())
 
 
 # ---------------------------------------------------------------- `blogqa run`
@@ -549,35 +579,19 @@ def time_blogqa_run(
     if n:
         cmd += ["--max-urls", str(n)]
     log = home / f"{label.replace(' ', '-').replace('=', '')}.log"
-    with (
-        log.open("wb") as out,
-        LoadSampler() as load,
-        ComponentCPU(component_roots(home)) as components,
-    ):
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(proc)
-            raise BenchFailure(f"{label}: not done after {timeout:.0f} s") from None
-        seconds = time.perf_counter() - started
+    timed = time_command(cmd, env, log, component_roots(home), label, timeout)
     text = log.read_text(errors="replace")
-    if proc.returncode != 0:
+    if timed.returncode != 0:
         console.print(text[-3000:])
-        raise BenchFailure(f"{label}: `blogqa run` exited {proc.returncode}; output in {log}")
+        raise BenchFailure(f"{label}: `blogqa run` exited {timed.returncode}; output in {log}")
     # its tally: "claimed N url(s) in R run(s), S s; done N"
     tally = re.search(r"claimed (\d+) url\(s\) in (\d+) run\(s\), ([\d.]+)s", text)
     return {
-        "seconds": round(seconds, 2),
+        "seconds": round(timed.seconds, 2),
         "claimed": int(tally.group(1)) if tally else None,
         "dag_runs": int(tally.group(2)) if tally else None,
         "dag_runs_seconds": float(tally.group(3)) if tally else None,
-        "load_average_1min": load.record(),
-        "machine_cpu_seconds": load.cpu_seconds(),
-        "component_cpu_seconds": components.seconds(),
+        **timed.figures(),
         "output_tail": text.strip().splitlines()[-1:] if text.strip() else [],
     }
 
