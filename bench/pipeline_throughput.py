@@ -500,25 +500,33 @@ def run_minimal(
             f"minimal N={len(urls)}: exit {timed.returncode}, "
             f"{result.get('documents')} of {len(urls)} documents"
         )
-    n, embeds, seconds = len(urls), api_delta["embedding_calls"], timed.seconds
     return {
-        "urls": n,
-        "seconds": round(seconds, 2),
-        "ms_per_url": round(seconds / n * 1000, 1),
-        "urls_per_minute": round(n / seconds * 60, 1),
+        "urls": len(urls),
+        "seconds": round(timed.seconds, 2),
         "model_requests_in_flight": in_flight,
         "fetch_concurrency": fetch_concurrency,
         "work_seconds": result.get("work_seconds"),
         "timeline": result.get("timeline"),
-        "chat_calls": api_delta["chat_calls"],
-        "chat_calls_per_document": round(api_delta["chat_calls"] / n, 3),
+        **throughput_figures(len(urls), timed.seconds, api_delta),
+        **timed.figures(),
+    }
+
+
+def throughput_figures(n: int, seconds: float, api_delta: dict[str, int]) -> dict:
+    """The figures every mode reports for N URLs done in `seconds`, with the model server's
+    counters over the run (`api_delta`)."""
+    chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
+    return {
+        "ms_per_url": round(seconds / n * 1000, 1),
+        "urls_per_minute": round(n / seconds * 60, 1),
+        "chat_calls": chat,
+        "chat_calls_per_document": round(chat / n, 3),
         "embedding_requests": embeds,
         "inputs_per_embedding_request": (
             round(api_delta["embedding_inputs"] / embeds, 1) if embeds else None
         ),
         "max_concurrent_chat_calls": api_delta["max_concurrent_chat"],
         "max_concurrent_model_calls": api_delta["max_concurrent_model_calls"],
-        **timed.figures(),
     }
 
 
@@ -632,18 +640,8 @@ def bench_blogqa_run(
         with db.connect(settings) as conn:
             require_all_done(conn, urls, label)
             usage = usage_since(conn, since)
-        chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
-        found.update(
-            urls=n,
-            ms_per_url=round(found["seconds"] / n * 1000, 1),
-            urls_per_minute=round(n / found["seconds"] * 60, 1),
-            chat_calls=chat,
-            chat_calls_per_document=round(chat / n, 3),
-            embedding_requests=embeds,
-            max_concurrent_chat_calls=api_delta["max_concurrent_chat"],
-            max_concurrent_model_calls=api_delta["max_concurrent_model_calls"],
-            llm_usage=usage,
-        )
+        found.update(urls=n, **throughput_figures(n, found["seconds"], api_delta), llm_usage=usage)
+        chat = found["chat_calls"]
         result["runs"][n] = {"new": found}
         console.print(
             f"{label}: {found['seconds']:.1f} s ({found['ms_per_url']:.0f} ms per URL; the DAG "
@@ -812,19 +810,9 @@ def run_dag(bench: Bench, label: str, conf: dict, urls: list[str]) -> dict:
     with db.connect(bench.settings) as conn:
         require_all_done(conn, urls, label)
         usage = usage_since(conn, since)
-    chat, embeds = api_delta["chat_calls"], api_delta["embedding_calls"]
     result.update(
         chunks=sum(1 for r in rows if r["task_id"] == "process.crawl"),
-        ms_per_url=round(wall / n * 1000, 1),
-        urls_per_minute=round(n / wall * 60, 1),
-        chat_calls=chat,
-        chat_calls_per_document=round(chat / n, 3),
-        embedding_requests=embeds,
-        inputs_per_embedding_request=(
-            round(api_delta["embedding_inputs"] / embeds, 1) if embeds else None
-        ),
-        max_concurrent_chat_calls=api_delta["max_concurrent_chat"],
-        max_concurrent_model_calls=api_delta["max_concurrent_model_calls"],
+        **throughput_figures(n, wall, api_delta),
         pages_200=site_delta["ok"],
         pages_304=site_delta["not_modified"],
         llm_usage=usage,
