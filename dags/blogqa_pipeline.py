@@ -69,6 +69,12 @@ def _no_retry_for_settings():
         raise AirflowFailException(str(exc)) from None
 
 
+def _under_dag_test(context) -> bool:
+    """A `dag.test()` run (`blogqa run`): Airflow runs its task instances one at a time, in
+    the calling process, with no scheduler to enforce timeouts."""
+    return getattr(context["dag_run"], "triggering_user_name", None) == "dag_test"
+
+
 def _claim(context) -> list[list[dict]]:
     params = context["params"]
     pipeline = _pipeline()
@@ -86,7 +92,14 @@ def _claim(context) -> list[list[dict]]:
         enqueued["discovered"] = pipeline.discover()
     enqueued["refreshed"] = pipeline.refresh_stale(params["refresh_days"], params["max_urls"])
     context["ti"].xcom_push(key="enqueued", value=enqueued)  # shown in the task's XCom tab
-    return pipeline.claim_chunks(params["max_urls"], params["chunk_size"], run_id=context["run_id"])
+    # Under dag.test() one chunk runs at a time, so the chunks are not rounded up to fill the
+    # pool's slots: that would only add task instances, each costing seconds there.
+    return pipeline.claim_chunks(
+        params["max_urls"],
+        params["chunk_size"],
+        run_id=context["run_id"],
+        lanes=1 if _under_dag_test(context) else None,
+    )
 
 
 def _label(chunk: list[dict]) -> None:
@@ -189,8 +202,9 @@ class QuarantineReview(HITLOperator):
 
     def execute(self, context):
         chunks = context["ti"].xcom_pull(task_ids="claim")
-        under_test = getattr(context["dag_run"], "triggering_user_name", None) == "dag_test"
-        request = _pipeline().review_request(chunks, context["run_id"], under_test=under_test)
+        request = _pipeline().review_request(
+            chunks, context["run_id"], under_test=_under_dag_test(context)
+        )
         if request is None:
             raise AirflowSkipException("no quarantined document to review")
         self.subject, self.body = request["subject"], request["body"]

@@ -195,6 +195,25 @@ def test_run_respects_max_urls(conn, settings, page_server, max_urls):
     assert queue_stats.stats(conn)["counts"]["queued"] == len(urls) - max_urls
 
 
+def test_blogqa_run_does_not_split_a_small_claim_to_fill_the_pool(conn, settings, page_server):
+    """Under the scheduler 5 URLs become one chunk per `blogqa_llm` slot, which run at once
+    (plan_chunks); `dag.test()` runs one task instance at a time, so there they stay one
+    chunk: one crawl and one enrich instead of one per slot."""
+    assert settings.llm_pool_slots > 1  # else one chunk either way
+    urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_NAMES]
+
+    tally = runner.run_pipeline(settings, urls=urls)
+
+    assert tally.runs == 1 and tally.by_status == {"done": len(urls)}
+    chunks = conn.execute(
+        "SELECT count(DISTINCT map_index) FROM blogqa.quality_results"
+        " WHERE map_index >= 0 AND run_id IN"
+        " (SELECT last_run_id FROM blogqa.url_queue WHERE url = ANY(%s))",
+        (urls,),
+    ).fetchone()[0]
+    assert chunks == 1
+
+
 def test_unreachable_database_fails_the_task_instead_of_the_urls(settings):
     """Infrastructure failure is an exception (Airflow retries the task), not per-URL data."""
     import dataclasses

@@ -23,8 +23,9 @@ DEFAULT_LLM_CONCURRENCY = 16
 # Most URLs per mapped chunk, chosen with bench/pipeline_throughput.py (bench/README.md,
 # "Chunk size"): every chunk costs two task processes (each parses the DAG and imports the
 # pipeline; enrich imports Great Expectations too), so on a small machine fewer, larger
-# chunks finish sooner. The chunks still come in whole rounds of the `blogqa_llm` pool's
-# slots (`pipeline.plan_chunks`): 500 URLs with 4 slots are 4 chunks of 125.
+# chunks finish sooner. Under the scheduler the chunks still come in whole rounds of the
+# `blogqa_llm` pool's slots (`pipeline.plan_chunks`): 500 URLs with 4 slots are 4 chunks of
+# 125 (under `blogqa run`, one task at a time, 2 chunks of 250).
 DEFAULT_CHUNK_SIZE = 250
 MAX_URLS_PER_RUN = 10_000
 MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)

@@ -165,9 +165,11 @@ def claim_chunks(
     settings: Settings | None = None,
     *,
     run_id: str | None = None,
+    lanes: int | None = None,
 ) -> list[list]:
     """Claim up to `max_urls` rows for the DAG run `run_id` and split them into chunks for
-    the mapped task group."""
+    the mapped task group, as many as `lanes` (chunks that can run at once; default the
+    `blogqa_llm` pool's slots) or a multiple of it."""
     settings = settings or task_settings()
     max_urls = max(0, min(int(max_urls), MAX_URLS_PER_RUN))
     with db.connect(settings) as conn:
@@ -178,7 +180,8 @@ def claim_chunks(
             lease_seconds=settings.lease_seconds,
             run_id=run_id,
         )
-    size = plan_chunks(len(leases), max(1, int(chunk_size)), lanes=settings.llm_pool_slots)
+    lanes = settings.llm_pool_slots if lanes is None else lanes
+    size = plan_chunks(len(leases), max(1, int(chunk_size)), lanes=lanes)
     chunks = [[lease.ref() for lease in leases[i : i + size]] for i in range(0, len(leases), size)]
     log.info("stage=claim claimed %d urls in %d chunks of up to %d", len(leases), len(chunks), size)
     return chunks
