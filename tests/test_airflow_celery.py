@@ -51,29 +51,11 @@ def airflow(airflow_base, redis_url):
     local_airflow.start_celery_workers(airflow_base, WORKERS, concurrency=4, env=celery)
     try:
         with scheduler(airflow_base, "scheduler-celery", env=celery):
-            _wait_for_workers(airflow_base, redis_url, len(WORKERS))
+            local_airflow.wait_for_celery_workers(airflow_base, redis_url, len(WORKERS))
             yield airflow_base
             _stop_workers(airflow_base)
     finally:
         _stop_workers(airflow_base)
-
-
-def _wait_for_workers(airflow, redis_url: str, count: int, timeout: float = 120) -> None:
-    """Until `count` workers answer a Celery ping (their consumers are up). The ping is sent
-    from this process and returns as soon as `count` replies are in: no `celery inspect`
-    process to start for each try, and no fixed reply timeout to sit out."""
-    from celery import Celery
-
-    app = Celery(broker=redis_url)
-    try:
-        airflow.poll(
-            lambda: len(app.control.ping(timeout=1.0, limit=count)) >= count,
-            timeout=timeout,
-            what=f"{count} Celery workers not up",
-            interval=0.2,
-        )
-    finally:
-        app.close()
 
 
 def _stop_workers(airflow) -> None:

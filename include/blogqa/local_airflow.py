@@ -381,16 +381,21 @@ def start_celery_workers(
 def wait_for_celery_workers(
     airflow: LocalAirflow, redis_url: str, count: int, timeout: float = 120
 ) -> None:
-    """Until `count` workers answer a Celery ping (their consumers are up)."""
-    ping = [airflow_cli.executable("celery"), "-b", redis_url, "inspect", "ping", "-t", "2"]
-    airflow.poll(
-        lambda: (
-            subprocess.run(ping, capture_output=True, text=True, check=False).stdout.count("pong")
-            >= count
-        ),
-        timeout=timeout,
-        what=f"{count} Celery workers not up",
-    )
+    """Until `count` workers answer a Celery ping (their consumers are up). The ping is sent
+    from this process and returns as soon as `count` replies are in: no `celery inspect`
+    process to start for each try, and no fixed reply timeout to sit out."""
+    from celery import Celery  # the CeleryExecutor's dependency, needed only here
+
+    app = Celery(broker=redis_url)
+    try:
+        airflow.poll(
+            lambda: len(app.control.ping(timeout=1.0, limit=count)) >= count,
+            timeout=timeout,
+            what=f"{count} Celery workers not up",
+            interval=0.2,
+        )
+    finally:
+        app.close()
 
 
 # ---------------------------------------------------------------- REST
