@@ -196,9 +196,9 @@ def test_run_respects_max_urls(conn, settings, page_server, max_urls):
 
 
 def test_blogqa_run_does_not_split_a_small_claim_to_fill_the_pool(conn, settings, page_server):
-    """Under the scheduler 5 URLs become one chunk per `blogqa_llm` slot, which run at once
-    (plan_chunks); `dag.test()` runs one task instance at a time, so there they stay one
-    chunk: one crawl and one enrich instead of one per slot."""
+    """Under the scheduler 5 URLs are spread over the `blogqa_llm` pool's slots, which run
+    at once (plan_chunks: 3 chunks of at most 2 with 4 slots); `dag.test()` runs one task
+    instance at a time, so there they stay one chunk: one crawl and one enrich."""
     assert settings.llm_pool_slots > 1  # else one chunk either way
     urls = [f"{page_server.base_url}/articles/{name}" for name in ARTICLE_NAMES]
 

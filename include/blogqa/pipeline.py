@@ -168,8 +168,8 @@ def claim_chunks(
     lanes: int | None = None,
 ) -> list[list]:
     """Claim up to `max_urls` rows for the DAG run `run_id` and split them into chunks for
-    the mapped task group, as many as `lanes` (chunks that can run at once; default the
-    `blogqa_llm` pool's slots) or a multiple of it."""
+    the mapped task group, spread over `lanes` (chunks that can run at once; default the
+    `blogqa_llm` pool's slots) as `plan_chunks` says."""
     settings = settings or task_settings()
     max_urls = max(0, min(int(max_urls), MAX_URLS_PER_RUN))
     with db.connect(settings) as conn:
