@@ -16,6 +16,7 @@ import httpx
 
 from blogqa import local_airflow
 from blogqa.config import load_settings
+from tests.fake_batches import reset_batch_state
 from tests.fakes import ARTICLE_FILES
 
 # One metadata database for every deployment test: migrated once, reused (runs are keyed
@@ -175,3 +176,41 @@ def states_by_task(client: httpx.Client, run_id: str) -> dict[str, list[str]]:
     for ti in local_airflow.task_states(client, run_id):
         states.setdefault(ti["task_id"], []).append(ti["state"])
     return states
+
+
+def run_in_batch_mode(
+    airflow: local_airflow.LocalAirflow,
+    client: httpx.Client,
+    conn,
+    page_server,
+    openai_env,
+    query: str,
+) -> None:
+    """A run with `llm_mode` batch, under the scheduler the calling module started with a
+    triggerer: the enrich tasks submit their pages to the Batch API, wait deferred (no
+    worker, no pool slot) while the triggerer polls, and are resumed by the executor to load
+    when the batch has ended: one chat call per page, charged at the batch price."""
+    reset_batch_state(openai_env)
+    openai_env.batch_min_seconds = 3  # long enough for the REST polls below to see the wait
+    urls = article_urls(page_server, ARTICLE_FILES[:3], query=query)
+    chat = openai_env.chat_calls
+
+    run_id = local_airflow.trigger(client, {"urls": urls, "llm_mode": "batch"})
+    seen: set[str] = set()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "deferred" not in seen:
+        seen.update(states_by_task(client, run_id).get("process.enrich", []))
+        airflow.check_alive()
+        time.sleep(0.5)
+    assert "deferred" in seen, seen
+    state = local_airflow.wait_run(client, run_id, timeout=240, check=airflow.check_alive)
+
+    assert state == "success", states_by_task(client, run_id)
+    assert openai_env.chat_calls - chat == len(urls)  # each page asked once, in a batch
+    rows = conn.execute(
+        "SELECT q.status, u.provider FROM blogqa.url_queue q"
+        " JOIN blogqa.llm_usage u ON u.queue_id = q.id AND u.stage = 'summarize'"
+        " WHERE q.url = ANY(%s)",
+        (urls,),
+    ).fetchall()
+    assert sorted(rows) == [("done", "openai-batch")] * len(urls)

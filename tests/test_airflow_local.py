@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -18,12 +17,12 @@ from tests.conftest import table_counts
 from tests.deployment import (
     CHAT_MODEL,
     article_urls,
+    run_in_batch_mode,
     run_to_end,
     scheduled,
     scheduler,
     states_by_task,
 )
-from tests.fake_batches import reset_batch_state
 from tests.fakes import ARTICLE_FILES
 
 pytestmark = pytest.mark.timeout(900)
@@ -138,33 +137,7 @@ def test_a_run_in_which_nothing_could_be_processed_is_red(airflow, client, conn,
 
 
 def test_batch_mode_waits_in_the_triggerer(airflow, client, conn, page_server, openai_env):
-    """A run with `llm_mode` batch: the enrich tasks submit their pages to the Batch API,
-    wait deferred (no worker, no pool slot) while the triggerer polls, and go on to load
-    when the batch has ended: one chat call per page, charged at the batch price."""
-    reset_batch_state(openai_env)
-    openai_env.batch_min_seconds = 3  # long enough for the REST polls below to see the wait
-    urls = article_urls(page_server, ARTICLE_FILES[:3], query="batch-mode")
-    chat = openai_env.chat_calls
-
-    run_id = local_airflow.trigger(client, {"urls": urls, "llm_mode": "batch"})
-    seen: set[str] = set()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and "deferred" not in seen:
-        seen.update(states_by_task(client, run_id).get("process.enrich", []))
-        airflow.check_alive()
-        time.sleep(0.5)
-    assert "deferred" in seen, seen
-    state = local_airflow.wait_run(client, run_id, timeout=240, check=airflow.check_alive)
-
-    assert state == "success", states_by_task(client, run_id)
-    assert openai_env.chat_calls - chat == len(urls)  # each page asked once, in a batch
-    rows = conn.execute(
-        "SELECT q.status, u.provider FROM blogqa.url_queue q"
-        " JOIN blogqa.llm_usage u ON u.queue_id = q.id AND u.stage = 'summarize'"
-        " WHERE q.url = ANY(%s)",
-        (urls,),
-    ).fetchall()
-    assert sorted(rows) == [("done", "openai-batch")] * len(urls)
+    run_in_batch_mode(airflow, client, conn, page_server, openai_env, query="batch-mode")
 
 
 def test_airflow_backfill_create_reprocesses_each_period(
