@@ -308,3 +308,44 @@ def test_a_runs_data_docs_render_only_its_own_pages(conn, page_server, model, se
 
     quality.build_docs(load_settings())  # `blogqa quality --docs`: every result again
     assert first.stat().st_mtime_ns > rendered
+
+
+def test_the_data_docs_keep_the_latest_runs(conn, page_server, model, settings, monkeypatch):
+    """BLOGQA_QUALITY_DOCS_RUNS bounds the site (GX's index reads every result it keeps, so
+    an unbounded site slowed the end of every run): an older run's stored results and pages
+    go, its rows in PostgreSQL stay, and a run asked for by name is rendered all the same."""
+    from blogqa.config import load_settings
+
+    monkeypatch.setenv("BLOGQA_QUALITY_DOCS_RUNS", "2")
+    runs = [f"manual__keep-{n}" for n in range(3)]
+
+    def stored(run_id: str) -> list:
+        results = quality.project_dir(load_settings()) / "gx" / "uncommitted" / "validations"
+        return list(results.rglob(f"{run_id}/**/*.json"))
+
+    def pages(index, run_id: str) -> list:
+        return list((index.parent / "validations").rglob(f"{run_id}/**/*.html"))
+
+    for n, run_id in enumerate(runs):
+        url = url_of(page_server, GOOD_PAGES[n]) + f"?keep={n}"
+        run_stages(None, [url], run_id=run_id)
+        index = quality.build_docs(load_settings(), run_id)
+        assert pages(index, run_id) and stored(run_id)
+
+    oldest, *latest = runs
+    assert not stored(oldest) and not pages(index, oldest)
+    for tree in (quality.project_dir(load_settings()) / "gx" / "uncommitted", index.parent):
+        assert not list(tree.rglob(oldest))  # nor its folders
+    assert all(stored(run) and pages(index, run) for run in latest)
+    listed = index.read_text()
+    assert oldest not in listed and all(run in listed for run in latest)
+    kept_in_sql = conn.execute(
+        "SELECT count(*) FROM blogqa.quality_validations WHERE run_id = %s", (oldest,)
+    ).fetchone()[0]
+    assert kept_in_sql == len(quality.CHUNK_SUITES)
+
+    quality.build_docs(load_settings())  # `blogqa quality --docs`: the latest runs again
+    assert not stored(oldest) and all(stored(run) and pages(index, run) for run in latest)
+
+    quality.build_docs(load_settings(), oldest)  # asked for by name: rendered, kept
+    assert stored(oldest) and pages(index, oldest) and oldest in index.read_text()

@@ -35,7 +35,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from blogqa import sql_queries
-from blogqa.config import Settings, _env_bool, _env_float
+from blogqa.config import Settings, _env_bool, _env_float, _env_int
 from blogqa.errors import BlogqaError
 from blogqa.text import STOPWORDS
 
@@ -48,6 +48,10 @@ TABLE_SUITE = "run_tables"
 TABLE_MAP_INDEX = -1  # quality_results.map_index of a run's table-level validation
 EXPECTATIONS_ENV = "BLOGQA_EXPECTATIONS_DIR"
 DOCS_SITE = "local_site"
+# The Data Docs keep the results of this many runs (BLOGQA_QUALITY_DOCS_RUNS): a month of
+# nightly runs. GX's index build reads every result the site keeps, so without a bound the
+# end of every run grew with the history (2.6 ms per result kept: bench/README.md).
+DEFAULT_DOCS_RUNS = 30
 
 
 class QualityConfigError(BlogqaError):
@@ -66,6 +70,7 @@ class QualitySettings:
     expectations_dir: Path | None
     review: bool
     review_timeout: float
+    docs_runs: int  # runs whose results the Data Docs site keeps (build_docs)
 
     @classmethod
     def load(cls) -> QualitySettings:
@@ -74,6 +79,7 @@ class QualitySettings:
             expectations_dir=Path(folder).expanduser() if folder else None,
             review=_env_bool("BLOGQA_REVIEW", True),
             review_timeout=_env_float("BLOGQA_REVIEW_TIMEOUT", 3600.0, minimum=1.0),
+            docs_runs=_env_int("BLOGQA_QUALITY_DOCS_RUNS", DEFAULT_DOCS_RUNS, maximum=100_000),
         )
 
 
@@ -578,17 +584,22 @@ def docs_dir(settings: Settings) -> Path:
 
 
 def build_docs(settings: Settings, run_id: str | None = None) -> Path:
-    """Put the stored validation results (of `run_id`, or all) into the file data context
-    under $BLOGQA_HOME/quality and build their Data Docs pages and the site's index; returns
-    the index.html.
+    """Put the stored validation results (of `run_id`, or of the latest runs) into the file
+    data context under $BLOGQA_HOME/quality and build their Data Docs pages and the site's
+    index; returns the index.html.
 
     With `run_id` (the DAG's validate_tables task, every run) only that run's pages are
     rendered, as GX's incremental build does: a full rebuild renders every result in the
     store, so its cost grew with each run kept (0.2 s with 6 results, 1.6 s with 183, on this
-    machine), and a nightly schedule keeps them all. Without it, every result in PostgreSQL
-    is rendered again (`blogqa quality --docs`: the way to rebuild a site, on any machine
-    with the database, such as the api-server's). A run without results leaves the site as
-    it is."""
+    machine), and a nightly schedule keeps them all. Without it, the results of the latest
+    BLOGQA_QUALITY_DOCS_RUNS runs in PostgreSQL are rendered again (`blogqa quality --docs`:
+    the way to rebuild a site, on any machine with the database, such as the api-server's).
+    A run without results leaves the site as it is.
+
+    Either way the site then keeps the latest BLOGQA_QUALITY_DOCS_RUNS runs (and `run_id`):
+    GX's index reads every result kept, so an unbounded site made the end of every run
+    slower with each night (2.6 ms per result). Older results stay in PostgreSQL
+    (blogqa.quality_results, `blogqa quality --run`); their pages go with them."""
     from great_expectations.core.expectation_validation_result import (
         ExpectationSuiteValidationResultSchema,
     )
@@ -601,6 +612,7 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
     from blogqa import db
 
     gx()
+    keep = QualitySettings.load().docs_runs
     project = project_dir(settings)
     project.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -609,7 +621,10 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
         _quiet(context)
         schema = ExpectationSuiteValidationResultSchema()
         with db.connect(settings) as conn:
-            rows = conn.execute(SQL.validations, (run_id, run_id)).fetchall()
+            if run_id is None:
+                rows = conn.execute(SQL.validations_of_latest_runs, (keep,)).fetchall()
+            else:
+                rows = conn.execute(SQL.validations_of_run, (run_id,)).fetchall()
         keys = []
         for run, map_index, suite, result, created_at in rows:
             batch = "tables" if map_index == TABLE_MAP_INDEX else f"chunk-{map_index}"
@@ -620,13 +635,49 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
             )
             context.validation_results_store.store_validation_results(schema.load(result), key)
             keys.append(key)
-        if run_id is None:
-            context.build_data_docs()
-        elif keys:  # (an empty list would make GX render every result)
-            context.build_data_docs(resource_identifiers=keys)
+        if run_id is not None and not keys:  # (an empty list would make GX render every result)
+            log.info("stage=quality run=%s has no validations: Data Docs left as they are", run_id)
+            return docs_dir(settings) / "index.html"
+        dropped = prune_docs(context.validation_results_store, keep, spare=run_id)
+        # the index build drops the pages of the results pruned (GX: skip_and_clean_missing)
+        context.build_data_docs(resource_identifiers=keys if run_id is not None else None)
+    if dropped:
+        # GX removes the files but not their folders (its rrmdir never finds one empty)
+        for folder in (project / "gx" / "uncommitted" / "validations", docs_dir(settings)):
+            _remove_empty_folders(folder)
     index = docs_dir(settings) / "index.html"
-    log.info("stage=quality Data Docs of %d validations at %s", len(rows), index)
+    log.info(
+        "stage=quality Data Docs of %d validations at %s (%d older results dropped)",
+        len(rows),
+        index,
+        dropped,
+    )
     return index
+
+
+def prune_docs(store, keep: int, *, spare: str | None = None) -> int:
+    """Remove from a GX validation results store the results of all but the `keep` most
+    recent runs (by their latest result's time) and `spare`; the number removed."""
+    keys = store.list_keys()
+    latest: dict[str, dt.datetime] = {}
+    for key in keys:
+        name, when = key.run_id.run_name, key.run_id.run_time or _EPOCH
+        latest[name] = max(latest.get(name, when), when)
+    kept = set(sorted(latest, key=latest.__getitem__, reverse=True)[:keep]) | {spare}
+    gone = [key for key in keys if key.run_id.run_name not in kept]
+    for key in gone:
+        store.remove_key(key)
+    return len(gone)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a result stored without a run time
+
+
+def _remove_empty_folders(root: Path) -> None:
+    for folder, _, _ in os.walk(root, topdown=False):
+        if folder != str(root):
+            with contextlib.suppress(OSError):  # not empty
+                os.rmdir(folder)
 
 
 # ---------------------------------------------------------------- summaries
