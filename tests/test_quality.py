@@ -320,8 +320,7 @@ def test_the_data_docs_keep_the_latest_runs(conn, page_server, model, settings, 
     runs = [f"manual__keep-{n}" for n in range(3)]
 
     def stored(run_id: str) -> list:
-        results = quality.project_dir(load_settings()) / "gx" / "uncommitted" / "validations"
-        return list(results.rglob(f"{run_id}/**/*.json"))
+        return list(quality.results_dir(load_settings()).rglob(f"{run_id}/**/*.json"))
 
     def pages(index, run_id: str) -> list:
         return list((index.parent / "validations").rglob(f"{run_id}/**/*.html"))
@@ -334,7 +333,7 @@ def test_the_data_docs_keep_the_latest_runs(conn, page_server, model, settings, 
 
     oldest, *latest = runs
     assert not stored(oldest) and not pages(index, oldest)
-    for tree in (quality.project_dir(load_settings()) / "gx" / "uncommitted", index.parent):
+    for tree in (quality.results_dir(load_settings()), index.parent):
         assert not list(tree.rglob(oldest))  # nor its folders
     assert all(stored(run) and pages(index, run) for run in latest)
     listed = index.read_text()

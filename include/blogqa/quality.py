@@ -578,9 +578,18 @@ def project_dir(settings: Settings) -> Path:
     return settings.home / "quality"
 
 
+def _uncommitted(settings: Settings) -> Path:
+    return project_dir(settings) / "gx" / "uncommitted"
+
+
 def docs_dir(settings: Settings) -> Path:
     """The Data Docs site, served at /quality/ by `blogqa serve` and the plugin."""
-    return project_dir(settings) / "gx" / "uncommitted" / "data_docs" / DOCS_SITE
+    return _uncommitted(settings) / "data_docs" / DOCS_SITE
+
+
+def results_dir(settings: Settings) -> Path:
+    """The file store of the validation results the Data Docs are built from."""
+    return _uncommitted(settings) / "validations"
 
 
 def build_docs(settings: Settings, run_id: str | None = None) -> Path:
@@ -643,7 +652,7 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
         context.build_data_docs(resource_identifiers=keys if run_id is not None else None)
     if dropped:
         # GX removes the files but not their folders (its rrmdir never finds one empty)
-        for folder in (project / "gx" / "uncommitted" / "validations", docs_dir(settings)):
+        for folder in (results_dir(settings), docs_dir(settings) / "validations"):
             _remove_empty_folders(folder)
     index = docs_dir(settings) / "index.html"
     log.info(
