@@ -3,6 +3,7 @@ for the whole session, real HTTP servers on 127.0.0.1, and a clean schema per te
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -33,6 +34,28 @@ from tests.fakes import start_openai_server, start_page_server
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_TABLES = ("work_items", "llm_usage", "chunks", "questions", "summaries", "documents")
 STATE_TABLES = ("robots_txt", "circuit_breakers")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`make test` spreads the modules over pytest-xdist workers (`--dist loadscope`), each
+    with its own home, embedded server and session fixtures. The modules that name the
+    session's Airflow deployment (`airflow_base`, which each gives its scheduler) are one unit
+    of work, so it is started once, on one worker, not once per worker. (xdist's `loadgroup`
+    would say this with marks, but it renames node ids in a way pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    @functools.cache
+    def on_the_deployment(module: str) -> bool:
+        return "airflow_base" in (config.rootpath / module).read_text()
+
+    class ModulesSharingTheDeployment(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "airflow-deployment" if on_the_deployment(module) else module
+
+    return ModulesSharingTheDeployment(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)

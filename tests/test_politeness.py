@@ -87,6 +87,7 @@ def test_at_most_per_host_concurrency_requests_at_a_time(conn, settings, site):
     assert sum(site.hits.get(f"/slow-{i}", 0) for i in range(6)) == 6
 
 
+@pytest.mark.timing  # gaps measured at the server
 def test_crawl_delay_spaces_request_starts(conn, settings, site):
     site.robots = "User-agent: *\nCrawl-delay: 0.4\n"
     urls = [site.base_url + "/articles/" + name for name in ARTICLE_FILES[:4]]
