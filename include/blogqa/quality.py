@@ -630,10 +630,9 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
         _quiet(context)
         schema = ExpectationSuiteValidationResultSchema()
         with db.connect(settings) as conn:
-            if run_id is None:
-                rows = conn.execute(SQL.validations_of_latest_runs, (keep,)).fetchall()
-            else:
-                rows = conn.execute(SQL.validations_of_run, (run_id,)).fetchall()
+            latest = [run for (run,) in conn.execute(SQL.latest_validation_runs, (keep,))]
+            wanted = latest if run_id is None else [run_id]
+            rows = conn.execute(SQL.validations_of_runs, (wanted,)).fetchall()
         keys = []
         for run, map_index, suite, result, created_at in rows:
             batch = "tables" if map_index == TABLE_MAP_INDEX else f"chunk-{map_index}"
@@ -647,7 +646,7 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
         if run_id is not None and not keys:  # (an empty list would make GX render every result)
             log.info("stage=quality run=%s has no validations: Data Docs left as they are", run_id)
             return docs_dir(settings) / "index.html"
-        dropped = prune_docs(context.validation_results_store, keep, spare=run_id)
+        dropped = prune_docs(context.validation_results_store, {*latest, *wanted})
         # the index build drops the pages of the results pruned (GX: skip_and_clean_missing)
         context.build_data_docs(resource_identifiers=keys if run_id is not None else None)
     if dropped:
@@ -664,22 +663,13 @@ def build_docs(settings: Settings, run_id: str | None = None) -> Path:
     return index
 
 
-def prune_docs(store, keep: int, *, spare: str | None = None) -> int:
-    """Remove from a GX validation results store the results of all but the `keep` most
-    recent runs (by their latest result's time) and `spare`; the number removed."""
-    keys = store.list_keys()
-    latest: dict[str, dt.datetime] = {}
-    for key in keys:
-        name, when = key.run_id.run_name, key.run_id.run_time or _EPOCH
-        latest[name] = max(latest.get(name, when), when)
-    kept = set(sorted(latest, key=latest.__getitem__, reverse=True)[:keep]) | {spare}
-    gone = [key for key in keys if key.run_id.run_name not in kept]
+def prune_docs(store, runs: set[str]) -> int:
+    """Remove from a GX validation results store the results of every run not in `runs`;
+    the number removed."""
+    gone = [key for key in store.list_keys() if key.run_id.run_name not in runs]
     for key in gone:
         store.remove_key(key)
     return len(gone)
-
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a result stored without a run time
 
 
 def _remove_empty_folders(root: Path) -> None:

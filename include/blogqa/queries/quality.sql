@@ -30,19 +30,15 @@ SELECT %s, id FROM blogqa.url_queue WHERE id = ANY(%s) AND status = 'done'
 -- name: drop_scope
 DELETE FROM blogqa.quality_scopes WHERE scope_id = %s
 
--- The stored validations of one run.
--- name: validations_of_run
-SELECT run_id, map_index, suite, result, created_at FROM blogqa.quality_validations
-WHERE run_id = %s
-ORDER BY id
+-- The runs whose validations the Data Docs keep: the latest (by their latest validation; the
+-- limit is the parameter).
+-- name: latest_validation_runs
+SELECT run_id FROM blogqa.quality_validations GROUP BY run_id ORDER BY max(id) DESC LIMIT %s
 
--- The validations of the latest runs (by their latest validation; the limit is the parameter):
--- what the Data Docs keep.
--- name: validations_of_latest_runs
+-- The stored validations of the runs given.
+-- name: validations_of_runs
 SELECT run_id, map_index, suite, result, created_at FROM blogqa.quality_validations
-WHERE run_id IN (
-    SELECT run_id FROM blogqa.quality_validations GROUP BY run_id ORDER BY max(id) DESC LIMIT %s
-)
+WHERE run_id = ANY(%s)
 ORDER BY id
 
 -- name: results_of_run
