@@ -9,8 +9,9 @@ seconds / these seconds. So it does the same work per URL
 and nothing else: fetch (httpx), extract (blogqa.extract.extract_article, in a process pool so
 every core is used), one chat call with the pipeline's prompt and JSON schema, embeddings of
 the same inputs (summary, questions, ~300-token chunks via blogqa.tokens) in requests of up to
-256 inputs, and an insert of each document with its vectors into tables with an HNSW index, as
-the pipeline's have (a transaction per document, on one connection per core). Every URL
+256 inputs, and an insert of each document with its vectors into three tables with an HNSW
+index each, as the pipeline's summaries, questions and chunks, by binary COPY as blogqa's load
+writes them (a transaction per document, on one connection per core). Every URL
 streams through on its own, so no stage waits for a batch of others; at most `--concurrency`
 model requests (chat and embeddings together) are in flight. Embeddings come in the openai
 client's default wire format (base64, decoded by the client); blogqa asks for base64 too and
@@ -46,7 +47,8 @@ from blogqa.tokens import chunk_text, tokenizer_for
 SCHEMA = "bench_minimal"
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
-DROP TABLE IF EXISTS {schema}.vectors, {schema}.documents;
+DROP TABLE IF EXISTS {schema}.vectors, {schema}.summaries, {schema}.questions, {schema}.chunks,
+    {schema}.documents;
 CREATE TABLE {schema}.documents (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     url text NOT NULL UNIQUE,
@@ -56,15 +58,30 @@ CREATE TABLE {schema}.documents (
     summary text NOT NULL,
     qa jsonb NOT NULL
 );
-CREATE TABLE {schema}.vectors (
+CREATE TABLE {schema}.summaries (
     document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
     position integer NOT NULL,
-    kind text NOT NULL,
     text text NOT NULL,
     embedding vector({dim}) NOT NULL,
     PRIMARY KEY (document_id, position)
 );
-CREATE INDEX ON {schema}.vectors USING hnsw (embedding vector_cosine_ops);
+CREATE TABLE {schema}.questions (
+    document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    text text NOT NULL,
+    embedding vector({dim}) NOT NULL,
+    PRIMARY KEY (document_id, position)
+);
+CREATE TABLE {schema}.chunks (
+    document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    text text NOT NULL,
+    embedding vector({dim}) NOT NULL,
+    PRIMARY KEY (document_id, position)
+);
+CREATE INDEX ON {schema}.summaries USING hnsw (embedding vector_cosine_ops);
+CREATE INDEX ON {schema}.questions USING hnsw (embedding vector_cosine_ops);
+CREATE INDEX ON {schema}.chunks USING hnsw (embedding vector_cosine_ops);
 """
 
 
@@ -281,19 +298,22 @@ class Minimal:
                 ),
             )
             (document_id,) = await cur.fetchone()
-            kinds = ["summary"] + ["question"] * len(doc.qa) + ["chunk"] * len(doc.chunks)
-            await cur.executemany(
-                sql.SQL(
-                    "INSERT INTO {}.vectors (document_id, position, kind, text, embedding)"
-                    " VALUES (%s, %s, %s, %s, %s)"
-                ).format(schema),
-                [
-                    (document_id, i, kind, text, vector)
-                    for i, (kind, text, vector) in enumerate(
-                        zip(kinds, doc.inputs, doc.vectors, strict=True)
-                    )
-                ],
-            )
+            questions = len(doc.qa)
+            parts = {
+                "summaries": range(1),
+                "questions": range(1, 1 + questions),
+                "chunks": range(1 + questions, len(doc.inputs)),
+            }
+            for table, span in parts.items():  # binary COPY, as blogqa's load writes them
+                statement = sql.SQL(
+                    "COPY {}.{} (document_id, position, text, embedding) FROM STDIN (FORMAT BINARY)"
+                ).format(schema, sql.Identifier(table))
+                async with cur.copy(statement) as copy:
+                    copy.set_types(["bigint", "integer", "text", "vector"])
+                    for i in span:
+                        await copy.write_row(
+                            (document_id, i - span.start, doc.inputs[i], doc.vectors[i])
+                        )
 
 
 def create_tables(dsn: str, dim: int) -> None:

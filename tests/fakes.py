@@ -345,8 +345,11 @@ class OpenAIHandler(_Handler):
         user = body["messages"][1]["content"]
         article = user.split("Article:\n", 1)[-1]
         sentences = _sentences(article)
+        # each page's questions of its own, as a model's are (a benchmark's vector indexes
+        # then hold distinct question vectors, not copies of four)
+        title = user.split("\n", 1)[0].removeprefix("Title: ")
         qa = [
-            {"question": f"What does the article state in passage {i + 1}?", "answer": s}
+            {"question": f"What does {title!r} state in passage {i + 1}?", "answer": s}
             for i, s in enumerate(sentences[1:5] or sentences[:1] * 3)
         ][:5]
         while len(qa) < 3:
