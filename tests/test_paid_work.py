@@ -15,7 +15,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from blogqa import pipeline, queue, queue_admin, store
+from blogqa import db, pipeline, queue, queue_admin, store
 from blogqa.config import load_settings
 from blogqa.errors import StageStalledError
 from blogqa.llm import ModelCall
@@ -237,6 +237,44 @@ def test_embed_failing_half_way_keeps_finished_documents_and_its_retry_embeds_th
         store.check_complete(item)
         assert item.vectors.shape[0] == len(texts)
     assert pipeline.load_chunk(refs, settings) == [ref["id"] for ref in refs]
+
+
+def test_a_load_batch_past_the_timeout_keeps_what_loaded_before_it_and_the_paid_results(
+    conn, page_server, openai_env, one_at_a_time
+):
+    refs, documents = _crawled_and_summarized(conn, one_at_a_time, page_server)
+    refs = pipeline.embed_chunk(refs, one_at_a_time)
+    ids = [queue_id for queue_id, _ in documents]
+    # one document per transaction on one connection; the second one's work item is locked by
+    # another transaction, so its batch waits (deleting it) past the load's statement timeout
+    settings = dataclasses.replace(
+        one_at_a_time, load_batch=1, load_parallelism=1, load_timeout=1.0
+    )
+    with db.connect(settings) as holder, holder.transaction():
+        holder.execute("SELECT 1 FROM blogqa.work_items WHERE queue_id = %s FOR UPDATE", (ids[1],))
+        result = pipeline.load_chunk_counted(refs, settings)
+
+    assert result["loaded"] == ids[:1]
+    assert result["tables"]["documents"]["rows"] == 1
+    rows = dict(
+        conn.execute(
+            "SELECT id, (status, last_stage, last_error) FROM blogqa.url_queue WHERE id = ANY(%s)",
+            (ids,),
+        ).fetchall()
+    )
+    assert rows[ids[0]][0] == "done"
+    assert rows[ids[1]][:2] == ("queued", "load")
+    assert rows[ids[1]][2].startswith("load timed out")
+    assert rows[ids[2]] == (
+        "queued",
+        "load",
+        "load not attempted: an earlier batch of this chunk's load timed out",
+    )
+    loaded = conn.execute("SELECT url FROM blogqa.documents ORDER BY url").fetchall()
+    assert len(loaded) == 1
+    # the two pages back in the queue keep their summaries and vectors for the retry
+    assert _summarized(conn) == ids[1:]
+    assert _embedded(conn) == ids[1:]
 
 
 # ---------------------------------------------------------------- the arithmetic of shares

@@ -159,6 +159,7 @@ class Settings:
     embed_timeout: float
     load_timeout: float
     load_parallelism: int
+    load_batch: int
     max_page_bytes: int
     max_redirects: int
     max_attempts: int
@@ -310,6 +311,7 @@ def load_settings() -> Settings:
         embed_timeout=_env_float("BLOGQA_EMBED_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_timeout=_env_float("BLOGQA_LOAD_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_parallelism=_env_int("BLOGQA_LOAD_PARALLELISM", os.cpu_count() or 1, maximum=32),
+        load_batch=_env_int("BLOGQA_LOAD_BATCH", 32, maximum=10000),
         max_page_bytes=_env_int("BLOGQA_MAX_PAGE_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_redirects=_env_int("BLOGQA_MAX_REDIRECTS", 5, minimum=0, maximum=30),
         max_attempts=_env_int("BLOGQA_MAX_ATTEMPTS", 5, maximum=100),

@@ -862,8 +862,8 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
     rows written per output table (`loaded_rows`)}.
 
     The writes are bound by PostgreSQL maintaining the HNSW indexes, which one backend does
-    on one core: the items are split into BLOGQA_LOAD_PARALLELISM groups, each loaded in one
-    transaction on its own connection.
+    on one core: the items are split into BLOGQA_LOAD_PARALLELISM groups, each loaded on its
+    own connection in transactions of at most BLOGQA_LOAD_BATCH documents (`_load_group`).
     """
     settings = settings or task_settings()
     with db.connect(settings) as conn:
@@ -879,12 +879,10 @@ def load_chunk_counted(refs: list[dict], settings: Settings | None = None) -> di
         with ThreadPoolExecutor(max_workers=max(len(groups), 1)) as threads:
             outcomes = list(threads.map(lambda group: _load_group(group, settings), groups))
         loaded, lost = [], []
-        for group, outcome in zip(groups, outcomes, strict=True):
-            if isinstance(outcome, PageError):
-                failures += [(item.lease, outcome) for item in group]
-            else:
-                loaded += outcome[0]
-                lost += outcome[1]
+        for group_loaded, group_lost, group_failures in outcomes:
+            loaded += group_loaded
+            lost += group_lost
+            failures += group_failures
         fail_all(conn, failures, settings)
     for item in lost:
         log.warning("url=%s stage=load lease lost; result discarded", item.lease.url)
@@ -943,18 +941,45 @@ def _split(items: list, parts: int) -> list[list]:
 
 
 def _load_group(items: list[store.WorkItem], settings: Settings):
-    """(loaded, lost) for one group, or the PageError all of its items failed with."""
+    """(loaded, lost, failures) of one group, loaded on its own connection in transactions of
+    at most BLOGQA_LOAD_BATCH documents.
+
+    Why batches: a load's statements insert into the HNSW indexes, whose cost per vector
+    grows with the index and with the loads beside it, so one transaction per group made
+    BLOGQA_LOAD_TIMEOUT_SECONDS a limit on the chunk's size; on a busy 2-core machine a
+    chunk of 250 pages with its ~2,500 vectors ran past 60 s and all of its pages went back
+    to the queue. Now the timeout bounds a batch, and what was loaded before stays loaded.
+    A batch past the timeout stops the group: its pages and the ones after it go back to
+    the queue (their paid results kept) instead of each waiting out the timeout in turn."""
+    loaded, lost = [], []
     with db.connect(settings) as conn:
-        try:
-            return store.load_documents(
-                conn,
-                items,
-                embed_model=settings.embed_model,
-                fetched_at=dt.datetime.now(dt.UTC),
-                timeout_seconds=settings.load_timeout,
-            )
-        except psycopg.errors.QueryCanceled as exc:
-            return PageError(f"load timed out: {exc}".strip(), stage="load", permanent=False)
+        for start in range(0, len(items), settings.load_batch):
+            batch = items[start : start + settings.load_batch]
+            try:
+                done, gone = store.load_documents(
+                    conn,
+                    batch,
+                    embed_model=settings.embed_model,
+                    fetched_at=dt.datetime.now(dt.UTC),
+                    timeout_seconds=settings.load_timeout,
+                )
+            except psycopg.errors.QueryCanceled as exc:
+                timed_out = PageError(
+                    f"load timed out: {exc}".strip(), stage="load", permanent=False
+                )
+                skipped = PageError(
+                    "load not attempted: an earlier batch of this chunk's load timed out",
+                    stage="load",
+                    permanent=False,
+                )
+                rest = items[start + len(batch) :]
+                failures = [(i.lease, timed_out) for i in batch] + [
+                    (i.lease, skipped) for i in rest
+                ]
+                return loaded, lost, failures
+            loaded += done
+            lost += gone
+    return loaded, lost, []
 
 
 def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:
