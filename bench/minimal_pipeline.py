@@ -58,30 +58,18 @@ CREATE TABLE {schema}.documents (
     summary text NOT NULL,
     qa jsonb NOT NULL
 );
-CREATE TABLE {schema}.summaries (
+"""
+# one table with an HNSW index per kind of vector, as blogqa's schema has
+VECTOR_TABLES = ("summaries", "questions", "chunks")
+VECTOR_TABLE_DDL = """
+CREATE TABLE {schema}.{table} (
     document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
     position integer NOT NULL,
     text text NOT NULL,
     embedding vector({dim}) NOT NULL,
     PRIMARY KEY (document_id, position)
 );
-CREATE TABLE {schema}.questions (
-    document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
-    position integer NOT NULL,
-    text text NOT NULL,
-    embedding vector({dim}) NOT NULL,
-    PRIMARY KEY (document_id, position)
-);
-CREATE TABLE {schema}.chunks (
-    document_id bigint NOT NULL REFERENCES {schema}.documents (id) ON DELETE CASCADE,
-    position integer NOT NULL,
-    text text NOT NULL,
-    embedding vector({dim}) NOT NULL,
-    PRIMARY KEY (document_id, position)
-);
-CREATE INDEX ON {schema}.summaries USING hnsw (embedding vector_cosine_ops);
-CREATE INDEX ON {schema}.questions USING hnsw (embedding vector_cosine_ops);
-CREATE INDEX ON {schema}.chunks USING hnsw (embedding vector_cosine_ops);
+CREATE INDEX ON {schema}.{table} USING hnsw (embedding vector_cosine_ops);
 """
 
 
@@ -318,7 +306,14 @@ class Minimal:
 
 def create_tables(dsn: str, dim: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL(DDL).format(schema=sql.Identifier(SCHEMA), dim=sql.Literal(int(dim))))
+        schema, dim_literal = sql.Identifier(SCHEMA), sql.Literal(int(dim))
+        conn.execute(sql.SQL(DDL).format(schema=schema))
+        for table in VECTOR_TABLES:
+            conn.execute(
+                sql.SQL(VECTOR_TABLE_DDL).format(
+                    schema=schema, table=sql.Identifier(table), dim=dim_literal
+                )
+            )
 
 
 def main() -> int:
