@@ -46,6 +46,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types import TypeInfo
 from psycopg_pool import AsyncConnectionPool
+from pydantic import AfterValidator
 
 from blogqa import db, search
 from blogqa.answer import AnswerError
@@ -441,6 +442,15 @@ def token_auth(token: str):
 Limit = Annotated[int, Query(ge=1, le=models.MAX_LIMIT, description="at most 100")]
 Offset = Annotated[int, Query(ge=0)]
 
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL's text cannot hold NUL, so a filter with one could match nothing and would
+    fail in the driver: it is the client's error (422), not a server error."""
+    if text is not None and "\x00" in text:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    return text
+
+
 health_router = APIRouter(tags=["health"])
 router = APIRouter(prefix="/api/v1", responses={k: ERRORS[k] for k in (401, 413, 503)})
 
@@ -495,8 +505,14 @@ async def health(database: DatabaseDep) -> models.Health | JSONResponse:
 async def list_documents(
     conn: Conn,
     url: Annotated[str | None, Query(max_length=2048, description="exact URL")] = None,
-    site: Annotated[str | None, Query(max_length=500, description="site name")] = None,
-    q: Annotated[str | None, Query(max_length=500, description="text in title or body")] = None,
+    site: Annotated[
+        str | None, Query(max_length=500, description="site name"), AfterValidator(_no_nul)
+    ] = None,
+    q: Annotated[
+        str | None,
+        Query(max_length=500, description="text in title or body"),
+        AfterValidator(_no_nul),
+    ] = None,
     limit: Limit = 20,
     offset: Offset = 0,
 ) -> models.DocumentList:
