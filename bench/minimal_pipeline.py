@@ -287,12 +287,9 @@ class Minimal:
             )
             (document_id,) = await cur.fetchone()
             questions = len(doc.qa)
-            parts = {
-                "summaries": range(1),
-                "questions": range(1, 1 + questions),
-                "chunks": range(1 + questions, len(doc.inputs)),
-            }
-            for table, span in parts.items():  # binary COPY, as blogqa's load writes them
+            # the summary, the questions, the chunks: binary COPY, as blogqa's load writes them
+            spans = (range(1), range(1, 1 + questions), range(1 + questions, len(doc.inputs)))
+            for table, span in zip(VECTOR_TABLES, spans, strict=True):
                 statement = sql.SQL(
                     "COPY {}.{} (document_id, position, text, embedding) FROM STDIN (FORMAT BINARY)"
                 ).format(schema, sql.Identifier(table))

@@ -946,12 +946,13 @@ def _load_group(items: list[store.WorkItem], settings: Settings):
 
     Why batches: a load's statements insert into the HNSW indexes, whose cost per vector
     grows with the index and with the loads beside it, so one transaction per group made
-    BLOGQA_LOAD_TIMEOUT_SECONDS a limit on the chunk's size; on a busy 2-core machine a
-    chunk of 250 pages with its ~2,500 vectors ran past 60 s and all of its pages went back
-    to the queue. Now the timeout bounds a batch, and what was loaded before stays loaded.
-    A batch past the timeout stops the group: its pages and the ones after it go back to
-    the queue (their paid results kept) instead of each waiting out the timeout in turn."""
+    BLOGQA_LOAD_TIMEOUT_SECONDS a limit on the group's size: on a busy 2-core machine a group
+    of 125 pages (half a chunk of 250, ~1,250 vectors) ran past 60 s and all of its pages
+    went back to the queue. Now the timeout bounds a batch, and what was loaded before stays
+    loaded. A batch past the timeout stops the group: its pages and the ones after it go
+    back to the queue (their paid results kept) instead of each waiting out the timeout."""
     loaded, lost = [], []
+    fetched_at = dt.datetime.now(dt.UTC)
     with db.connect(settings) as conn:
         for start in range(0, len(items), settings.load_batch):
             batch = items[start : start + settings.load_batch]
@@ -960,26 +961,25 @@ def _load_group(items: list[store.WorkItem], settings: Settings):
                     conn,
                     batch,
                     embed_model=settings.embed_model,
-                    fetched_at=dt.datetime.now(dt.UTC),
+                    fetched_at=fetched_at,
                     timeout_seconds=settings.load_timeout,
                 )
             except psycopg.errors.QueryCanceled as exc:
-                timed_out = PageError(
-                    f"load timed out: {exc}".strip(), stage="load", permanent=False
-                )
-                skipped = PageError(
-                    "load not attempted: an earlier batch of this chunk's load timed out",
-                    stage="load",
-                    permanent=False,
-                )
-                rest = items[start + len(batch) :]
-                failures = [(i.lease, timed_out) for i in batch] + [
-                    (i.lease, skipped) for i in rest
-                ]
-                return loaded, lost, failures
+                return loaded, lost, _not_loaded(batch, items[start + len(batch) :], exc)
             loaded += done
             lost += gone
     return loaded, lost, []
+
+
+def _not_loaded(batch: list[store.WorkItem], rest: list[store.WorkItem], exc: Exception):
+    """The failures of a batch past the load's timeout and of the group's batches after it."""
+    timed_out = PageError(f"load timed out: {exc}".strip(), stage="load", permanent=False)
+    skipped = PageError(
+        "load not attempted: an earlier batch of this chunk's load timed out",
+        stage="load",
+        permanent=False,
+    )
+    return [(i.lease, timed_out) for i in batch] + [(i.lease, skipped) for i in rest]
 
 
 def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict:
