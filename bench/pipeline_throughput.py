@@ -844,7 +844,7 @@ def bench_executor(
         setup = time.perf_counter()
         if executor == "celery":
             redis, redis_url = local_airflow.start_redis(redis_dir)
-            extra.update(local_airflow.celery_env(airflow, redis_url))
+            extra.update(local_airflow.celery_env(redis_url))
         launched = time.time()
         name = f"scheduler-{executor}"
         airflow.start(name, "scheduler", env=extra)

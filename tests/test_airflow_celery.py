@@ -41,7 +41,7 @@ def redis_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def airflow(airflow_base, redis_url):
     celery = {
-        **local_airflow.celery_env(airflow_base, redis_url),
+        **local_airflow.celery_env(redis_url),
         # Send no more than the workers can take (2 x 4), so that a queued task only waits
         # long in the queue when a worker died holding it: then the scheduler requeues it
         # after task_queued_timeout (Redis would give it back only after its visibility
