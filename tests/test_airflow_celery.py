@@ -14,6 +14,7 @@ import time
 
 import psutil
 import pytest
+import redis
 
 from blogqa import local_airflow
 from blogqa.urls import normalize_url
@@ -99,14 +100,24 @@ def _outputs_are_whole(conn, urls: list[str]) -> None:
     assert table_counts(conn)["work_items"] == 0
 
 
+def _stored_results(redis_url: str) -> set[bytes]:
+    """The keys of the task results the workers stored in celery_env's result backend."""
+    url = local_airflow.celery_env(redis_url)["AIRFLOW__CELERY__RESULT_BACKEND"]
+    with redis.Redis.from_url(url) as results:
+        return set(results.scan_iter("celery-task-meta-*"))
+
+
 # More runs for a soak: CELERY_SOAK_RUNS=10 pytest tests/test_airflow_celery.py
 RUNS = int(os.environ.get("CELERY_SOAK_RUNS", "1"))
 
 
 @pytest.mark.parametrize("repeat", range(1, RUNS + 1))
-def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, openai_env, repeat):
+def test_runs_complete_on_celery_workers(
+    airflow, client, conn, page_server, openai_env, redis_url, repeat
+):
     urls = article_urls(page_server, query=f"celery={repeat}")
     chat = openai_env.chat_calls
+    reported = _stored_results(redis_url)
 
     run_id, state = run_to_end(airflow, client, {"urls": urls, "chunk_size": 5}, timeout=300)
 
@@ -115,6 +126,16 @@ def test_runs_complete_on_celery_workers(airflow, client, conn, page_server, ope
     assert states["process.crawl"] == ["success"] * 4, states  # a whole round of 4 pool slots
     assert openai_env.chat_calls - chat == len(urls)
     _outputs_are_whole(conn, urls)
+    # the workers reported each task they ran to the result backend in Redis, apart from the
+    # broker's database, where the scheduler reads the states (celery_env); a worker stores
+    # the result after the task's state has reached the api-server, hence the wait
+    ran = sum(state == "success" for task in states.values() for state in task)
+    airflow.poll(
+        lambda: len(_stored_results(redis_url) - reported) >= ran,
+        timeout=30,
+        what=f"{ran} task results not in Redis",
+        interval=0.5,
+    )
     # each worker warmed its pool before forking it (blogqa.preload), so no pool process
     # configured the ORM mappers on its first task
     for name in WORKERS:
