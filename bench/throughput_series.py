@@ -1,0 +1,196 @@
+"""A series of pipeline_throughput.py runs of one commit, summarized: the spread, not one draw.
+
+Usage: python bench/throughput_series.py RESULTS.json [RESULTS.json ...] [--output SERIES.md]
+
+On a 2-core machine one run per configuration does not settle a 5 % difference: the same
+pages took 188-221 s in the minimal program over five runs (bench/README.md, thirteenth
+round). Run the bench several times on one commit, each run with its own home and output,
+for example
+
+    for i in 1 2 3 4 5; do
+        python bench/pipeline_throughput.py --modes minimal local celery --n 500 2000 \\
+            --no-force-pass --empty-runs 1 --code-rev HEAD --output /tmp/series/run-$i.json
+    done
+    python bench/throughput_series.py /tmp/series/run-*.json --output bench/results/series.md
+
+and this prints (and writes, with --output) per executor and N the median, lowest and
+highest ratio to the minimal program of the same run, and in how many runs issue 11's
+target (<= 1.2) was met; per executor the per-URL change from N = 500 to 2000, the slowest
+empty run and the chat calls per new document. Each ratio is taken within its own run, the
+minimal program and the executors minutes apart, so that a slower hour of the machine
+weighs on both sides. Results of different code are refused: a series is of one commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGET_RATIO = 1.2
+TARGET_SIZES = (500, 2000)  # the scheduler's target; `blogqa run` has none
+FLAT_WITHIN = 0.2
+EMPTY_RUN_SECONDS = 5.0
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor", "run": "`blogqa run`"}
+
+
+class SeriesError(Exception):
+    """The result files do not make one series (another commit, a failed run)."""
+
+
+@dataclass
+class Spread:
+    """Values of one figure over the runs of a series."""
+
+    values: list[float]
+    digits: int = 2
+
+    def __str__(self) -> str:
+        median, low, high = statistics.median(self.values), min(self.values), max(self.values)
+        return f"{median:.{self.digits}f} ({low:.{self.digits}f}-{high:.{self.digits}f})"
+
+
+def load(paths: list[Path]) -> list[dict]:
+    """The reports, checked to be complete runs of one measured code."""
+    reports = []
+    for path in paths:
+        report = json.loads(path.read_text())
+        if report.get("error"):
+            raise SeriesError(f"{path} is a failed run ({report['error']}): leave it out")
+        reports.append(report)
+    codes = {report["measured_code"] for report in reports}
+    if len(codes) != 1:
+        raise SeriesError(
+            f"the runs measured different code ({', '.join(sorted(codes))}): "
+            "a series is of one commit (pass --code-rev to every run)"
+        )
+    return reports
+
+
+def _runs(report: dict, mode: str) -> dict[int, dict]:
+    """The mode's new-pages runs by N (JSON keys are strings)."""
+    runs = report["executors"].get(mode, {}).get("runs", {})
+    return {int(n): run["new"] for n, run in runs.items()}
+
+
+def _minimal(report: dict) -> dict[int, dict]:
+    return {int(n): run for n, run in report["minimal"].items()}
+
+
+def ratios(reports: list[dict], mode: str, n: int) -> list[float]:
+    """The mode's wall time over the minimal program's, within each run that has both."""
+    found = []
+    for report in reports:
+        run, minimal = _runs(report, mode).get(n), _minimal(report).get(n)
+        if run and minimal:
+            found.append(run["seconds"] / minimal["seconds"])
+    return found
+
+
+def per_url_changes(reports: list[dict], mode: str) -> list[float]:
+    """The change of ms per URL from N = 500 to N = 2000, per run."""
+    found = []
+    for report in reports:
+        runs = _runs(report, mode)
+        if 500 in runs and 2000 in runs:
+            found.append(runs[2000]["ms_per_url"] / runs[500]["ms_per_url"] - 1)
+    return found
+
+
+def _figure(runs: list[dict], key: str) -> str:
+    """One figure of several runs as its spread ("-" when no run recorded it)."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return str(Spread(values, 1)) if values else "-"
+
+
+def summary(reports: list[dict]) -> list[str]:
+    """The series as markdown lines."""
+    modes = [m for m in EXECUTORS if any(m in r["executors"] for r in reports)]
+    sizes = sorted({int(n) for r in reports for n in r["minimal"]})
+    first, last = reports[0]["timestamp"], reports[-1]["timestamp"]
+    lines = [
+        f"# Pipeline throughput, a series of {len(reports)} run(s) ({first} to {last})",
+        "",
+        (
+            f"Measured code: {reports[0]['measured_code']}. Each ratio is the run's wall time "
+            "over the minimal program's in the same run: median (lowest-highest), and the runs "
+            f"in which the scheduler's target (<= {TARGET_RATIO}) was met."
+        ),
+        "",
+        (
+            "| N | minimal: wall s | machine CPU s | executor | wall s | machine CPU s "
+            "| ÷ minimal | target met |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        minimal = [m[n] for m in map(_minimal, reports) if n in m]
+        for mode in modes:
+            found = ratios(reports, mode, n)
+            if not found:
+                continue
+            runs = [r[n] for r in (_runs(report, mode) for report in reports) if n in r]
+            met = sum(ratio <= TARGET_RATIO for ratio in found)
+            judged = f"{met} of {len(found)}" if mode != "run" and n in TARGET_SIZES else "-"
+            lines.append(
+                f"| {n} | {_figure(minimal, 'seconds')} | {_figure(minimal, 'machine_cpu_seconds')} "
+                f"| {EXECUTORS[mode]} | {_figure(runs, 'seconds')} | "
+                f"{_figure(runs, 'machine_cpu_seconds')} | {Spread(found)} | {judged} |"
+            )
+    lines += [
+        "",
+        (
+            "| executor | per-URL change N = 500 → 2000 | flat within 20 % | slowest empty run s "
+            "| chat calls per new document |"
+        ),
+        "|---|---|---|---|---|",
+    ]
+    for mode in modes:
+        changes = per_url_changes(reports, mode)
+        empties = [
+            e["seconds"]
+            for r in reports
+            for e in r["executors"].get(mode, {}).get("empty_runs", [])
+        ]
+        calls = {
+            round(run["chat_calls_per_document"], 3)
+            for r in reports
+            for run in _runs(r, mode).values()
+        }
+        flat = sum(abs(c) <= FLAT_WITHIN for c in changes)
+        lines.append(
+            f"| {EXECUTORS[mode]} | "
+            + (
+                f"{statistics.median(changes):+.1%} ({min(changes):+.1%} to {max(changes):+.1%})"
+                if changes
+                else "-"
+            )
+            + f" | {flat} of {len(changes)} | "
+            + (f"{max(empties):.1f} (limit {EMPTY_RUN_SECONDS:.0f})" if empties else "-")
+            + f" | {', '.join(map(str, sorted(calls))) or '-'} |"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, nargs="+", help="pipeline_throughput JSON files")
+    parser.add_argument("--output", type=Path, help="also write the summary here (markdown)")
+    args = parser.parse_args()
+    try:
+        reports = sorted(load(args.results), key=lambda r: r["timestamp"])
+    except SeriesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = "\n".join(summary(reports)) + "\n"
+    print(text, end="")
+    if args.output:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
