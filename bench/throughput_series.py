@@ -172,6 +172,37 @@ def summary(reports: list[dict]) -> list[str]:
             + (f"{max(empties):.1f} (limit {EMPTY_RUN_SECONDS:.0f})" if empties else "-")
             + f" | {', '.join(map(str, sorted(calls))) or '-'} |"
         )
+    return lines + ["", *per_run(reports, modes, sizes)]
+
+
+def _other_cpu(report: dict) -> float:
+    """The most CPU that processes outside the bench used during one of the run's measured
+    runs (the bench's "other"): a check that nothing else ran on the machine."""
+    runs = [*_minimal(report).values()]
+    for mode in report["executors"]:
+        runs += _runs(report, mode).values()
+    return max((run.get("component_cpu_seconds", {}).get("other", 0.0) for run in runs), default=0)
+
+
+def per_run(reports: list[dict], modes: list[str], sizes: list[int]) -> list[str]:
+    """One row per run: its start, the order its modes ran in, and each ratio."""
+    cells = [(mode, n) for mode in modes if mode != "run" for n in sizes]
+    lines = [
+        "| run started | modes in order | "
+        + " | ".join(f"{EXECUTORS[mode]} N = {n}" for mode, n in cells)
+        + " | most CPU s of other processes in one measured run |",
+        "|---|---|" + "---|" * (len(cells) + 1),
+    ]
+    for report in reports:
+        found = []
+        for mode, n in cells:
+            ratio = ratios([report], mode, n)
+            found.append(f"{ratio[0]:.2f}" if ratio else "-")
+        lines.append(
+            f"| {report['timestamp']} | {', '.join(report['parameters']['modes'])} | "
+            + " | ".join(found)
+            + f" | {_other_cpu(report):.1f} |"
+        )
     return lines
 
 
