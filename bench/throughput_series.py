@@ -9,9 +9,11 @@ for example
 
     for i in 1 2 3 4 5; do
         python bench/pipeline_throughput.py --modes minimal local celery --n 500 2000 \\
-            --no-force-pass --empty-runs 1 --code-rev HEAD --output /tmp/series/run-$i.json
+            --no-force-pass --empty-runs 1 --code-rev HEAD \\
+            --output bench/results/series/run-$i.json
     done
-    python bench/throughput_series.py /tmp/series/run-*.json --output bench/results/series.md
+    python bench/throughput_series.py bench/results/series/run-*.json \\
+        --output bench/results/series/series.md
 
 and this prints (and writes, with --output) per executor and N the median, lowest and
 highest ratio to the minimal program of the same run, and in how many runs issue 11's
