@@ -20,7 +20,8 @@ highest ratio to the minimal program of the same run, and in how many runs issue
 target (<= 1.2) was met; per executor the per-URL change from N = 500 to 2000, the slowest
 empty run and the chat calls per new document. Each ratio is taken within its own run, the
 minimal program and the executors minutes apart, so that a slower hour of the machine
-weighs on both sides. Results of different code are refused: a series is of one commit.
+weighs on both sides. Results of different code (another fingerprint of the pipeline's code
+files) are refused: a series is of one commit.
 """
 
 from __future__ import annotations
@@ -63,11 +64,13 @@ def load(paths: list[Path]) -> list[dict]:
         if report.get("error"):
             raise SeriesError(f"{path} is a failed run ({report['error']}): leave it out")
         reports.append(report)
-    codes = {report["measured_code"] for report in reports}
+    # the fingerprint of the pipeline's code files each run measured (bench/common.py): the
+    # label alone ("snapshot of the working tree") would pass different code as one
+    codes = {report["code_fingerprint_at_start"] for report in reports}
     if len(codes) != 1:
         raise SeriesError(
-            f"the runs measured different code ({', '.join(sorted(codes))}): "
-            "a series is of one commit (pass --code-rev to every run)"
+            f"the runs measured different code (fingerprints {', '.join(sorted(codes))}): "
+            "a series is of one commit (pass the same --code-rev to every run)"
         )
     return reports
 
@@ -117,7 +120,9 @@ def summary(reports: list[dict]) -> list[str]:
         f"# Pipeline throughput, a series of {len(reports)} run(s) ({first} to {last})",
         "",
         (
-            f"Measured code: {reports[0]['measured_code']}. Each ratio is the run's wall time "
+            f"Measured code: {', '.join(sorted({r['measured_code'] for r in reports}))} "
+            f"(fingerprint {reports[0]['code_fingerprint_at_start']}). Each ratio is the run's "
+            "wall time "
             "over the minimal program's in the same run: median (lowest-highest), and the runs "
             f"in which the scheduler's target (<= {TARGET_RATIO}) was met."
         ),
