@@ -33,11 +33,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-TARGET_RATIO = 1.2
-TARGET_SIZES = (500, 2000)  # the scheduler's target; `blogqa run` has none
-FLAT_WITHIN = 0.2
-EMPTY_RUN_SECONDS = 5.0
-EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor", "run": "`blogqa run`"}
+from pipeline_throughput import (
+    EMPTY_RUN_SECONDS,
+    FLAT_WITHIN,
+    TARGET_RATIO,
+    TARGET_SIZES,
+    mode_label,
+    per_url_change,
+    run_ratio,
+)
 
 
 class SeriesError(Exception):
@@ -57,12 +61,16 @@ class Spread:
 
 
 def load(paths: list[Path]) -> list[dict]:
-    """The reports, checked to be complete runs of one measured code."""
+    """The reports, checked to be complete runs of one measured code, with their sizes as
+    numbers again (JSON made them strings), as pipeline_throughput.py holds them."""
     reports = []
     for path in paths:
         report = json.loads(path.read_text())
         if report.get("error"):
             raise SeriesError(f"{path} is a failed run ({report['error']}): leave it out")
+        report["minimal"] = _by_size(report["minimal"])
+        for result in report["executors"].values():
+            result["runs"] = _by_size(result.get("runs", {}))
         reports.append(report)
     # the fingerprint of the pipeline's code files each run measured (bench/common.py): the
     # label alone ("snapshot of the working tree") would pass different code as one
@@ -75,34 +83,19 @@ def load(paths: list[Path]) -> list[dict]:
     return reports
 
 
-def _runs(report: dict, mode: str) -> dict[int, dict]:
-    """The mode's new-pages runs by N (JSON keys are strings)."""
-    runs = report["executors"].get(mode, {}).get("runs", {})
-    return {int(n): run["new"] for n, run in runs.items()}
+def _by_size(runs: dict) -> dict[int, dict]:
+    return {int(n): run for n, run in runs.items()}
 
 
-def _minimal(report: dict) -> dict[int, dict]:
-    return {int(n): run for n, run in report["minimal"].items()}
+def _new_runs(report: dict, mode: str) -> dict[int, dict]:
+    """The mode's new-pages runs by N."""
+    return {n: run["new"] for n, run in report["executors"].get(mode, {}).get("runs", {}).items()}
 
 
 def ratios(reports: list[dict], mode: str, n: int) -> list[float]:
     """The mode's wall time over the minimal program's, within each run that has both."""
-    found = []
-    for report in reports:
-        run, minimal = _runs(report, mode).get(n), _minimal(report).get(n)
-        if run and minimal:
-            found.append(run["seconds"] / minimal["seconds"])
-    return found
-
-
-def per_url_changes(reports: list[dict], mode: str) -> list[float]:
-    """The change of ms per URL from N = 500 to N = 2000, per run."""
-    found = []
-    for report in reports:
-        runs = _runs(report, mode)
-        if 500 in runs and 2000 in runs:
-            found.append(runs[2000]["ms_per_url"] / runs[500]["ms_per_url"] - 1)
-    return found
+    found = (run_ratio(report, mode, n) for report in reports)
+    return [ratio for ratio in found if ratio is not None]
 
 
 def _figure(runs: list[dict], key: str) -> str:
@@ -113,8 +106,8 @@ def _figure(runs: list[dict], key: str) -> str:
 
 def summary(reports: list[dict]) -> list[str]:
     """The series as markdown lines."""
-    modes = [m for m in EXECUTORS if any(m in r["executors"] for r in reports)]
-    sizes = sorted({int(n) for r in reports for n in r["minimal"]})
+    modes = [m for m in ("local", "celery", "run") if any(m in r["executors"] for r in reports)]
+    sizes = sorted({n for r in reports for n in r["minimal"]})
     first, last = reports[0]["timestamp"], reports[-1]["timestamp"]
     lines = [
         f"# Pipeline throughput, a series of {len(reports)} run(s) ({first} to {last})",
@@ -122,8 +115,8 @@ def summary(reports: list[dict]) -> list[str]:
         (
             f"Measured code: {', '.join(sorted({r['measured_code'] for r in reports}))} "
             f"(fingerprint {reports[0]['code_fingerprint_at_start']}). Each ratio is the run's "
-            "wall time "
-            "over the minimal program's in the same run: median (lowest-highest), and the runs "
+            "wall time over the minimal program's in the same run: median (lowest-highest), and "
+            "the runs "
             f"in which the scheduler's target (<= {TARGET_RATIO}) was met."
         ),
         "",
@@ -134,17 +127,17 @@ def summary(reports: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
-        minimal = [m[n] for m in map(_minimal, reports) if n in m]
+        minimal = [report["minimal"][n] for report in reports if n in report["minimal"]]
         for mode in modes:
             found = ratios(reports, mode, n)
             if not found:
                 continue
-            runs = [r[n] for r in (_runs(report, mode) for report in reports) if n in r]
+            runs = [r[n] for r in (_new_runs(report, mode) for report in reports) if n in r]
             met = sum(ratio <= TARGET_RATIO for ratio in found)
             judged = f"{met} of {len(found)}" if mode != "run" and n in TARGET_SIZES else "-"
             lines.append(
                 f"| {n} | {_figure(minimal, 'seconds')} | {_figure(minimal, 'machine_cpu_seconds')} "
-                f"| {EXECUTORS[mode]} | {_figure(runs, 'seconds')} | "
+                f"| {mode_label(mode)} | {_figure(runs, 'seconds')} | "
                 f"{_figure(runs, 'machine_cpu_seconds')} | {Spread(found)} | {judged} |"
             )
     lines += [
@@ -156,7 +149,8 @@ def summary(reports: list[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for mode in modes:
-        changes = per_url_changes(reports, mode)
+        found = (per_url_change(r["executors"].get(mode, {}).get("runs", {})) for r in reports)
+        changes = [change for change in found if change is not None]
         empties = [
             e["seconds"]
             for r in reports
@@ -165,11 +159,11 @@ def summary(reports: list[dict]) -> list[str]:
         calls = {
             round(run["chat_calls_per_document"], 3)
             for r in reports
-            for run in _runs(r, mode).values()
+            for run in _new_runs(r, mode).values()
         }
         flat = sum(abs(c) <= FLAT_WITHIN for c in changes)
         lines.append(
-            f"| {EXECUTORS[mode]} | "
+            f"| {mode_label(mode)} | "
             + (
                 f"{statistics.median(changes):+.1%} ({min(changes):+.1%} to {max(changes):+.1%})"
                 if changes
@@ -185,10 +179,14 @@ def summary(reports: list[dict]) -> list[str]:
 def _other_cpu(report: dict) -> float:
     """The most CPU that processes outside the bench used during one of the run's measured
     runs (the bench's "other"): a check that nothing else ran on the machine."""
-    runs = [*_minimal(report).values()]
+    runs = [*report["minimal"].values()]
     for mode in report["executors"]:
-        runs += _runs(report, mode).values()
+        runs += _new_runs(report, mode).values()
     return max((run.get("component_cpu_seconds", {}).get("other", 0.0) for run in runs), default=0)
+
+
+def _two_places(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def per_run(reports: list[dict], modes: list[str], sizes: list[int]) -> list[str]:
@@ -196,15 +194,12 @@ def per_run(reports: list[dict], modes: list[str], sizes: list[int]) -> list[str
     cells = [(mode, n) for mode in modes if mode != "run" for n in sizes]
     lines = [
         "| run started | modes in order | "
-        + " | ".join(f"{EXECUTORS[mode]} N = {n}" for mode, n in cells)
+        + " | ".join(f"{mode_label(mode)} N = {n}" for mode, n in cells)
         + " | most CPU s of other processes in one measured run |",
         "|---|---|" + "---|" * (len(cells) + 1),
     ]
     for report in reports:
-        found = []
-        for mode, n in cells:
-            ratio = ratios([report], mode, n)
-            found.append(f"{ratio[0]:.2f}" if ratio else "-")
+        found = [_two_places(run_ratio(report, mode, n)) for mode, n in cells]
         lines.append(
             f"| {report['timestamp']} | {', '.join(report['parameters']['modes'])} | "
             + " | ".join(found)
