@@ -16,13 +16,13 @@ the order `--modes` names them):
 - minimal: bench/minimal_pipeline.py (the same work per URL in one asyncio program, no queue,
   no Airflow) on the URLs the LocalExecutor run gets, with as many model requests in flight as
   the pipeline may have in all (`BLOGQA_LLM_CONCURRENCY` per task x `BLOGQA_LLM_POOL_SLOTS`
-  tasks): the limit;
+  tasks, capped by `BLOGQA_LLM_MAX_IN_FLIGHT`): the limit;
 - run: `blogqa run` (Airflow's `dag.test()`, one task instance at a time, no scheduler), as
   a user or cron calls it: per N the URLs are queued, then the command is timed from its
   start to its exit (Airflow's import and the DAG's load included; its own tally of the DAG
   runs' seconds is recorded beside), before any Airflow component is started. One task at a
-  time means one enrich task's BLOGQA_LLM_CONCURRENCY model requests in flight, not the
-  pool's total: this mode is the one-off path, not the throughput path;
+  time means one enrich task's BLOGQA_LLM_CONCURRENCY model requests in flight (by default
+  the shared cap's): this mode is the one-off path, not the throughput path;
 - local, celery: per executor, Airflow start-up is timed on its own (scheduler heartbeat,
   Celery workers answering a ping); then `--empty-runs` DAG runs with an empty queue (the first
   right after start-up); then per N a DAG run triggered through the REST API with N new URLs
@@ -316,6 +316,18 @@ def bench_env(home: Path, api: LatencyOpenAI, code: Path | None) -> dict[str, st
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     return env
+
+
+def parse_settings(pairs: list[str]) -> dict[str, str]:
+    """`--setting` values as environment entries; only blogqa's own settings (BLOGQA_*),
+    since the bench sets the model endpoint, Airflow's settings and the servers itself."""
+    given = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("BLOGQA_") or name == "BLOGQA_HOME":
+            raise ValueError(f"--setting {pair!r}: expected BLOGQA_NAME=VALUE (not BLOGQA_HOME)")
+        given[name] = value
+    return given
 
 
 class environment:
@@ -1166,11 +1178,23 @@ def main() -> int:
         help="measure the code of this commit (e.g. HEAD) instead of a copy of the working tree",
     )
     parser.add_argument("--timeout-per-url", type=float, default=3.0)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="BLOGQA_NAME=VALUE",
+        help="a blogqa setting for every measured process, minimal program included "
+        "(repeatable; the bench otherwise runs blogqa's defaults)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)  # set by the re-exec
     args = parser.parse_args()
     if any(not 1 <= n <= MAX_URLS_PER_RUN for n in args.n):
         parser.error(f"--n must be 1..{MAX_URLS_PER_RUN}")
+    try:
+        overrides = parse_settings(args.setting)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     if args.code is None:
         # the process id keeps two benchmarks started in the same second apart
@@ -1201,7 +1225,7 @@ def main() -> int:
     site = start_article_site(sum(sizes) * len(dag_modes), seed=args.seed)
     api = start_latency_openai(args.chat_latency, args.embed_latency, API_KEY)
     api.models = [CHAT_MODEL, EMBED_MODEL]  # `blogqa init` checks the endpoint lists them
-    env = bench_env(home, api, args.code)
+    env = bench_env(home, api, args.code) | overrides
     with environment(env):
         settings = load_settings()
     # distinct URLs per DAG mode and N; the minimal program reads the LocalExecutor's set
@@ -1221,6 +1245,7 @@ def main() -> int:
             "embed_latency": args.embed_latency,
             "seed": args.seed,
             "model_requests_in_flight": model_requests_in_flight(settings),
+            "settings_given": overrides,
             "celery_workers": f"{len(WORKERS)} x --concurrency {WORKER_CONCURRENCY}",
             "home": _relative(home),
         },
