@@ -144,11 +144,11 @@ OUTPUT_ASSETS = {
 MAX_ACTIVE_RUNS = 1
 
 # Chunks of a run crawled at once (BLOGQA_CRAWLS_AT_ONCE, read when the DAG is parsed): by
-# default just enough to fill the model endpoint's shared cap (1 with the defaults: a task may
-# have all 32 requests in flight). Crawling every chunk at once kept both cores busy with
-# extraction while no model call ran, and the first enrich waited for all of it; one at a
-# time, each chunk reaches the model as soon as it is crawled, the next is crawled beside
-# those calls, and each chunk's load overlaps the next chunk's calls (bench/README.md).
+# default just enough to fill the model endpoint's shared cap (2 with the defaults: 32 in
+# flight, 16 per task). Crawling every chunk at once kept both cores busy with extraction
+# while no model call ran, and the first enrich waited for all of it; with fewer at once the
+# first chunks reach the model sooner and the others are crawled beside those calls
+# (bench/README.md has the figures).
 CRAWLS_AT_ONCE = crawls_at_once()
 
 REVIEW_OPTIONS = ["Release", "Requeue", "Drop", "Leave quarantined"]  # pipeline.REVIEW_OPTIONS

@@ -41,15 +41,15 @@ def test_dag_file_defines_the_pipeline():
     # the model-calling task takes a slot of the pool BLOGQA_LLM_POOL_SLOTS sizes (`blogqa init`)
     assert dag.get_task("process.enrich").pool == runner.LLM_POOL
     assert dag.get_task("process.crawl").pool == "default_pool"
-    # just enough chunks crawled at once to fill the model cap: one task may take the whole
-    # cap (32 in flight), so one chunk at a time, each reaching the model as it is crawled
-    assert dag.get_task("process.crawl").max_active_tis_per_dagrun == 1
+    # just enough chunks crawled at once to fill the model cap (32 in flight, 16 per task),
+    # not every chunk at once
+    assert dag.get_task("process.crawl").max_active_tis_per_dagrun == 2
 
 
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"BLOGQA_LLM_CONCURRENCY": "16"}, 2),  # 32 / 16: two tasks fill the cap
+        ({"BLOGQA_LLM_CONCURRENCY": "32"}, 1),  # one task can fill the cap alone
         ({"BLOGQA_LLM_CONCURRENCY": "8"}, 4),  # 32 / 8: four tasks fill the cap
         ({"BLOGQA_LLM_CONCURRENCY": "10"}, 4),  # rounded up: three would leave 2 unused
         ({"BLOGQA_LLM_CONCURRENCY": "4"}, 4),  # never more than the pool's slots
@@ -62,24 +62,6 @@ def test_crawls_at_once_follow_the_model_settings(monkeypatch, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert runner.load_dag().get_task("process.crawl").max_active_tis_per_dagrun == expected
-
-
-@pytest.mark.parametrize(
-    ("env", "expected"),
-    [
-        ({}, 32),  # the shared cap's default: one task alone can keep the endpoint busy
-        ({"BLOGQA_LLM_MAX_IN_FLIGHT": "8"}, 8),  # a smaller cap: no task waits on more
-        ({"BLOGQA_LLM_MAX_IN_FLIGHT": "5000"}, 256),  # a huge cap: at most 256 per task
-        ({"BLOGQA_LLM_MAX_IN_FLIGHT": "0"}, 16),  # no shared cap
-        ({"BLOGQA_LLM_CONCURRENCY": "12"}, 12),  # set: as given
-    ],
-)
-def test_model_requests_per_task_follow_the_shared_cap(monkeypatch, env, expected):
-    from blogqa.config import load_settings
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert load_settings().llm_concurrency == expected
 
 
 def test_a_bad_crawls_at_once_is_refused(monkeypatch):

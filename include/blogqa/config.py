@@ -13,15 +13,14 @@ from pathlib import Path
 
 from blogqa.errors import ConfigError
 
-# Model requests in flight per task, by default the endpoint's whole shared cap
-# (BLOGQA_LLM_MAX_IN_FLIGHT, 32), so one task alone keeps the endpoint busy. Then one chunk is
-# crawled at a time (`crawls_at_once` follows), the chunks reach the model one after another,
-# and each chunk's validation and load (CPU and PostgreSQL) overlap the next chunk's model
-# calls. At 16, half the cap, two chunks were crawled at once and called the model side by
-# side, every chunk's load waited for the end of its calls, and a 2-core machine sat half idle
-# while the model answered (bench/README.md, fifteenth round). Without a shared cap: 16.
-UNCAPPED_LLM_CONCURRENCY = 16
-MAX_LLM_CONCURRENCY = 256
+# Model requests in flight per task: twice a pool slot's share of BLOGQA_LLM_MAX_IN_FLIGHT
+# (4 slots, 32), so a task can take up the requests that the other tasks leave unused while they
+# crawl, validate or load; the shared cap keeps the total at 32. At 8 (an exact share) a task
+# was held to 8 while the cap sat partly idle. N = 500 under CeleryExecutor, three runs each:
+# 38.1-39.4 s at 8, 37.6-38.5 s at 16 (bench/README.md, fifth round). The whole cap per task
+# (32, so one chunk crawled at a time) made runs of one round of chunks faster and runs of
+# several rounds slower (bench/README.md, fifteenth round).
+DEFAULT_LLM_CONCURRENCY = 16
 
 # Most URLs per mapped chunk, chosen with bench/pipeline_throughput.py (bench/README.md,
 # "Chunk size"): every chunk costs two task processes (each parses the DAG and imports the
@@ -260,11 +259,8 @@ def crawls_at_once() -> int:
 
 
 def llm_concurrency() -> int:
-    """BLOGQA_LLM_CONCURRENCY: model requests in flight per task; by default the shared cap
-    (at most MAX_LLM_CONCURRENCY), or UNCAPPED_LLM_CONCURRENCY when there is none."""
-    cap = llm_max_in_flight()
-    default = min(cap, MAX_LLM_CONCURRENCY) if cap else UNCAPPED_LLM_CONCURRENCY
-    return _env_int("BLOGQA_LLM_CONCURRENCY", default, maximum=MAX_LLM_CONCURRENCY)
+    """BLOGQA_LLM_CONCURRENCY: model requests in flight per task."""
+    return _env_int("BLOGQA_LLM_CONCURRENCY", DEFAULT_LLM_CONCURRENCY, maximum=256)
 
 
 def llm_max_in_flight() -> int:
