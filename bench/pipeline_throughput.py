@@ -21,8 +21,8 @@ the order `--modes` names them):
   a user or cron calls it: per N the URLs are queued, then the command is timed from its
   start to its exit (Airflow's import and the DAG's load included; its own tally of the DAG
   runs' seconds is recorded beside), before any Airflow component is started. One task at a
-  time means one enrich task's BLOGQA_LLM_CONCURRENCY model requests in flight (by default
-  the shared cap's): this mode is the one-off path, not the throughput path;
+  time means one enrich task's BLOGQA_LLM_CONCURRENCY model requests in flight (16 by
+  default), not the shared cap's 32: this mode is the one-off path, not the throughput path;
 - local, celery: per executor, Airflow start-up is timed on its own (scheduler heartbeat,
   Celery workers answering a ping); then `--empty-runs` DAG runs with an empty queue (the first
   right after start-up); then per N a DAG run triggered through the REST API with N new URLs

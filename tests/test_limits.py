@@ -32,8 +32,8 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 3
 SLACK = 0.15  # seconds: grant in the database -> request at the server, under load
 # The same for a whole burst: a rate's first second's worth is granted at once, and on a
-# loaded 2-core machine (an Airflow deployment's tests beside these) one process's requests
-# of that burst reached the server 0.15 s after the next process's first request after it.
+# loaded 2-core machine (an Airflow deployment's tests beside these) requests of that burst
+# reached the server later than SLACK allows, after requests granted after them.
 BURST_SLACK = 0.3
 # The windows are measured at the server: a second pytest worker beside them can bunch the
 # arrivals by more than SLACK, so these run on their own (see the `timing` mark).
