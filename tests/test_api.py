@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -409,10 +410,14 @@ def test_plugin_module_imports_nothing_of_the_app():
 
 
 @pytest.fixture
-def auth_manager():
+def auth_manager(monkeypatch):
     """Airflow's simple auth manager as the configured one in this process (what
-    `airflow api-server` initialises before it mounts the plugin)."""
+    `airflow api-server` initialises before it mounts the plugin). With a JWT secret of a
+    deployment's length (`blogqa airflow` writes 64 random bytes): Airflow's own fallback
+    is 22 bytes, which PyJWT warns is too short for the HS512 tokens it signs."""
     from airflow.api_fastapi.app import create_auth_manager
+
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))
 
     return create_auth_manager()
 
