@@ -412,12 +412,12 @@ def test_plugin_module_imports_nothing_of_the_app():
 @pytest.fixture
 def auth_manager(monkeypatch):
     """Airflow's simple auth manager as the configured one in this process (what
-    `airflow api-server` initialises before it mounts the plugin). With a JWT secret of a
-    deployment's length (`blogqa airflow` writes 64 random bytes): Airflow's own fallback
-    is 22 bytes, which PyJWT warns is too short for the HS512 tokens it signs."""
+    `airflow api-server` initialises before it mounts the plugin). With a JWT secret as long
+    as `blogqa airflow` writes (64 characters): Airflow's own fallback is 22, which PyJWT
+    warns is too short for the HS512 tokens it signs."""
     from airflow.api_fastapi.app import create_auth_manager
 
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(64))
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_urlsafe(48))
 
     return create_auth_manager()
 
