@@ -87,9 +87,14 @@ def _by_size(runs: dict) -> dict[int, dict]:
     return {int(n): run for n, run in runs.items()}
 
 
+def _mode_runs(report: dict, mode: str) -> dict[int, dict]:
+    """The mode's runs by N (new pages and forced), empty when the run has no such mode."""
+    return report["executors"].get(mode, {}).get("runs", {})
+
+
 def _new_runs(report: dict, mode: str) -> dict[int, dict]:
     """The mode's new-pages runs by N."""
-    return {n: run["new"] for n, run in report["executors"].get(mode, {}).get("runs", {}).items()}
+    return {n: run["new"] for n, run in _mode_runs(report, mode).items()}
 
 
 def ratios(reports: list[dict], mode: str, n: int) -> list[float]:
@@ -116,8 +121,7 @@ def summary(reports: list[dict]) -> list[str]:
             f"Measured code: {', '.join(sorted({r['measured_code'] for r in reports}))} "
             f"(fingerprint {reports[0]['code_fingerprint_at_start']}). Each ratio is the run's "
             "wall time over the minimal program's in the same run: median (lowest-highest), and "
-            "the runs "
-            f"in which the scheduler's target (<= {TARGET_RATIO}) was met."
+            f"the runs in which the scheduler's target (<= {TARGET_RATIO}) was met."
         ),
         "",
         (
@@ -149,7 +153,7 @@ def summary(reports: list[dict]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for mode in modes:
-        found = (per_url_change(r["executors"].get(mode, {}).get("runs", {})) for r in reports)
+        found = (per_url_change(_mode_runs(r, mode)) for r in reports)
         changes = [change for change in found if change is not None]
         empties = [
             e["seconds"]
