@@ -29,6 +29,12 @@ DEFAULT_LLM_CONCURRENCY = 16
 # `blogqa_llm` pool's slots (`pipeline.plan_chunks`): 500 URLs with 4 slots are 4 chunks of
 # 125 (under `blogqa run`, one task at a time, 2 chunks of 250).
 DEFAULT_CHUNK_SIZE = 250
+# Waves per chunk in the enrich task (blogqa.waves): the first documents whose summaries are
+# saved go on to embed, validate and load while the rest of the chunk is summarized. Each
+# wave costs a validation (about 0.3 CPU s of Great Expectations, whatever its size) and
+# statements per stage, so a few large waves, not many small ones (bench/README.md, sixteenth
+# round). 1: each stage over the whole chunk.
+DEFAULT_ENRICH_WAVES = 2
 MAX_URLS_PER_RUN = 10_000
 MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
 
@@ -162,6 +168,7 @@ class Settings:
     load_timeout: float
     load_parallelism: int
     load_batch: int
+    enrich_waves: int  # 1: each enrich stage over the whole chunk (blogqa.waves)
     max_page_bytes: int
     max_redirects: int
     max_attempts: int
@@ -314,6 +321,7 @@ def load_settings() -> Settings:
         load_timeout=_env_float("BLOGQA_LOAD_TIMEOUT_SECONDS", 60.0, minimum=0.1),
         load_parallelism=_env_int("BLOGQA_LOAD_PARALLELISM", os.cpu_count() or 1, maximum=32),
         load_batch=_env_int("BLOGQA_LOAD_BATCH", 32, maximum=10000),
+        enrich_waves=_env_int("BLOGQA_ENRICH_WAVES", DEFAULT_ENRICH_WAVES, maximum=64),
         max_page_bytes=_env_int("BLOGQA_MAX_PAGE_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_redirects=_env_int("BLOGQA_MAX_REDIRECTS", 5, minimum=0, maximum=30),
         max_attempts=_env_int("BLOGQA_MAX_ATTEMPTS", 5, maximum=100),

@@ -50,6 +50,10 @@ class LeaseKeeper:
             except asyncio.CancelledError:
                 pass
 
+    def let_go(self, lease: Lease) -> None:
+        """Stop renewing `lease`: its row went on to a stage that holds it itself."""
+        self.leases = [held for held in self.leases if held.id != lease.id]
+
     def ensure_held(self, lease: Lease) -> None:
         """Raise LeaseLostError before starting work on a row we no longer own."""
         if lease.id not in self.held:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Self
@@ -577,10 +578,12 @@ class ProgressWriter:
 # ---------------------------------------------------------------- summarize
 
 
-async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
+async def _summarize_all(conn, items, settings, breaker: CircuitBreaker, on_saved=None):
     """Each item's QAResult, or its PageError/LeaseLostError, and the leases whose results
     were not saved. Every result and its calls are saved as soon as they arrive, failed calls'
-    usage too (it was paid for); the failures themselves are recorded by the caller."""
+    usage too (it was paid for); the failures themselves are recorded by the caller.
+    `on_saved(ids)` hears of each saved result (the enrich task's waves take it on from
+    there, so this stage stops renewing its lease: the later stages hold it themselves)."""
     provider = chat_provider(settings)
 
     async def work(item):
@@ -605,6 +608,9 @@ async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
                 usage=[store.whole_charge(item.lease, call) for call in result.calls],
             )
         )
+        if on_saved is not None:
+            keeper.let_go(item.lease)
+            on_saved([item.lease.id])
         return result
 
     try:
@@ -624,9 +630,16 @@ async def _summarize_all(conn, items, settings, breaker: CircuitBreaker):
         await provider.aclose()
 
 
-def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[dict]:
+def summarize_chunk(
+    refs: list[dict],
+    settings: Settings | None = None,
+    *,
+    on_saved: Callable[[list[int]], None] | None = None,
+) -> list[dict]:
     """The summarize stage in sync mode: one Chat Completions call per page, results saved
-    as they arrive (batch mode: blogqa.batch_stage)."""
+    as they arrive (batch mode: blogqa.batch_stage). `on_saved(ids)` hears of every held
+    item that is ready for embedding: at once for those that need no call, then of each
+    result as it is saved (`waves`)."""
     settings = settings or task_settings()
     with db.connect(settings) as conn:
         items = held_work_items(conn, refs, "summarize", settings)
@@ -635,8 +648,13 @@ def summarize_chunk(refs: list[dict], settings: Settings | None = None) -> list[
         breaker, passed_on = _load_breaker(conn, settings, items, todo, "summarize")
         if passed_on is not None:
             return hand_off(conn, passed_on, settings)
+        if on_saved is not None:
+            calling = {item.lease.id for item in todo}
+            on_saved([item.lease.id for item in items if item.lease.id not in calling])
         outcomes, unsaved = (
-            asyncio.run(_summarize_all(conn, todo, settings, breaker)) if todo else ([], [])
+            asyncio.run(_summarize_all(conn, todo, settings, breaker, on_saved))
+            if todo
+            else ([], [])
         )
         lost = {lease.id for lease in unsaved}
         results, failures, deferred, calls = 0, [], [], 0
@@ -912,8 +930,12 @@ def enrich_chunk(
     what an earlier try stored), so a retry of this task pays for nothing twice; each stage's
     log lines name it (`stage=...`), and per-URL failures record their stage on the queue row.
     Great Expectations is imported in the background while the model calls are awaited.
+
+    In sync mode the documents whose summaries are saved go on to embed, validate and load
+    in waves while the chunk's other summaries are still being made (`waves`;
+    BLOGQA_ENRICH_WAVES per chunk, 1: each stage over the whole chunk).
     """
-    from blogqa import quality
+    from blogqa import quality, waves
 
     settings = settings or task_settings()
     mode = settings.llm_mode if llm_mode == "default" else llm_mode
@@ -926,12 +948,38 @@ def enrich_chunk(
             return {"wait_for": step.wait_for}
         refs = step.refs
     importing = quality.import_in_background()
-    if not batched:
-        refs = summarize_chunk(refs, settings)
-    refs = embed_chunk(refs, settings)
-    importing.join()
-    refs = validate_chunk(refs, run_id, map_index, settings)
-    return load_chunk_counted(refs, settings)
+    first = True
+
+    def finish(wave: list[dict]) -> dict:
+        """Embed, validate and load one wave (the first replaces the validations an earlier
+        try of this task recorded; the others add theirs)."""
+        nonlocal first
+        wave = embed_chunk(wave, settings)
+        importing.join()
+        wave = validate_chunk(wave, run_id, map_index, settings, replace=first)
+        first = False
+        return load_chunk_counted(wave, settings)
+
+    if batched or settings.enrich_waves == 1:
+        if not batched:
+            refs = summarize_chunk(refs, settings)
+        return finish(refs)
+
+    def summarize(chunk: list[dict], on_saved) -> list[dict]:
+        return summarize_chunk(chunk, settings, on_saved=on_saved)
+
+    min_wave = math.ceil(len(refs) / settings.enrich_waves)
+    return merged_loads(waves.run(refs, summarize, finish, min_wave))
+
+
+def merged_loads(loads: list[dict]) -> dict:
+    """One result of `load_chunk_counted` from those of a chunk's waves."""
+    tables = {table: {"rows": 0, "documents": 0, "unchanged": 0} for table in ASSET_TABLES}
+    for load in loads:
+        for table, counts in load["tables"].items():
+            for key, value in counts.items():
+                tables[table][key] += value
+    return {"loaded": [i for load in loads for i in load["loaded"]], "tables": tables}
 
 
 def _split(items: list, parts: int) -> list[list]:
@@ -1003,7 +1051,12 @@ def finalize(chunks: list[list[dict]], settings: Settings | None = None) -> dict
 
 
 def validate_chunk(
-    refs: list[dict], run_id: str, map_index: int, settings: Settings | None = None
+    refs: list[dict],
+    run_id: str,
+    map_index: int,
+    settings: Settings | None = None,
+    *,
+    replace: bool = True,
 ) -> list[dict]:
     """The quality gate between embed and load: run the expectation suites over the chunk's
     results, quarantine each document that fails a blocking expectation (with the failed
@@ -1011,7 +1064,9 @@ def validate_chunk(
     blogqa.quality_results, and return the refs that go on to load.
 
     Unchanged pages of a refresh carry no new results and pass (they were validated when
-    first loaded). A suite that cannot be evaluated fails the task (QualityConfigError)."""
+    first loaded). A suite that cannot be evaluated fails the task (QualityConfigError).
+    `replace`: these results replace what was recorded for (run_id, map_index) before (an
+    earlier try of the task); False adds them (the chunk's later waves)."""
     from blogqa import quality, quarantine
 
     settings = settings or task_settings()
@@ -1019,7 +1074,7 @@ def validate_chunk(
         items = held_work_items(conn, refs, "validate", settings)
         checked = [item for item in items if not item.unchanged]
         verdict = quality.validate_items(checked, settings)
-        quality.record(conn, run_id, map_index, verdict)
+        quality.record(conn, run_id, map_index, verdict, replace=replace)
         for queue_id, reasons in verdict.warnings.items():
             url = next(i.lease.url for i in checked if i.lease.id == queue_id)
             log.info("url=%s stage=validate warning: %s", url, quarantine.describe(reasons))

@@ -475,11 +475,20 @@ def validate_items(items: list, settings: Settings) -> Verdict:
 # ---------------------------------------------------------------- results in PostgreSQL
 
 
-def record(conn: psycopg.Connection, run_id: str, map_index: int, verdict: Verdict) -> None:
-    """Write the validations of one chunk (or of the run's tables) in one transaction."""
+def record(
+    conn: psycopg.Connection,
+    run_id: str,
+    map_index: int,
+    verdict: Verdict,
+    *,
+    replace: bool = True,
+) -> None:
+    """Write the validations of one chunk (or of one wave of it, or of the run's tables) in
+    one transaction; with `replace`, in place of what (run_id, map_index) had (a retry)."""
     with conn.transaction():
-        conn.execute(SQL.delete_results, (run_id, map_index))
-        conn.execute(SQL.delete_validations, (run_id, map_index))
+        if replace:
+            conn.execute(SQL.delete_results, (run_id, map_index))
+            conn.execute(SQL.delete_validations, (run_id, map_index))
         with conn.cursor() as cur:
             cur.executemany(
                 SQL.insert_result,
