@@ -29,12 +29,13 @@ DEFAULT_LLM_CONCURRENCY = 16
 # `blogqa_llm` pool's slots (`pipeline.plan_chunks`): 500 URLs with 4 slots are 4 chunks of
 # 125 (under `blogqa run`, one task at a time, 2 chunks of 250).
 DEFAULT_CHUNK_SIZE = 250
-# Waves per chunk in the enrich task (blogqa.waves): the first documents whose summaries are
-# saved go on to embed, validate and load while the rest of the chunk is summarized. Each
-# wave costs a validation (about 0.3 CPU s of Great Expectations, whatever its size) and
-# statements per stage, so a few large waves, not many small ones (bench/README.md, sixteenth
-# round). 1: each stage over the whole chunk.
-DEFAULT_ENRICH_WAVES = 2
+# Waves per chunk in the enrich task (blogqa.waves): with 2, the first half of a chunk's saved
+# summaries is embedded, validated and loaded while the rest is summarized. It pays when the
+# model is what a run waits for (3 s per chat call: runs 4-13 % faster) and not on a machine
+# whose cores the loads already fill (0.8 s per call on 2 cores: no faster, 5-20 % more CPU;
+# each wave costs a validation, about 0.3 CPU s of Great Expectations, and statements per
+# stage). bench/README.md, sixteenth round. 1: each stage over the whole chunk.
+DEFAULT_ENRICH_WAVES = 1
 MAX_URLS_PER_RUN = 10_000
 MAX_CHUNKS_PER_RUN = 256  # well inside Airflow's max_map_length (1024)
 

@@ -1,14 +1,16 @@
 """A chunk's summaries handed on to embed, validate and load while its other summaries are
 still being made (BLOGQA_ENRICH_WAVES per chunk).
 
-Why: the enrich task used to run its stages one after another over the whole chunk. On a run
-of one round of chunks (every pool slot's task starting at about the same time) every task
-was in its model calls at once, with nothing to write, and then every task loaded at once,
-with the model idle: on the 2-core bench machine one core idled for about 7 s of a 50 s run
-(bench/README.md, fifteenth round). The minimal program streams each page through to its
-insert; waves are the same within one task, with no more task processes: the summarize stage
-runs in a thread of the task, and the task's own thread takes the documents whose summaries
-are saved, in waves, through the later stages.
+Why: with one wave (the default) the enrich task runs its stages one after another over the
+whole chunk. On a run of one round of chunks (every pool slot's task starting at about the
+same time) every task is then in its model calls at once, with nothing to write, and then
+every task loads at once, with the model idle: on the 2-core bench machine one core idled for
+about 7 s of a 50 s run (bench/README.md, fifteenth round). The minimal program streams each
+page through to its insert; waves do the same within one task, with no more task processes:
+the summarize stage runs in a thread of the task, and the task's own thread takes the
+documents whose summaries are saved, in waves, through the later stages. That pays when the
+model is what a run waits for; where the loads already fill the CPU it only adds the waves'
+own costs (bench/README.md, sixteenth round).
 
 A wave is whatever has arrived when the later stages are free, but at least `min_wave`
 documents (fewer only for the last one; the chunk's size ÷ BLOGQA_ENRICH_WAVES): while they
