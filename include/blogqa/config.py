@@ -32,7 +32,7 @@ DEFAULT_CHUNK_SIZE = 250
 # Waves per chunk in the enrich task (blogqa.waves): with 2, the first half of a chunk's saved
 # summaries is embedded, validated and loaded while the rest is summarized. It pays when the
 # model is what a run waits for (3 s per chat call: runs 4-13 % faster) and not on a machine
-# whose cores the loads already fill (0.8 s per call on 2 cores: no faster, 5-20 % more CPU;
+# whose cores the loads already fill (0.8 s per call on 2 cores: no faster, ~10 % more CPU;
 # each wave costs a validation, about 0.3 CPU s of Great Expectations, and statements per
 # stage). bench/README.md, sixteenth round. 1: each stage over the whole chunk.
 DEFAULT_ENRICH_WAVES = 1
