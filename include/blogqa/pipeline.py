@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -973,13 +974,15 @@ def enrich_chunk(
 
 
 def merged_loads(loads: list[dict]) -> dict:
-    """One result of `load_chunk_counted` from those of a chunk's waves."""
-    tables = {table: {"rows": 0, "documents": 0, "unchanged": 0} for table in ASSET_TABLES}
+    """One result of `load_chunk_counted` from those of a chunk's waves (its counts added)."""
+    tables = {table: Counter(zeros) for table, zeros in loaded_rows([]).items()}
     for load in loads:
         for table, counts in load["tables"].items():
-            for key, value in counts.items():
-                tables[table][key] += value
-    return {"loaded": [i for load in loads for i in load["loaded"]], "tables": tables}
+            tables[table].update(counts)
+    return {
+        "loaded": [i for load in loads for i in load["loaded"]],
+        "tables": {table: dict(counts) for table, counts in tables.items()},
+    }
 
 
 def _split(items: list, parts: int) -> list[list]:

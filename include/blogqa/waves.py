@@ -82,7 +82,7 @@ def run(
         summarizing = thread.submit(summarize, refs, arrivals.add)
         summarizing.add_done_callback(arrivals.end)
         while (ids := arrivals.take(min_wave)) is not None:
-            wave = [by_id[i] for i in dict.fromkeys(ids) if i in by_id and i not in taken]
+            wave = [by_id[i] for i in ids if i not in taken]
             taken.update(ids)
             if wave:
                 results.append(finish(wave))
