@@ -215,7 +215,7 @@ def test_an_older_leases_work_item_does_not_count_as_work_under_this_one(conn) -
 # ---------------------------------------------------------------- 4. waiting chunks keep leases
 
 
-def _shorten_leases(conn, seconds: int = 5) -> None:
+def _shorten_leases(conn, seconds: float = 5) -> None:
     conn.execute(
         "UPDATE blogqa.url_queue SET lease_until = now() + make_interval(secs => %s)"
         " WHERE status = 'processing'",
@@ -263,11 +263,42 @@ def test_the_lease_keeper_renews_the_whole_claim_while_a_stage_works(conn, setti
     asyncio.run(beat())
 
     assert _lease_left(conn, waiting.id) > settings.lease_seconds - 60
+    _shorten_leases(conn)
     assert queue.renew_claim(conn, [working.ref()], 60) == 2
     queue_admin.cancel(conn, waiting.url)
+    _shorten_leases(conn)
     assert queue.renew_claim(conn, [working.ref()], 60) == 1  # a cancelled row stays out
     queue_admin.cancel(conn, working.url)
     assert queue.renew_claim(conn, [working.ref()], 60) == 0  # no held ref, nothing renewed
+
+
+def _row_versions(conn) -> dict[int, str]:
+    """Each queue row's current version (xmin changes whenever the row is rewritten)."""
+    return dict(conn.execute("SELECT id, xmin::text FROM blogqa.url_queue").fetchall())
+
+
+def test_renewing_a_claim_leaves_rows_renewed_moments_ago_alone(conn, settings) -> None:
+    """Every stage end of every chunk renews the whole claim: at N = 2000 that rewrote each
+    of the claim's rows 40 times. Only rows with less than RENEW_CLAIM_FRESH of a lease
+    left are extended; the rest are not even rewritten."""
+    queue.enqueue(conn, [f"https://example.com/{name}" for name in ("a", "b", "c")])
+    first, lapsing, third = queue.claim(conn, 10, owner="test-worker", lease_seconds=600)
+    claimed = _row_versions(conn)
+
+    assert queue.renew_claim(conn, [first.ref()], 600) == 0  # the claim's own lease is fresh
+    assert _row_versions(conn) == claimed
+
+    due = 600 * queue.RENEW_CLAIM_FRESH - 5  # just under the share that counts as fresh
+    for row, seconds in ((first, due), (lapsing, 5)):
+        conn.execute(
+            "UPDATE blogqa.url_queue SET lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = %s",
+            (seconds, row.id),
+        )
+    before = _row_versions(conn)
+    assert queue.renew_claim(conn, [first.ref()], 600) == 2
+    assert _lease_left(conn, first.id) > 590 and _lease_left(conn, lapsing.id) > 590
+    assert _row_versions(conn)[third.id] == before[third.id] == claimed[third.id]
 
 
 def test_renewing_a_claim_skips_rows_another_task_holds_instead_of_waiting(conn, settings) -> None:

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 SQL = sql_queries.load(__name__)  # queries/queue.sql
 
 ERROR_HISTORY_LIMIT = 20
+# A claim's renewal (renew_claim) leaves a row alone while more than this share of a full
+# lease is still ahead of it: the many stage ends of a large run then rewrite each row about
+# once per tenth of a lease instead of at each of them, and a waiting chunk's rows are never
+# more than a tenth of a lease short of the term they had before.
+RENEW_CLAIM_FRESH = 0.9
 # Final for the pipeline (a run's tally counts them). `quarantined` waits for a person (the
 # review task, `blogqa quarantine`), not for a worker: see blogqa.quarantine.
 TERMINAL_STATUSES = ("done", "dead", "skipped", "cancelled", "quarantined")
@@ -154,6 +159,7 @@ def lease_params(refs: list[dict], lease_seconds: int) -> dict:
         "ids": [int(r["id"]) for r in refs],
         "tokens": [uuid.UUID(str(r["token"])) for r in refs],
         "seconds": lease_seconds,
+        "fresh_until": lease_seconds * RENEW_CLAIM_FRESH,
     }
 
 
@@ -171,7 +177,8 @@ def renew(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> lis
 
 
 def renew_claim(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) -> int:
-    """Extend the leases of every row claimed together with the held `refs`; returns how many.
+    """Extend the leases of the rows claimed together with the held `refs` that are due
+    for it (less than RENEW_CLAIM_FRESH of a lease left); returns how many it extended.
 
     Nothing runs for a chunk while its next task waits (for a `blogqa_llm` pool slot, a
     worker), so it cannot renew its own leases, and a wait longer than BLOGQA_LEASE_SECONDS

@@ -125,7 +125,10 @@ RETURNING q.id, q.url, q.lease_token, q.attempts
 -- under that claim: rows of chunks that are only waiting for their next task included.
 -- updated_at is left alone: a row kept alive this way has not been started (not_started).
 -- Rows another transaction holds are skipped, not waited for: that transaction is a task
--- working on them (it renews them itself), and waiting would join a lock cycle.
+-- working on them (it renews them itself), and waiting would join a lock cycle. Rows with
+-- most of a term still ahead (queue.RENEW_CLAIM_FRESH: renewed moments ago, by the claim or
+-- another stage end) are left as they are: every stage end of every chunk renews the whole
+-- claim, and rewriting each row each time was most of the queue's writes in a large run.
 -- name: renew_claim
 WITH claim AS (
     SELECT DISTINCT s.lease_owner, s.started_at
@@ -136,6 +139,7 @@ WITH claim AS (
     SELECT q.id FROM blogqa.url_queue q
     JOIN claim c ON q.lease_owner = c.lease_owner AND q.started_at = c.started_at
     WHERE q.status = 'processing'
+        AND q.lease_until < now() + make_interval(secs => %(fresh_until)s)
     ORDER BY q.id
     FOR UPDATE OF q SKIP LOCKED
 )
