@@ -185,10 +185,10 @@ def renew_claim(conn: psycopg.Connection, refs: list[dict], lease_seconds: int) 
     would let another claim take its rows and redo them. What fills the pool and the workers
     during such a wait is mostly the same run's other chunks, so every stage end and every
     LeaseKeeper beat renew the whole claim: while any chunk of a run makes progress, none of
-    its rows lapse, and once the run stops (crashed, given up) they come back
-    BLOGQA_LEASE_SECONDS after its last sign of life. Rows recovered or re-claimed since are
-    not touched (they have another owner and start); the token-fenced writes still guard
-    each row.
+    its rows lapse, and once the run stops (crashed, given up) they come back at most
+    BLOGQA_LEASE_SECONDS after its last sign of life (at least RENEW_CLAIM_FRESH of it).
+    Rows recovered or re-claimed since are not touched (they have another owner and start);
+    the token-fenced writes still guard each row.
     """
     if not refs:
         return 0
