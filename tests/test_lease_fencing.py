@@ -215,11 +215,12 @@ def test_an_older_leases_work_item_does_not_count_as_work_under_this_one(conn) -
 # ---------------------------------------------------------------- 4. waiting chunks keep leases
 
 
-def _shorten_leases(conn, seconds: float = 5) -> None:
+def _shorten_leases(conn, seconds: float = 5, ids: list[int] | None = None) -> None:
+    """Leave `seconds` on the leases of the rows `ids` (default: every processing row)."""
     conn.execute(
         "UPDATE blogqa.url_queue SET lease_until = now() + make_interval(secs => %s)"
-        " WHERE status = 'processing'",
-        (seconds,),
+        " WHERE status = 'processing' AND (%s::bigint[] IS NULL OR id = ANY(%s))",
+        (seconds, ids, ids),
     )
 
 
@@ -289,12 +290,8 @@ def test_renewing_a_claim_leaves_rows_renewed_moments_ago_alone(conn, settings) 
     assert _row_versions(conn) == claimed
 
     due = 600 * queue.RENEW_CLAIM_FRESH - 5  # just under the share that counts as fresh
-    for row, seconds in ((first, due), (lapsing, 5)):
-        conn.execute(
-            "UPDATE blogqa.url_queue SET lease_until = now() + make_interval(secs => %s)"
-            " WHERE id = %s",
-            (seconds, row.id),
-        )
+    _shorten_leases(conn, due, ids=[first.id])
+    _shorten_leases(conn, 5, ids=[lapsing.id])
     before = _row_versions(conn)
     assert queue.renew_claim(conn, [first.ref()], 600) == 2
     assert _lease_left(conn, first.id) > 590 and _lease_left(conn, lapsing.id) > 590
